@@ -1,0 +1,96 @@
+"""ModelConfig: the architecture and dtypes of a BERT or GPT-2 model."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+MODEL_TYPES = ('bert', 'gpt2')
+
+_DTYPES = {'float32': jnp.float32, 'fp32': jnp.float32, 'bfloat16': jnp.bfloat16,
+           'bf16': jnp.bfloat16, 'float16': jnp.float16, 'fp16': jnp.float16}
+
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+}
+
+
+def to_dtype(name: Any):
+  if not isinstance(name, str):
+    return name
+  if name not in _DTYPES:
+    raise ValueError(f'unknown dtype {name!r}; allowed: {sorted(_DTYPES)}')
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  model_type: str = 'bert'
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: float = 0.1
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  dtype: Any = jnp.float32        # compute dtype of matmul inputs and activations
+  param_dtype: Any = jnp.float32  # storage dtype of parameters (master weights)
+  remat: bool = False             # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f'model.type={self.model_type!r} is not supported; known: {MODEL_TYPES}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f'model.hidden_act={self.hidden_act!r}; known: {sorted(ACTIVATIONS)}')
+    object.__setattr__(self, 'dtype', to_dtype(self.dtype))
+    object.__setattr__(self, 'param_dtype', to_dtype(self.param_dtype))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'model.hidden_size={self.hidden_size} is not divisible by '
+                       f'model.num_heads={self.num_heads}')
+
+  @property
+  def act(self):
+    return ACTIVATIONS[self.hidden_act]
+
+  def replace(self, **kw) -> 'ModelConfig':
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_config_dict(cls, d) -> 'ModelConfig':
+    """From the `model` section of a ConfigDict (key `type` -> model_type)."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    if 'type' in d:
+      d['model_type'] = d.pop('type')
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f'unknown model config key(s) {unknown}; allowed: {sorted(fields)}')
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['dtype'] = jnp.dtype(self.dtype).name
+    d['param_dtype'] = jnp.dtype(self.param_dtype).name
+    return d
+
+
+def gpt2_defaults(**kw) -> ModelConfig:
+  base = dict(model_type='gpt2', vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+              intermediate_size=3072, max_position_embeddings=1024, type_vocab_size=0,
+              layer_norm_eps=1e-5, hidden_act='gelu_new', pad_token_id=50256)
+  base.update(kw)
+  return ModelConfig(**base)

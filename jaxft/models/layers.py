@@ -1,0 +1,164 @@
+"""Building blocks shared by BERT and GPT-2.
+
+Written against plain `jnp` so that dtypes are explicit: parameters live in
+`param_dtype` (fp32 by default), matmuls take `dtype` inputs (e.g. bf16) and accumulate
+in fp32 (`preferred_element_type`), LayerNorm and softmax always run in fp32.
+Every parameter carries logical axis names; activations are constrained by logical
+names through `jaxft.partitioning.constrain`, which alone knows the mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.partitioning import constrain
+
+Names = tuple[str | None, ...]
+
+
+def normal(std: float):
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def param(rngs: nnx.Rngs | None, init, shape, dtype, names: Names) -> nnx.Param:
+  """An nnx.Param whose metadata holds its logical axis names (one per dim)."""
+  assert len(names) == len(shape), (shape, names)
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, shape, dtype), logical_axes=names)
+
+
+def matmul(x, kernel, contract: int, dtype):
+  """x[..., *in] @ kernel[*in, *out]: inputs in `dtype`, fp32 accumulation."""
+  x_axes = tuple(range(x.ndim - contract, x.ndim))
+  k_axes = tuple(range(contract))
+  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((x_axes, k_axes), ((), ())),
+                          preferred_element_type=jnp.float32)
+  return y
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias, with `in_shape` contracted dims and `out_shape` output dims."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Names, *,
+               use_bias: bool = True, init_std: float = 0.02, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    self.contract = len(in_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, normal(init_std), in_shape + out_shape, param_dtype, names)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, out_shape, param_dtype,
+                       names[len(in_shape):]) if use_bias else None)
+
+  def __call__(self, x):
+    y = matmul(x, self.kernel[...], self.contract, self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  def __init__(self, num: int, features: int, names: Names, *, init_std: float = 0.02,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, normal(init_std), (num, features), param_dtype, names)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Tied output projection: x @ embedding.T (fp32 accumulation)."""
+    return jax.lax.dot_general(x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                               (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(None, jax.nn.initializers.ones, (features,), param_dtype, ('norm',))
+    self.bias = param(None, jax.nn.initializers.zeros, (features,), param_dtype, ('norm',))
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def padding_mask(attention_mask):
+  """[B, S] 0/1 -> [B, 1, 1, S] bool (True = attend)."""
+  return attention_mask[:, None, None, :].astype(bool)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with separate q/k/v kernels [embed, heads, kv]."""
+
+  def __init__(self, hidden: int, heads: int, *, dropout: float, dtype, param_dtype,
+               init_std: float = 0.02, out_init_std: float | None = None, rngs: nnx.Rngs):
+    self.heads, self.head_dim = heads, hidden // heads
+    if hidden % heads:
+      raise ValueError(f'hidden_size {hidden} is not divisible by num_heads {heads}')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    qkv_names = ('embed', 'heads', 'kv')
+    self.query = Dense((hidden,), (heads, self.head_dim), qkv_names, init_std=init_std, **kw)
+    self.key = Dense((hidden,), (heads, self.head_dim), qkv_names, init_std=init_std, **kw)
+    self.value = Dense((hidden,), (heads, self.head_dim), qkv_names, init_std=init_std, **kw)
+    self.out = Dense((heads, self.head_dim), (hidden,), ('heads', 'kv', 'embed'),
+                     init_std=out_init_std or init_std, **kw)
+    self.dropout = nnx.Dropout(dropout)
+    self.dropout_rate = dropout
+    self.dtype = dtype
+
+  def __call__(self, x, mask, *, causal: bool = False, deterministic: bool = True, rngs=None,
+               output_attentions: bool = False, cache=None):
+    """x [B,T,E]; mask [B,1,T|1,S] bool or None. Returns (y, probs or None, new_cache).
+
+    With `cache` (dict k, v [B,S,H,D], index scalar) the new keys/values are written at
+    `index` and attention runs over the whole cache (incremental decoding).
+    """
+    q = constrain(self.query(x), ('batch', 'length', 'heads', 'kv'))
+    k = constrain(self.key(x), ('batch', 'length', 'heads', 'kv'))
+    v = constrain(self.value(x), ('batch', 'length', 'heads', 'kv'))
+    new_cache = None
+    if cache is not None:
+      idx = cache['index']
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, idx, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, idx, 0, 0))
+      new_cache = {'k': k, 'v': v, 'index': idx + x.shape[1]}
+      q_pos = idx + jnp.arange(x.shape[1])
+      k_pos = jnp.arange(k.shape[1])
+      allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]: causal over the filled cache
+      mask = allowed[None, None] if mask is None else (mask & allowed[None, None])
+      causal = False
+    use_dropout = self.dropout_rate > 0 and not deterministic
+    if output_attentions or use_dropout:
+      y, probs = self._explicit(q, k, v, mask, causal, deterministic, rngs)
+    else:
+      y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                       is_causal=causal)
+      probs = None
+    y = constrain(y, ('batch', 'length', 'heads', 'kv'))
+    return self.out(y), probs, new_cache
+
+  def _explicit(self, q, k, v, mask, causal, deterministic, rngs):
+    """Softmax attention written out: needed for attention dropout and returned probs."""
+    scores = jnp.einsum('bthd,bshd->bhts', q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
+    if causal:
+      t, s = scores.shape[-2:]
+      cmask = jnp.tril(jnp.ones((t, s), bool))[None, None]
+      mask = cmask if mask is None else (mask & cmask)
+    if mask is not None:
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    dropped = self.dropout(probs, deterministic=deterministic, rngs=rngs)
+    y = jnp.einsum('bhts,bshd->bthd', dropped.astype(self.dtype), v.astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
+    return y, probs
