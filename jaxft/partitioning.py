@@ -74,10 +74,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation, not Explicit mode
   try:
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
   except Exception:  # noqa: BLE001  (device lists that make_mesh cannot lay out)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def logical_to_mesh(names: Sequence[str | None], rules) -> P:

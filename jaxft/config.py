@@ -1,0 +1,141 @@
+"""Config helpers: the shared ConfigDict shape every stage reads, and its validation.
+
+Validation runs before anything is compiled, and every message names the key and what
+is allowed, suggesting the closest key for a misspelling.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+
+import ml_collections
+
+from jaxft.models.config import ModelConfig
+
+STAGES = ('model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
+          'distill')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key shared by all stages, at its default."""
+  c = ml_collections.ConfigDict()
+  c.stage = 'pretrain_mlm'
+  c.seed = 0
+  c.init_from = ''  # a jaxft workdir or a Hugging Face checkpoint directory
+
+  c.model = ml_collections.ConfigDict(dict(
+      type='bert', vocab_size=0,  # 0: take the tokenizer's size
+      hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+      max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+      hidden_act='gelu', hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1,
+      initializer_range=0.02, pad_token_id=0, dtype='float32', param_dtype='float32',
+      remat=False))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh.rules = ()  # ((logical_name, mesh_axis or None), ...) overriding the defaults
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, schedule='linear', warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=0.0,
+      weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, batch_size=32, grad_accum=1, eval_every=200, log_every=50,
+      nonfinite='skip'))
+  c.train.early_stopping = ml_collections.ConfigDict(dict(metric='', mode='max', patience=0))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=500, keep=2, keep_best=1, async_save=True, allow_fresh_start=False))
+
+  c.export = ml_collections.ConfigDict(dict(hf=True))
+  return c
+
+
+def mlm_config() -> ml_collections.ConfigDict:
+  """Dynamic masking rates; `max_predictions` > 0 projects only that many positions per row
+  through the vocabulary (fixed shapes), 0 projects every position."""
+  return ml_collections.ConfigDict(dict(mask_prob=0.15, mask_token_frac=0.8,
+                                        random_token_frac=0.1, max_predictions=20))
+
+
+def model_config(cfg, vocab_size: int | None = None) -> ModelConfig:
+  """ModelConfig from `cfg.model`; vocab_size 0 means "the tokenizer's size"."""
+  d = cfg.model.to_dict()
+  if not d.get('vocab_size'):
+    if not vocab_size:
+      raise ValueError('model.vocab_size=0 needs a tokenizer to size the vocabulary')
+    d['vocab_size'] = int(vocab_size)
+  return ModelConfig.from_config_dict(d)
+
+
+def closest(key: str, options) -> str:
+  m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+  return f' (did you mean {m[0]!r}?)' if m else ''
+
+
+def validate(cfg) -> None:
+  """Checks that need no devices and no data: stage, model shapes, schedule, policies."""
+  if cfg.stage not in STAGES:
+    raise ValueError(f'stage={cfg.stage!r} does not exist{closest(cfg.stage, STAGES)}; '
+                     f'stages: {STAGES}')
+  m = cfg.model
+  if m.hidden_size % m.num_heads:
+    raise ValueError(f'model.hidden_size={m.hidden_size} is not divisible by '
+                     f'model.num_heads={m.num_heads}')
+  max_len = cfg.get('data', {}).get('max_len', None) if 'data' in cfg else None
+  if max_len and max_len > m.max_position_embeddings:
+    raise ValueError(f'data.max_len={max_len} exceeds model.max_position_embeddings='
+                     f'{m.max_position_embeddings}')
+  if cfg.train.batch_size <= 0 or cfg.train.num_steps < 0:
+    raise ValueError('train.batch_size must be > 0 and train.num_steps >= 0')
+  if cfg.train.grad_accum < 1:
+    raise ValueError(f'train.grad_accum={cfg.train.grad_accum} must be >= 1')
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise ValueError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
+                     f'train.grad_accum={cfg.train.grad_accum}')
+  if cfg.train.nonfinite not in ('skip', 'halt', 'rollback'):
+    raise ValueError(f"train.nonfinite={cfg.train.nonfinite!r}; allowed: 'skip', 'halt', "
+                     "'rollback'")
+  if cfg.train.early_stopping.mode not in ('max', 'min'):
+    raise ValueError(f"train.early_stopping.mode={cfg.train.early_stopping.mode!r}; allowed: "
+                     "'max', 'min'")
+  from jaxft.train.optimizer import SCHEDULES
+  if cfg.optimizer.schedule not in SCHEDULES:
+    raise ValueError(f'optimizer.schedule={cfg.optimizer.schedule!r}; allowed: {SCHEDULES}')
+  for axis in ('data', 'fsdp', 'tensor'):
+    v = cfg.mesh.get(axis, 1)
+    if not isinstance(v, int) or (v < 1 and v != -1):
+      raise ValueError(f'mesh.{axis}={v!r}: a positive int, or -1 for the remaining devices')
+  ModelConfig.from_config_dict(dict(m.to_dict(), vocab_size=m.vocab_size or 1))
+
+
+def check_mesh(cfg, num_devices: int) -> None:
+  from jaxft import partitioning
+  dims = partitioning.mesh_shape(cfg.mesh, num_devices)
+  rules = partitioning.rules_from_config(cfg.mesh.get('rules', None))
+  spec = partitioning.logical_to_mesh(('batch',), rules)[0]
+  axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
+  dp = 1
+  for a in axes:
+    dp *= dims[partitioning.MESH_AXES.index(a)]
+  if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+    raise ValueError(f'train.batch_size={cfg.train.batch_size} is not divisible by the '
+                     f'data-parallel size {dp} (mesh.data*mesh.fsdp) x train.grad_accum='
+                     f'{cfg.train.grad_accum}')
+
+
+def save_config(cfg, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  os.replace(tmp, path)
+
+
+def load_workdir_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,156 @@
+"""Pure, jitted train and eval steps over a sharded train state.
+
+A task supplies three pure functions (see `Task`); the step owns gradients, gradient
+accumulation, the optimizer update, the non-finite policy and the RNG discipline:
+rng(step) = fold_in(state.rng, state.step), so a resumed run redraws the same masks and
+dropout as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from jaxft import partitioning
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage plugs into the one loop.
+
+  prepare(batch, rng) -> batch: on the whole global batch inside the step (e.g. MLM masking),
+    so gradient accumulation sees exactly what one big batch would.
+  loss(model, batch, rng, deterministic) -> (loss_sum, sums): `sums['weight']` is the
+    normaliser; loss = loss_sum / weight. Other entries of `sums` are summed metrics.
+  evaluate(model, batch) -> dict: `sums` to add over the eval set and/or per-example
+    arrays under 'per_example' for host-side metrics (F1, ...).
+  """
+  head: str
+  loss: Callable
+  evaluate: Callable
+  prepare: Callable = lambda batch, rng: batch
+  num_labels: int | None = None
+
+
+def cross_entropy_sums(logits, labels, weights, label_smoothing: float = 0.0,
+                       class_weights=None):
+  """(sum of weighted token losses, sum of weights, sum of correct*weights), in fp32."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  labels = labels.astype(jnp.int32)
+  safe = jnp.where(weights > 0, labels, 0)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+  w = weights.astype(jnp.float32)
+  if class_weights is not None:
+    w = w * jnp.asarray(class_weights, jnp.float32)[safe]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * (weights > 0)
+  return (nll * w).sum(), w.sum(), correct.sum()
+
+
+def _microbatches(batch: Batch, k: int) -> Batch:
+  """[k*b, ...] -> [k, b, ...] taking rows i::k, so each device's rows split evenly."""
+  def split(x):
+    b = x.shape[0] // k
+    return x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
+                    grad_accum: int = 1, trainable=None, nonfinite: str = 'skip',
+                    schedule=None):
+  """Returns step(state, batch) -> (state, metrics): one jax.jit with in/out shardings."""
+  if nonfinite not in ('skip', 'halt', 'rollback'):
+    raise ValueError(f"train.nonfinite={nonfinite!r}; allowed: 'skip', 'halt', 'rollback'")
+
+  def loss_of(params, batch, key):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    model = model_def.merge(params)
+    loss_sum, sums = task.loss(model, batch, key, False)
+    return loss_sum, sums
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+  def step(state, batch):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    batch = task.prepare(batch, jax.random.fold_in(rng, 1))
+    params = state['params']
+    if grad_accum == 1:
+      (loss_sum, sums), grads = grad_fn(params, batch, jax.random.fold_in(rng, 2))
+    else:
+      micro = _microbatches(batch, grad_accum)
+
+      def body(carry, xs):
+        i, mb = xs
+        (ls, s), g = grad_fn(params, mb, jax.random.fold_in(jax.random.fold_in(rng, 2), i))
+        acc_l, acc_s, acc_g = carry
+        return (acc_l + ls, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
+
+      zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]))
+      init = (jnp.zeros((), jnp.float32), zeros_s, jax.tree.map(jnp.zeros_like, params))
+      (loss_sum, sums, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+    denom = jnp.maximum(sums['weight'], 1e-9)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        'step': state['step'] + 1,
+        'params': keep(new_params, params),
+        'opt_state': keep(opt_state, state['opt_state']),
+        'rng': state['rng'],
+        'skipped': state['skipped'] + (~finite).astype(jnp.int32),
+    }
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
+               **{k: v for k, v in sums.items()}}
+    if schedule is not None:
+      metrics['lr'] = schedule(state['step'])
+    return new_state, metrics
+
+  # Batches arrive already sharded (global_batch), so their in_sharding is taken as is.
+  repl = partitioning.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, repl),
+                   donate_argnums=(0,))
+
+  def run(state, batch):
+    with partitioning.use_mesh(mesh, rules):
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def make_eval_step(model_def, task: Task, mesh, rules, param_shardings):
+  def step(params, batch):
+    return task.evaluate(model_def.merge(params), batch)
+
+  jitted = jax.jit(step, in_shardings=(param_shardings, None))
+
+  def run(params, batch):
+    with partitioning.use_mesh(mesh, rules):
+      return jitted(params, batch)
+
+  return run
+
+
+def global_batch(local: Batch, mesh, rules) -> Batch:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  out = {}
+  for k, v in local.items():
+    sh = NamedSharding(mesh, partitioning.logical_to_mesh(('batch',) + (None,) * (v.ndim - 1),
+                                                          rules))
+    out[k] = jax.make_array_from_process_local_data(sh, v)
+  return out
+
