@@ -1,0 +1,210 @@
+"""Task metrics (GLUE via scikit-learn/scipy, NER via seqeval) and metric writers.
+
+Metrics are computed on host numpy arrays after an eval pass, using the reference
+libraries so the numbers match what papers and HF scripts report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+_ALIASES = {'mcc': 'matthews', 'matthews_corrcoef': 'matthews', 'acc': 'accuracy',
+            'pearsonr': 'pearson', 'spearmanr': 'spearman'}
+_CLS_METRICS = ('accuracy', 'f1', 'f1_macro', 'f1_micro', 'matthews')
+_REG_METRICS = ('pearson', 'spearman')
+
+
+def _metric_names(task_or_metric_names: str | Sequence[str]) -> list[str]:
+  if isinstance(task_or_metric_names, str):
+    from jaxft.data.tasks import GLUE_TASKS
+    key = task_or_metric_names.lower().replace('-', '')
+    if key in GLUE_TASKS:
+      return list(GLUE_TASKS[key].metrics)
+    names = [task_or_metric_names]
+  else:
+    names = list(task_or_metric_names)
+  out = []
+  for n in names:
+    n = _ALIASES.get(n, n)
+    if n not in _CLS_METRICS + _REG_METRICS:
+      raise ValueError(f'unknown metric or GLUE task {n!r}; metrics: '
+                       f'{_CLS_METRICS + _REG_METRICS}')
+    out.append(n)
+  return out
+
+
+def glue_metrics(task_or_metric_names: str | Sequence[str], predictions: Any,
+                 labels: Any) -> dict[str, float]:
+  """GLUE metrics for a task name ('cola', 'mrpc', ...) or a list of metric names.
+
+  Classification predictions are class ids [N] or logits [N, C] (argmax taken);
+  regression predictions are floats [N] (or [N, 1]). 'f1' is binary F1 of class 1
+  for two classes (as GLUE reports for MRPC/QQP) and macro F1 otherwise.
+  Returns {name: float}; correlations of a constant input are NaN.
+  """
+  from sklearn import metrics as skm
+  names = _metric_names(task_or_metric_names)
+  preds = np.asarray(predictions)
+  y = np.asarray(labels)
+  if preds.shape[0] != y.shape[0]:
+    raise ValueError(f'{preds.shape[0]} predictions for {y.shape[0]} labels')
+  out: dict[str, float] = {}
+  if any(n in _REG_METRICS for n in names):
+    p = preds.reshape(len(preds), -1)
+    if p.shape[1] != 1:
+      raise ValueError(f'regression metrics need one prediction per example, got {p.shape}')
+    p, t = p[:, 0].astype(np.float64), y.reshape(-1).astype(np.float64)
+    for n in names:
+      if n in _REG_METRICS:
+        out[n] = _correlation(n, p, t)
+  if any(n in _CLS_METRICS for n in names):
+    p = preds.argmax(-1) if preds.ndim == 2 else preds.reshape(-1)
+    p, t = p.astype(np.int64), y.reshape(-1).astype(np.int64)
+    binary = set(np.unique(np.concatenate([p, t])).tolist()) <= {0, 1}
+    for n in names:
+      if n == 'accuracy':
+        out[n] = float(skm.accuracy_score(t, p))
+      elif n == 'f1':
+        out[n] = float(skm.f1_score(t, p, average='binary' if binary else 'macro',
+                                    zero_division=0))
+      elif n == 'f1_macro':
+        out[n] = float(skm.f1_score(t, p, average='macro', zero_division=0))
+      elif n == 'f1_micro':
+        out[n] = float(skm.f1_score(t, p, average='micro', zero_division=0))
+      elif n == 'matthews':
+        out[n] = float(skm.matthews_corrcoef(t, p))
+  return {n: out[n] for n in names}
+
+
+def _correlation(name: str, p: np.ndarray, t: np.ndarray) -> float:
+  from scipy import stats
+  if len(p) < 2 or np.all(p == p[0]) or np.all(t == t[0]):
+    return float('nan')  # undefined; scipy would warn and return nan too
+  if name == 'pearson':
+    return float(stats.pearsonr(p, t)[0])
+  return float(stats.spearmanr(p, t)[0])
+
+
+def ner_metrics(pred_tag_seqs: Sequence[Sequence[str]],
+                true_tag_seqs: Sequence[Sequence[str]], *, mode: str | None = None,
+                scheme: str | None = None) -> dict[str, float]:
+  """Entity-level NER scores with seqeval (default mode: conlleval-compatible).
+
+  Returns a flat dict: 'precision', 'recall', 'f1' (micro over all entities, the
+  CoNLL headline), 'accuracy' (token level), 'micro/…', 'macro/…', 'weighted/…' and
+  '<TYPE>/precision|recall|f1|support' per entity type. mode='strict' with
+  scheme='IOB2' gives seqeval's strict evaluation.
+  """
+  from seqeval import metrics as sqm
+  from seqeval import scheme as sqs
+  pred = [list(s) for s in pred_tag_seqs]
+  true = [list(s) for s in true_tag_seqs]
+  if len(pred) != len(true):
+    raise ValueError(f'{len(pred)} predicted sequences for {len(true)} gold sequences')
+  for i, (p, t) in enumerate(zip(pred, true)):
+    if len(p) != len(t):
+      raise ValueError(f'sequence {i}: {len(p)} predicted tags for {len(t)} gold tags')
+  kw: dict[str, Any] = {}
+  if mode is not None:
+    kw['mode'] = mode
+    kw['scheme'] = getattr(sqs, scheme) if isinstance(scheme, str) else (scheme or sqs.IOB2)
+  report = sqm.classification_report(true, pred, output_dict=True, zero_division=0, **kw)
+  out = {
+      'precision': float(sqm.precision_score(true, pred, zero_division=0, **kw)),
+      'recall': float(sqm.recall_score(true, pred, zero_division=0, **kw)),
+      'f1': float(sqm.f1_score(true, pred, zero_division=0, **kw)),
+      'accuracy': float(sqm.accuracy_score(true, pred)),
+  }
+  for key, vals in report.items():
+    name = key.replace(' avg', '')  # 'micro avg' -> 'micro'
+    for m in ('precision', 'recall', 'f1-score', 'support'):
+      if m in vals:
+        out[f'{name}/{m.replace("-score", "")}'] = float(vals[m])
+  return out
+
+
+def _scalar(v) -> float | None:
+  """A python float for a numeric scalar (numpy/jax too), else None."""
+  if isinstance(v, bool):
+    return float(v)
+  try:
+    a = np.asarray(v)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if a.size != 1 or not np.issubdtype(a.dtype, np.number):
+    return None
+  return float(a.reshape(()))
+
+
+class MetricsWriter:
+  """Appends `{"step": s, name: value, ...}` lines to workdir/metrics.jsonl and writes
+  TensorBoard scalars to workdir/tb; a no-op unless enabled (process 0 only).
+
+  Non-finite values are written as JSON null (strict JSON parsers reject NaN) and
+  skipped in TensorBoard; non-scalar values are kept in JSON only when serialisable.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               tensorboard: bool = True):
+    self.enabled = enabled
+    self.workdir = Path(workdir)
+    self.path = self.workdir / 'metrics.jsonl'
+    self._file = None
+    self._tb = None
+    if enabled:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._file = open(self.path, 'a', encoding='utf-8')
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(self.workdir / 'tb'))
+
+  def write(self, step: int, metrics: Mapping[str, Any]):
+    """Writes one JSON line (flushed) and the scalar values to TensorBoard."""
+    if not self.enabled:
+      return
+    step = int(step)
+    record: dict[str, Any] = {'step': step}
+    for k, v in metrics.items():
+      x = _scalar(v)
+      if x is not None:
+        record[k] = x if math.isfinite(x) else None
+        if self._tb is not None and math.isfinite(x):
+          self._tb.add_scalar(k, x, step)
+      else:
+        try:
+          json.dumps(v, allow_nan=False)
+          record[k] = v
+        except (TypeError, ValueError):
+          pass
+    self._file.write(json.dumps(record, allow_nan=False) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """All records of workdir/metrics.jsonl (for tests, scripts and reports)."""
+  path = Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
