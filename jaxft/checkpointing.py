@@ -52,6 +52,8 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None = None, meta: dict | None = None,
            metrics: dict | None = None, force: bool = True) -> bool:
+    if step in self.manager.all_steps():
+      return False  # already saved (a periodic save and the final/preemption save coincide)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state or {}),
