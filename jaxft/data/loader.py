@@ -39,8 +39,10 @@ def make_loader(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, see
   """Returns a checkpointable iterator of per-process batches (dicts of numpy arrays).
 
   num_epochs=None repeats forever (pretraining); an int gives that many passes.
-  Each process gets `global_batch_size // process_count` rows per batch, from a
-  disjoint strided shard of the (shuffled) example order.
+  Each process gets `global_batch_size // process_count` rows per batch: process p's part
+  of global batch b is the contiguous block p of it, so P processes together see exactly
+  the batches of one process. With several processes a final partial global batch is
+  dropped (every process must run the same number of steps).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -53,8 +55,15 @@ def make_loader(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, see
     ds = ds.shuffle()
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)  # after shuffle: each epoch gets its own permutation
+  # Batch first, then stride over batches: local batch k is rows [k*L, (k+1)*L), and process
+  # p takes k = p, p+P, ... So global batch b is rows [b*G, (b+1)*G) in process order, which
+  # is how make_array_from_process_local_data lays it out: the same global batch, row for
+  # row, as one process would see (striding rows first would interleave them).
+  ds = ds.batch(local_batch, drop_remainder=drop_remainder or process_count > 1,
+                batch_fn=_stack)
+  if process_count > 1 and num_epochs is not None:
+    ds = ds[:len(ds) // process_count * process_count]  # equal batch counts: steps stay in sync
   ds = ds[process_index::process_count]
-  ds = ds.batch(local_batch, drop_remainder=drop_remainder, batch_fn=_stack)
   return iter(ds)
 
 
