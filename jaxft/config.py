@@ -13,7 +13,7 @@ import ml_collections
 
 from jaxft.models.config import ModelConfig
 
-STAGES = ('model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
+STAGES = ('pipeline', 'model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
           'distill')
 
 
@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=1000, batch_size=32, grad_accum=1, eval_every=200, log_every=50,
+      num_steps=1000, num_epochs=0, batch_size=32, grad_accum=1, eval_every=200, log_every=50,
       nonfinite='skip'))
   c.train.early_stopping = ml_collections.ConfigDict(dict(metric='', mode='max', patience=0))
 
@@ -56,6 +56,14 @@ def mlm_config() -> ml_collections.ConfigDict:
   through the vocabulary (fixed shapes), 0 projects every position."""
   return ml_collections.ConfigDict(dict(mask_prob=0.15, mask_token_frac=0.8,
                                         random_token_frac=0.1, max_predictions=20))
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Fine-tuning options: freezing, layer-wise LR decay, label smoothing (class imbalance is
+  handled by data.class_balance)."""
+  return ml_collections.ConfigDict(dict(
+      freeze_embeddings=False, freeze_layers=0, freeze_patterns=(), layerwise_lr_decay=1.0,
+      label_smoothing=0.0))
 
 
 def model_config(cfg, vocab_size: int | None = None) -> ModelConfig:
@@ -78,6 +86,12 @@ def validate(cfg) -> None:
   if cfg.stage not in STAGES:
     raise ValueError(f'stage={cfg.stage!r} does not exist{closest(cfg.stage, STAGES)}; '
                      f'stages: {STAGES}')
+  if cfg.stage == 'pipeline':
+    for name in cfg.pipeline:
+      if name not in cfg:
+        raise ValueError(f'pipeline step {name!r} has no config section config.{name}')
+      validate(cfg[name])
+    return
   m = cfg.model
   if m.hidden_size % m.num_heads:
     raise ValueError(f'model.hidden_size={m.hidden_size} is not divisible by '

@@ -111,9 +111,10 @@ def load_init(path: str, model_def, rng_seed: int = 0, which: str = 'best'):
     values, report = match_params(model_def.abstract_params, source, path)
   elif is_hf_dir(path):
     from jaxft.models import hf
-    params, report = hf.load_hf_into(model_def.build(), path)
-    values = flat_params(params)
-    values = {k: v for k, v in values.items() if k not in set(report.get('missing', []))}
+    params, rep = hf.load_hf_into(model_def.abstract_params, path)
+    report = {'loaded': len(rep.loaded), 'missing': list(rep.missing), 'unused': list(rep.unused)}
+    missing = set(report['missing'])
+    values = {k: np.asarray(v) for k, v in flat_params(params).items() if k not in missing}
   else:
     raise FileNotFoundError(f'init_from={path!r} is neither a jaxft workdir (config.json + '
                             'checkpoints/) nor a Hugging Face checkpoint directory (config.json '

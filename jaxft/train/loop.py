@@ -30,7 +30,7 @@ class Data:
   train_iter: Any                                   # checkpointable iterator of local batches
   eval_batches: Callable[[], Iterable[dict]] | None = None  # fresh pass over eval data
   summarize: Callable[[dict, dict], dict] | None = None     # (sums, per_example) -> metrics
-  test_batches: Callable[[], Iterable[dict]] | None = None
+  steps_per_epoch: int = 0  # > 0: also evaluate at every epoch end
 
 
 @dataclasses.dataclass
@@ -229,7 +229,8 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
         pending.clear()
         tokens_since, t_since = 0, time.time()
       pbar.update(1)
-      if eval_every and step % eval_every == 0 and step < num_steps:
+      epoch_end = data.steps_per_epoch and step % data.steps_per_epoch == 0
+      if ((eval_every and step % eval_every == 0) or epoch_end) and step < num_steps:
         if run_eval(step):
           stopped_early = True
           logging.info('early stopping at step %d: %s did not improve for %d evals (best %.4g at '

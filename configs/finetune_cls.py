@@ -1,0 +1,54 @@
+"""Sequence classification / regression fine-tuning, with a variant per GLUE task.
+
+  python -m jaxft.main --config configs/finetune_cls.py:sst2 --config.init_from=DIR --workdir w
+
+`init_from` is a jaxft workdir (pretraining or fine-tuning) or a Hugging Face checkpoint
+directory; the architecture and tokenizer come from it. SST-2 defaults to the bundled
+slice (data/glue/sst2); other tasks read GLUE TSVs from `data.path`
+(default ../shared/data/glue/<TASK> when present) or, with data.source='hf', from the hub.
+"""
+import os
+
+import ml_collections
+
+from jaxft.config import base_config, finetune_config
+from jaxft.data.tasks import GLUE_TASKS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_config(task: str) -> ml_collections.ConfigDict:
+  preset = GLUE_TASKS.get(task)
+  if task == 'sst2':
+    path = os.path.join(REPO, 'data/glue/sst2')
+  elif preset is not None:
+    path = os.path.join(REPO, '..', 'shared', 'data', 'glue', preset.dir_name)
+    path = os.path.normpath(path) if os.path.isdir(path) else ''
+  else:
+    path = ''
+  return ml_collections.ConfigDict(dict(
+      task=task, source='files', path=path, train_file='', dev_file='', test_file='',
+      format='auto', text_column='', text_pair_column='', label_column='',
+      tokenizer='', max_len=128, truncation='truncate', on_bad_row='error',
+      class_balance='none', hf_path='glue', hf_name=''))
+
+
+def get_config(variant: str = 'sst2'):
+  task = variant or 'sst2'
+  if task not in GLUE_TASKS and task != 'custom':
+    raise ValueError(f'configs/finetune_cls.py variant {task!r}; choose a GLUE task '
+                     f'{sorted(GLUE_TASKS)} or custom')
+  c = base_config()
+  c.stage = 'finetune_cls'
+  c.model.update(type='bert', hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+                 max_position_embeddings=512)
+  c.data = data_config('' if task == 'custom' else task)
+  c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/bert-base-uncased')
+  c.finetune = finetune_config()
+  c.optimizer.update(lr=5e-5, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
+  c.train.update(num_steps=1000, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
+  c.train.early_stopping.update(metric='', mode='max', patience=0)  # '' -> the task's metric
+  c.checkpoint.update(every=0, keep=1, keep_best=1)
+  if task in ('cola', 'rte', 'mrpc', 'stsb', 'wnli'):  # small data sets: more epochs
+    c.train.num_epochs = 5
+  return c
