@@ -84,8 +84,13 @@ def evaluate(eval_step, params, batches: Iterable[dict], mesh, rules, summarize=
 
 def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task, data: Data, *,
           init_params=None, trainable=None, lr_scale=None, extra_results: dict | None = None,
-          on_end: Callable | None = None) -> dict:
-  """Train until `train.num_steps` (or early stop / preemption); returns the results dict."""
+          on_end: Callable | None = None, extra=None) -> dict:
+  """Train until `train.num_steps` (or early stop / preemption); returns the results dict.
+
+  `extra`: a constant pytree of jax.Arrays sharded on this config's mesh (e.g. a frozen
+  teacher's params), handed to every step and to the task's loss as `extra=`; it is not
+  part of the train state, so it is never trained, donated or checkpointed.
+  """
   t_start = time.time()
   tc, cc = cfg.train, cfg.checkpoint
   mesh = partitioning.make_mesh(cfg.mesh)
@@ -138,7 +143,9 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
 
   train_step = step_lib.make_train_step(
       model_def, task, tx, shardings, mesh, rules, grad_accum=grad_accum, trainable=trainable,
-      nonfinite=tc.get('nonfinite', 'skip'), schedule=schedule)
+      nonfinite=tc.get('nonfinite', 'skip'), schedule=schedule,
+      extra_shardings=None if extra is None else jax.tree.map(lambda x: x.sharding, extra))
+  extra_args = () if extra is None else (extra,)
   eval_step = step_lib.make_eval_step(model_def, task, mesh, rules, shardings['params'])
   writer = MetricsWriter(workdir, enabled=is_main())
   log_every = max(int(tc.get('log_every', 50)), 1)
@@ -193,7 +200,7 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
       local = next(data.train_iter)
       tokens_since += int(np.asarray(local.get('attention_mask', local['input_ids'])).sum()) * \
           jax.process_count()
-      state, metrics = train_step(state, step_lib.global_batch(local, mesh, rules))
+      state, metrics = train_step(state, step_lib.global_batch(local, mesh, rules), *extra_args)
       step += 1
       pending.append(metrics)
       if nonfinite != 'skip' and not bool(metrics['finite']):

@@ -65,37 +65,43 @@ def _microbatches(batch: Batch, k: int) -> Batch:
 
 def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
                     grad_accum: int = 1, trainable=None, nonfinite: str = 'skip',
-                    schedule=None):
-  """Returns step(state, batch) -> (state, metrics): one jax.jit with in/out shardings."""
+                    schedule=None, extra_shardings=None):
+  """Returns step(state, batch) -> (state, metrics): one jax.jit with in/out shardings.
+
+  `extra_shardings`: shardings of a constant input (e.g. a frozen teacher's params); the step
+  is then step(state, batch, extra) and the task's loss gets `extra=extra`. It stays outside
+  the train state: not differentiated, updated, donated or checkpointed.
+  """
   if nonfinite not in ('skip', 'halt', 'rollback'):
     raise ValueError(f"train.nonfinite={nonfinite!r}; allowed: 'skip', 'halt', 'rollback'")
 
-  def loss_of(params, batch, key):
+  def loss_of(params, batch, key, extra):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     model = model_def.merge(params)
-    loss_sum, sums = task.loss(model, batch, key, False)
+    kw = {} if extra_shardings is None else {'extra': extra}
+    loss_sum, sums = task.loss(model, batch, key, False, **kw)
     return loss_sum, sums
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-  def step(state, batch):
+  def step(state, batch, extra=None):
     rng = jax.random.fold_in(state['rng'], state['step'])
     batch = task.prepare(batch, jax.random.fold_in(rng, 1))
     params = state['params']
     if grad_accum == 1:
-      (loss_sum, sums), grads = grad_fn(params, batch, jax.random.fold_in(rng, 2))
+      (loss_sum, sums), grads = grad_fn(params, batch, jax.random.fold_in(rng, 2), extra)
     else:
       micro = _microbatches(batch, grad_accum)
 
       def body(carry, xs):
         i, mb = xs
-        (ls, s), g = grad_fn(params, mb, jax.random.fold_in(jax.random.fold_in(rng, 2), i))
+        (ls, s), g = grad_fn(params, mb, jax.random.fold_in(jax.random.fold_in(rng, 2), i), extra)
         acc_l, acc_s, acc_g = carry
         return (acc_l + ls, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
 
       zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[0][1]))
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, extra)[0][1]))
       init = (jnp.zeros((), jnp.float32), zeros_s, jax.tree.map(jnp.zeros_like, params))
       (loss_sum, sums, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
     denom = jnp.maximum(sums['weight'], 1e-9)
@@ -121,12 +127,13 @@ def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
 
   # Batches arrive already sharded (global_batch), so their in_sharding is taken as is.
   repl = partitioning.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, repl),
+  in_shardings = (state_shardings, None) + (() if extra_shardings is None else (extra_shardings,))
+  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, repl),
                    donate_argnums=(0,))
 
-  def run(state, batch):
+  def run(state, batch, *extra):
     with partitioning.use_mesh(mesh, rules):
-      return jitted(state, batch)
+      return jitted(state, batch, *extra)
 
   run.jitted = jitted
   return run
