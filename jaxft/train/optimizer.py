@@ -40,8 +40,15 @@ def make_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-  """Weight decay on matrices only: biases, LayerNorm and other vectors are not decayed."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only: biases, LayerNorm and other vectors are not decayed.
+
+  A bias is never decayed, whatever its rank: attention q/k/v biases are [heads, kv].
+  """
+  def f(path, x):
+    last = str(getattr(path[-1], 'key', getattr(path[-1], 'name', path[-1]))) if path else ''
+    return x.ndim >= 2 and not last.endswith('bias')
+
+  return jax.tree_util.tree_map_with_path(f, params)
 
 
 def path_mask(params, patterns: list[str] | tuple[str, ...]) -> Any:
