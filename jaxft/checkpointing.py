@@ -6,6 +6,10 @@ Layout under the workdir:
 Orbax writes each step to a temporary folder and renames it when complete, so a crash
 mid-save never leaves a half-written step that looks finished. Restore walks back from the
 newest step to the newest one that restores cleanly and says what it skipped and why.
+Orbax itself does not notice a flipped bit inside an array's stored bytes (zstd chunks carry
+no checksum), so every save also records a fingerprint of each state array in `meta` and a
+restore recomputes and compares it; a step that fails is moved to `<dir>.damaged/` so that
+it no longer shadows the intact ones.
 SIGTERM (preemption of a TPU VM / spot GPU) is turned into a save at the next step
 boundary followed by a clean exit.
 """
@@ -14,15 +18,60 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 
 class NoIntactCheckpoint(RuntimeError):
   pass
+
+
+class CorruptCheckpoint(RuntimeError):
+  """A step restored without error but its arrays do not match the saved fingerprints."""
+
+
+CHECKSUM_ALGO = 'u32-weighted-sum-v1'
+
+
+def _leaf_checksum(x):
+  """uint32 sum of (bits of element i) * odd(i), wrapping: any single changed element
+  changes it, and integer addition makes it independent of sharding and reduction order."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  size = x.dtype.itemsize
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  idx = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(bits.ndim)):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride % 2**32)
+    stride *= bits.shape[d]
+  mult = (idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+  return jnp.sum(bits * mult, dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state) -> dict[str, int]:
+  """{array path: fingerprint} of a (sharded) state, computed on the devices."""
+  sums = jax.device_get(_checksums_jit(state))
+  return {_path_str(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _path_str(path) -> str:
+  """'params.bert.layers.0.attn.kernel': the same for a tuple index and a dict key."""
+  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
 class Checkpointer:
@@ -54,10 +103,12 @@ class Checkpointer:
            metrics: dict | None = None, force: bool = True) -> bool:
     if step in self.manager.all_steps():
       return False  # already saved (a periodic save and the final/preemption save coincide)
+    meta = dict(meta or {})
+    meta['checksums'] = {'algo': CHECKSUM_ALGO, 'state': state_checksums(state)}
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state or {}),
-        meta=ocp.args.JsonSave(meta or {}))
+        meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
   def steps(self) -> list[int]:
@@ -85,7 +136,9 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001  (any damage: missing/truncated files)
+        meta = dict(restored['meta'] or {})
+        self._verify(restored['state'], meta)
+      except Exception as e:  # noqa: BLE001  (any damage: missing/truncated/altered files)
         msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
         logging.warning('checkpoint step %d in %s is damaged, skipping it: %s', s,
                         self.directory, msg)
@@ -94,11 +147,48 @@ class Checkpointer:
       if errors:
         logging.warning('resumed from step %d after skipping damaged step(s) %s', s,
                         [e[0] for e in errors])
-      return s, restored['state'], dict(restored['data'] or {}), dict(restored['meta'] or {})
+        if step is None:
+          self._quarantine([e[0] for e in errors])
+      meta.pop('checksums', None)
+      return s, restored['state'], dict(restored['data'] or {}), meta
     raise NoIntactCheckpoint(
         f'no intact checkpoint in {self.directory}: ' +
         '; '.join(f'step {s}: {m}' for s, m in errors) +
         ' (set checkpoint.allow_fresh_start=True to start from scratch anyway)')
+
+  @staticmethod
+  def _verify(state, meta: dict):
+    saved = meta.get('checksums')
+    if not saved:
+      return  # written before checksums were recorded
+    if saved.get('algo') != CHECKSUM_ALGO:
+      raise CorruptCheckpoint(f'unknown checksum algorithm {saved.get("algo")!r}')
+    now = state_checksums(state)
+    bad = sorted(k for k in set(saved['state']) | set(now)
+                 if saved['state'].get(k) != now.get(k))
+    if bad:
+      raise CorruptCheckpoint(f'checksum mismatch in {len(bad)} of {len(now)} arrays: '
+                              f'{", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}')
+
+  def _quarantine(self, steps: list[int]):
+    """Move damaged steps to `<dir>.damaged/` (kept for inspection) so that a resumed run
+    can save those steps again and the damaged copies never shadow intact ones."""
+    multi = jax.process_count() > 1
+    if multi:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('jaxft_quarantine_start')
+    if jax.process_index() == 0:
+      dest = self.directory + '.damaged'
+      os.makedirs(dest, exist_ok=True)
+      for s in steps:
+        src = os.path.join(self.directory, str(s))
+        if os.path.isdir(src):
+          target = os.path.join(dest, f'{s}-{time.strftime("%Y%m%d-%H%M%S")}')
+          os.replace(src, target)
+          logging.warning('moved damaged checkpoint step %d to %s', s, target)
+    if multi:
+      multihost_utils.sync_global_devices('jaxft_quarantine_done')
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
