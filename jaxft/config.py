@@ -48,7 +48,22 @@ def base_config() -> ml_collections.ConfigDict:
       every=500, keep=2, keep_best=1, async_save=True, allow_fresh_start=False))
 
   c.export = ml_collections.ConfigDict(dict(hf=True))
+  c.peft = peft_config()
   return c
+
+
+def peft_config() -> ml_collections.ConfigDict:
+  """Parameter-efficient fine-tuning (docs/peft.md). method: none | lora | adapter | bitfit |
+  prompt, or several joined by '+'. Targets are presets or regexes over Dense paths."""
+  return ml_collections.ConfigDict(dict(
+      method='none',
+      lora=dict(rank=8, alpha=16.0, dropout=0.0, targets='qv'),  # qv | qkv | qkvo | all | regex
+      adapter=dict(size=64, act='gelu', targets='houlsby', train_layernorm=True),
+      prompt=dict(length=20, init='vocab'),  # init: vocab (sampled word embeddings) | random
+      train_head=True,    # also train the task head (classifier / score)
+      train_fresh=True,   # also train tensors init_from did not provide (e.g. a new pooler)
+      train_patterns=(),  # regexes of further base tensors to train
+  ))
 
 
 def mlm_config() -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from jaxft import config as config_lib
+from jaxft import peft
 from jaxft.data import loader as loader_lib
 from jaxft.data import tasks as tasks_lib
 from jaxft.data.tokenizer import load_tokenizer
@@ -299,8 +300,8 @@ def run(cfg, workdir: str) -> dict:
           if kind == 'cls' else ner_task(num_labels, label_smoothing=ls))
 
   trainable = trainable_mask(cfg, model_def.abstract_params)
-  from jaxft import peft
-  peft_parts = peft.setup(cfg, model_def, init_params, trainable) if hasattr(peft, 'setup') else None
+  peft_parts = peft.setup(cfg, model_def, init_params, trainable,
+                          fresh=report['missing'] if report else ())
   if peft_parts is not None:
     model_def, init_params, trainable = peft_parts
   lr_scale = layerwise_lr_scale(cfg, model_def.abstract_params, mcfg.num_layers)
@@ -338,11 +339,21 @@ def run(cfg, workdir: str) -> dict:
     best = results.get('best', {})
     print(f"{cfg.stage}: dev {info['main_metric']} = {final[main]:.4f} (last), "
           f"{best.get('value', float('nan')):.4f} (best, step {best.get('step')})")
+  params = results['state']['params']
+  if peft_parts is not None and not results['preempted']:
+    out = peft.save_checkpoint(cfg, params, trainable, workdir,
+                               extra={'init_from': cfg.init_from, 'head': head,
+                                      'model': mcfg.to_dict(), 'labels': label_names})
+    logging.info('saved the PEFT weights to %s', out)
   if cfg.export.hf and not results['preempted']:
     from jaxft.train.pretrain import export_hf
-    params = results['state']['params']
-    if peft_parts is not None:
-      params = peft.merged_params(cfg, params)
-    export_hf(params, mcfg, head, workdir, tokenizer,
-              id2label=dict(enumerate(label_names)) if label_names else None)
+    if peft_parts is not None and not peft.exportable(cfg):
+      logging.warning('peft.method=%s cannot be merged into a plain Hugging Face model: no '
+                      'export/ (the PEFT weights are in %s)', cfg.peft.method,
+                      peft.checkpoint_dir(workdir, peft.config(cfg)))
+    else:
+      if peft_parts is not None:
+        params = peft.merged_params(cfg, params)
+      export_hf(params, mcfg, head, workdir, tokenizer,
+                id2label=dict(enumerate(label_names)) if label_names else None)
   return results

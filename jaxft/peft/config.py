@@ -1,0 +1,138 @@
+"""PeftConfig: the `peft` config section, parsed and checked once.
+
+Kept separate from the modules so that validation (unknown method, bad regex, rank <= 0)
+runs before anything is built or compiled, and so a saved checkpoint can record exactly
+what produced it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+METHODS = ('lora', 'adapter', 'bitfit', 'prompt')
+
+# Named target sets for LoRA (regexes over the dotted path of a Dense module).
+LORA_TARGETS = {
+    'qv': r'(^|\.)attn\.(query|value)$',
+    'qkv': r'(^|\.)attn\.(query|key|value)$',
+    'qkvo': r'(^|\.)attn\.(query|key|value|out)$',
+    'all': r'(^|\.)layers\.\d+\.(attn\.(query|key|value|out)|mlp_in|mlp_out)$',
+}
+ADAPTER_TARGETS = {
+    'houlsby': r'(^|\.)layers\.\d+\.(attn\.out|mlp_out)$',  # after attention and after FFN
+    'ffn': r'(^|\.)layers\.\d+\.mlp_out$',  # after FFN only (Pfeiffer placement)
+}
+
+
+def _regex(value: str, presets: dict, key: str) -> str:
+  pattern = presets.get(value, value)
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'{key}={value!r} is neither a preset {sorted(presets)} nor a valid '
+                     f'regex: {e}') from None
+  return pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  methods: tuple[str, ...] = ()
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = LORA_TARGETS['qv']
+  adapter_size: int = 64
+  adapter_act: str = 'gelu'
+  adapter_targets: str = ADAPTER_TARGETS['houlsby']
+  adapter_train_layernorm: bool = True
+  prompt_length: int = 20
+  prompt_init: str = 'vocab'
+  train_head: bool = True
+  train_fresh: bool = True
+  train_patterns: tuple[str, ...] = ()
+  seed: int = 0
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.methods)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+  @property
+  def mergeable(self) -> bool:
+    """LoRA and BitFit change only existing tensors (or add a linear delta): the result is a
+    plain model. Adapters and soft prompts change the computation itself."""
+    return not ({'adapter', 'prompt'} & set(self.methods))
+
+  @classmethod
+  def from_config(cls, cfg) -> 'PeftConfig':
+    """From a full config (reads `cfg.peft`), the `peft` section itself, or a dict."""
+    if cfg is None:
+      return cls()
+    if isinstance(cfg, PeftConfig):
+      return cfg
+    if 'method' in cfg:  # the section itself
+      p, seed = cfg, int(cfg.get('seed', 0) or 0)
+    else:
+      p, seed = cfg.get('peft', None), int(cfg.get('seed', 0) or 0)
+    if p is None:
+      return cls()
+    method = str(p.get('method', 'none') or 'none')
+    methods = tuple(m.strip() for m in method.replace(',', '+').split('+') if m.strip())
+    methods = tuple(m for m in methods if m != 'none')
+    for m in methods:
+      if m not in METHODS:
+        raise ValueError(f'peft.method={method!r}: unknown method {m!r}; choose none or one of '
+                         f'{METHODS} (join with + to combine, e.g. lora+bitfit)')
+    lora, adapter, prompt = (dict(p.get(k, {}) or {}) for k in ('lora', 'adapter', 'prompt'))
+    c = cls(
+        methods=methods,
+        lora_rank=int(lora.get('rank', 8)), lora_alpha=float(lora.get('alpha', 16.0)),
+        lora_dropout=float(lora.get('dropout', 0.0)),
+        lora_targets=_regex(str(lora.get('targets', 'qv')), LORA_TARGETS, 'peft.lora.targets'),
+        adapter_size=int(adapter.get('size', 64)), adapter_act=str(adapter.get('act', 'gelu')),
+        adapter_targets=_regex(str(adapter.get('targets', 'houlsby')), ADAPTER_TARGETS,
+                               'peft.adapter.targets'),
+        adapter_train_layernorm=bool(adapter.get('train_layernorm', True)),
+        prompt_length=int(prompt.get('length', 20)), prompt_init=str(prompt.get('init', 'vocab')),
+        train_head=bool(p.get('train_head', True)), train_fresh=bool(p.get('train_fresh', True)),
+        train_patterns=tuple(p.get('train_patterns', ()) or ()), seed=seed)
+    c.check()
+    return c
+
+  def check(self):
+    from jaxft.models.config import ACTIVATIONS
+    if self.lora_rank <= 0:
+      raise ValueError(f'peft.lora.rank={self.lora_rank} must be > 0')
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f'peft.lora.dropout={self.lora_dropout} must be in [0, 1)')
+    if self.adapter_size <= 0:
+      raise ValueError(f'peft.adapter.size={self.adapter_size} must be > 0')
+    if self.adapter_act not in ACTIVATIONS:
+      raise ValueError(f'peft.adapter.act={self.adapter_act!r}; known: {sorted(ACTIVATIONS)}')
+    if self.prompt_length <= 0:
+      raise ValueError(f'peft.prompt.length={self.prompt_length} must be > 0')
+    if self.prompt_init not in ('vocab', 'random'):
+      raise ValueError(f"peft.prompt.init={self.prompt_init!r}; allowed: 'vocab', 'random'")
+    for pat in self.train_patterns:
+      try:
+        re.compile(pat)
+      except re.error as e:
+        raise ValueError(f'peft.train_patterns: {pat!r} is not a valid regex: {e}') from None
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d['methods'] = list(self.methods)
+    d['train_patterns'] = list(self.train_patterns)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'PeftConfig':
+    d = dict(d)
+    d['methods'] = tuple(d.get('methods', ()))
+    d['train_patterns'] = tuple(d.get('train_patterns', ()))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in fields})
