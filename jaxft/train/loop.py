@@ -44,7 +44,10 @@ class EarlyStopping:
 
   def update(self, value: float, step: int) -> bool:
     """Record an eval; True when training should stop."""
-    better = (self.best is None or (value > self.best if self.mode == 'max' else value < self.best))
+    # A NaN/inf metric (e.g. a correlation of constant predictions) is never an improvement:
+    # taken as the first best, nothing could ever compare better than NaN afterwards.
+    better = math.isfinite(value) and (
+        self.best is None or (value > self.best if self.mode == 'max' else value < self.best))
     if better:
       self.best, self.best_step, self.bad_evals = float(value), int(step), 0
     else:
@@ -190,7 +193,10 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
         raise KeyError(f'train.early_stopping.metric={stopper.metric!r} is not an eval metric; '
                        f'available: {sorted(metrics)}')
       stop = stopper.update(float(metrics[key]), step)
-      if best_ckpt is not None:
+      # Save only strict improvements: on a tie Orbax would rank the later step best and
+      # (keep_best=1) delete the earlier one the stopper reports; so best/ always holds the
+      # stopper's best step as its newest step (which is what init_from/predict load).
+      if best_ckpt is not None and stopper.best_step == step:
         best_ckpt.save(step, state, data_position(), meta(),
                        metrics={stopper.metric: float(metrics[key])})
     return stop
