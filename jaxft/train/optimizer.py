@@ -97,6 +97,9 @@ def _scale_by_tree(scales) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+    # Inside optax.multi_transform (frozen params) masked-out leaves arrive as MaskedNode.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    return jax.tree.map(lambda u, s: u if masked(u) else u * s, updates, scales,
+                        is_leaf=masked), state
 
   return optax.GradientTransformation(init, update)
