@@ -50,6 +50,8 @@ def _read_txt(path: str):
 def load_inputs(spec: str, kind: str, data_cfg: dict, tokenizer, labels: dict):
   """(arrays, examples-info) for a split name or a file."""
   data_cfg = dict(data_cfg)
+  data_cfg['class_balance'] = 'none'  # every row once, in file order (resampling would
+  # reorder the rows under their sources)
   max_len = int(data_cfg.get('max_len') or 128)
   label_key = 'label_values' if kind == 'cls' else 'label_names'
   data_cfg['labels'] = None if labels.get('is_regression') else labels[label_key]
