@@ -119,8 +119,15 @@ def load_init(path: str, model_def, rng_seed: int = 0, which: str = 'best'):
     raise FileNotFoundError(f'init_from={path!r} is neither a jaxft workdir (config.json + '
                             'checkpoints/) nor a Hugging Face checkpoint directory (config.json '
                             'with model_type)')
-  fresh = flat_params(nnx_state_pure(model_def.build()))
-  full = {k: values.get(k, fresh[k]) for k in fresh}
+  names = list(flat_params(model_def.abstract_params))
+  todo = [k for k in names if k not in values]
+  fresh = {}
+  if todo:  # initialise only what the source lacks, in one jit (eager init of a whole model
+    # compiles every initializer op by op: seconds of CPU even for a tiny model)
+    fresh = jax.device_get(jax.jit(lambda: {
+        k: v for k, v in flat_params(nnx_state_pure(model_def.build())).items()
+        if k in todo})())
+  full = {k: values[k] if k in values else np.asarray(fresh[k]) for k in names}
   if report.get('missing'):
     logging.info('init_from %s: new (freshly initialised) parameters: %s', path,
                  report['missing'])
