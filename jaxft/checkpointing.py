@@ -9,7 +9,8 @@ newest step to the newest one that restores cleanly and says what it skipped and
 Orbax itself does not notice a flipped bit inside an array's stored bytes (zstd chunks carry
 no checksum), so every save also records a fingerprint of each state array in `meta` and a
 restore recomputes and compares it; a step that fails is moved to `<dir>.damaged/` so that
-it no longer shadows the intact ones.
+it no longer shadows the intact ones. A save that fails for lack of space raises
+`CheckpointWriteError` naming the step and the intact steps to resume from.
 SIGTERM (preemption of a TPU VM / spot GPU) is turned into a save at the next step
 boundary followed by a clean exit.
 """
@@ -36,7 +37,13 @@ class CorruptCheckpoint(RuntimeError):
   """A step restored without error but its arrays do not match the saved fingerprints."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, quota, file size limit)."""
+
+
 CHECKSUM_ALGO = 'u32-weighted-sum-v1'
+_NO_SPACE = ('No space left on device', 'Disk quota exceeded', 'File too large',
+             "os_error_code='28'", "os_error_code='122'", "os_error_code='27'")
 
 
 def _leaf_checksum(x):
@@ -74,6 +81,18 @@ def _path_str(path) -> str:
   return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
+def _is_no_space(e: BaseException) -> bool:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+      return True
+    if any(m in str(e) for m in _NO_SPACE):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the jaxft train state."""
 
@@ -98,6 +117,7 @@ class Checkpointer:
           keep_checkpoints_without_metrics=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
+    self._writing: int | None = None  # step of the save that may still be in flight
 
   def save(self, step: int, state, data_state: dict | None = None, meta: dict | None = None,
            metrics: dict | None = None, force: bool = True) -> bool:
@@ -109,7 +129,15 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state or {}),
         meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    previous = self._writing
+    try:
+      self._writing = step
+      return self.manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as e:  # noqa: BLE001
+      # An async save reports its failure at the next save: blame the step it was writing.
+      failed = previous if previous is not None and previous not in self.manager.all_steps() \
+          else step
+      self._raise_write_error(e, failed)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -190,11 +218,33 @@ class Checkpointer:
       multihost_utils.sync_global_devices('jaxft_quarantine_done')
     self.manager.reload()
 
+  def _raise_write_error(self, e: BaseException, step: int):
+    if not _is_no_space(e):
+      raise e
+    self._writing = None
+    # The partial `<step>.orbax-checkpoint-tmp*` folder is left alone (Orbax threads may still
+    # touch it); the next start removes it (cleanup_tmp_directories).
+    try:
+      self.manager.reload()
+    except Exception:  # noqa: BLE001
+      pass
+    intact = [s for s in self.steps() if s != step]
+    reason = next((m for m in _NO_SPACE[:3] if m in str(e)), None) or str(e).splitlines()[0][:200]
+    resume = (f'rerun the same command to resume from step {intact[-1]}' if intact
+              else 'rerun the same command (no earlier checkpoint: it starts over)')
+    raise CheckpointWriteError(
+        f'could not write checkpoint step {step} to {self.directory}: {reason}. The earlier '
+        f'checkpoints are intact (steps {intact}); free space (or lower checkpoint.keep) and '
+        f'{resume} (the partial step is removed then)') from e
+
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_write_error(e, self._writing if self._writing is not None else -1)
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

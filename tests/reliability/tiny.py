@@ -99,11 +99,35 @@ def rows(n_batches: int, poison: dict[int, int] | None = None, seed: int = 0) ->
           'special_tokens_mask': special, 'poison': p}
 
 
-def train(workdir: str, cfg=None, poison=None, n_batches: int = 64) -> dict:
+class _Hooked:
+  """The loader, calling hook(batch index) before each batch (fault injection)."""
+
+  def __init__(self, it, hook):
+    self.it, self.hook, self.k = it, hook, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.hook(self.k)
+    self.k += 1
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+    self.k = int(state.get('next_index', self.k))
+
+
+def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None) -> dict:
   """Run the real loop; returns its results dict with 'state' as host numpy arrays."""
   cfg = cfg or config()
   it = loader_lib.make_loader(rows(n_batches, poison), global_batch_size=BATCH, seed=0,
                               shuffle=False)
+  if hook is not None:
+    it = _Hooked(it, hook)
   res = loop.train(cfg, workdir, model_def(), task(), loop.Data(train_iter=it))
   res['state'] = to_host(res['state'])
   return res
