@@ -211,6 +211,7 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
       pending.append(metrics)
       if nonfinite != 'skip' and not bool(metrics['finite']):
         if nonfinite == 'halt':
+          ckpt.wait()  # an async save in flight is the last good state: let it finish
           raise FloatingPointError(
               f'non-finite loss or gradient at step {step} (train.nonfinite=halt); data position '
               f'{data_position()}; last good checkpoint: {ckpt.latest_step()}')
@@ -220,7 +221,9 @@ def train(cfg, workdir: str, model_def: state_lib.ModelDef, task: step_lib.Task,
         if restored is None:
           raise FloatingPointError(f'non-finite loss at step {step} and no checkpoint to roll back to')
         bad_pos = data_position()
+        skipped = state['skipped']  # the step already counted this one: keep the count
         _, state, _, _ = restored
+        state = {**state, 'skipped': skipped}
         logging.warning('non-finite loss at step %d: rolled back to step %d, skipping the bad '
                         'batch (data continues from %s)', step, int(state['step']), bad_pos)
         step = int(state['step'])

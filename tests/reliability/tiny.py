@@ -121,11 +121,12 @@ class _Hooked:
     self.k = int(state.get('next_index', self.k))
 
 
-def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None) -> dict:
+def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None,
+          rows: dict | None = None) -> dict:
   """Run the real loop; returns its results dict with 'state' as host numpy arrays."""
   cfg = cfg or config()
-  it = loader_lib.make_loader(rows(n_batches, poison), global_batch_size=BATCH, seed=0,
-                              shuffle=False)
+  data = rows if rows is not None else globals()['rows'](n_batches, poison)
+  it = loader_lib.make_loader(data, global_batch_size=BATCH, seed=0, shuffle=False)
   if hook is not None:
     it = _Hooked(it, hook)
   res = loop.train(cfg, workdir, model_def(), task(), loop.Data(train_iter=it))
