@@ -1,0 +1,80 @@
+"""Knowledge distillation: a student trained on a teacher's soft targets.
+
+  python -m jaxft.main --config configs/distill.py:sst2 --config.teacher=TEACHER --workdir w
+  python -m jaxft.main --config configs/distill.py:mlm --config.teacher=MLM_TEACHER --workdir w
+
+`teacher`: a jaxft workdir (finetune_cls for a GLUE variant, pretrain_mlm for `mlm`) or a
+Hugging Face directory with the matching head; its tokenizer is used. The student is the
+teacher's architecture with half the layers (distill.student.* override), initialised from
+every other teacher layer when widths match (distill.student_init). See docs/distill.md.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+from jaxft.config import base_config, mlm_config
+from jaxft.data.pretrain import default_data_config
+from jaxft.data.tasks import GLUE_TASKS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _finetune_cls():
+  spec = importlib.util.spec_from_file_location(
+      '_jaxft_configs_finetune_cls', os.path.join(os.path.dirname(__file__), 'finetune_cls.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def distill_config(kind: str) -> ml_collections.ConfigDict:
+  """loss = alpha*T^2*KL(teacher||student) + (1-alpha)*hard CE + weighted feature terms."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind,                 # 'cls' (GLUE-style) or 'mlm' (DistilBERT pretraining)
+      alpha=0.5, temperature=2.0,
+      cosine_weight=0.0,         # 1 - cos(last hidden states), via projection if widths differ
+      hidden_weight=0.0,         # TinyBERT hidden-state MSE over layer_map (projected)
+      attention_weight=0.0,      # TinyBERT attention-probability MSE (equal head counts)
+      layer_map='',              # 'student:teacher,...' hidden indices (0 = embeddings); '' uniform
+      student_init='auto',       # auto | teacher_every_k | init_from | random
+      student_layers='',         # teacher layers (0-based) for teacher_every_k; '' = every k-th
+      student=ml_collections.ConfigDict(dict(  # 0 = the teacher's (num_layers: half of it)
+          num_layers=0, hidden_size=0, num_heads=0, intermediate_size=0)),
+      teacher_dtype='',          # '' = as stored; 'bfloat16' halves its memory and time
+      cache_teacher=False,       # cls: precompute train-split teacher logits once (workdir/cache)
+      measure_speed=True,        # inference examples/s of teacher and student on dev
+      speed_batches=0,           # 0 = the whole dev set
+  ))
+
+
+def get_config(variant: str = 'sst2'):
+  variant = variant or 'sst2'
+  c = base_config()
+  c.stage = 'distill'
+  c.teacher = ''
+  if variant == 'mlm':
+    c.distill = distill_config('mlm')
+    # DistilBERT's 5:2:1 of soft targets, MLM and cosine terms, scaled to sum to 1.
+    c.distill.update(alpha=5 / 7, temperature=2.0, cosine_weight=1 / 7)
+    c.data = default_data_config()
+    c.data.files = os.path.join(REPO, 'data/corpus')  # a str: overridable on the command line
+    c.data.max_len = 128
+    c.mlm = mlm_config()
+    c.optimizer.update(lr=5e-4, warmup_ratio=0.05, schedule='linear', weight_decay=0.01)
+    c.train.update(num_steps=10000, batch_size=32, eval_every=1000, log_every=50)
+    c.checkpoint.update(every=1000, keep=2)
+    return c
+  if variant not in GLUE_TASKS:
+    raise ValueError(f'configs/distill.py variant {variant!r}; choose mlm or a GLUE task '
+                     f'{sorted(GLUE_TASKS)}')
+  c.distill = distill_config('cls')
+  c.data = _finetune_cls().data_config(variant)
+  c.data.tokenizer = ''  # the teacher's
+  c.optimizer.update(lr=1e-4, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
+  c.train.update(num_steps=1000, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
+  c.train.early_stopping.update(metric='', mode='max', patience=0)  # '' -> the task's metric
+  c.checkpoint.update(every=0, keep=1, keep_best=1)
+  if variant in ('cola', 'rte', 'mrpc', 'stsb', 'wnli'):
+    c.train.num_epochs = 5
+  return c

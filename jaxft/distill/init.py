@@ -1,0 +1,76 @@
+"""Student initialisation: every k-th teacher layer (DistilBERT), a checkpoint, or random."""
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxft.models import flat_params
+from jaxft.train import init as init_lib
+
+MODES = ('auto', 'teacher_every_k', 'init_from', 'random')
+_SAME_WIDTH = ('model_type', 'vocab_size', 'hidden_size', 'num_heads', 'intermediate_size',
+               'max_position_embeddings', 'type_vocab_size')
+_LAYER = re.compile(r'\.layers\.(\d+)\.')
+
+
+def width_mismatch(student_cfg, teacher_cfg) -> list[str]:
+  """Architecture fields (other than depth) in which student and teacher differ."""
+  return [f'{k}: student {getattr(student_cfg, k)} vs teacher {getattr(teacher_cfg, k)}'
+          for k in _SAME_WIDTH if getattr(student_cfg, k) != getattr(teacher_cfg, k)]
+
+
+def teacher_layers(n_teacher: int, n_student: int, explicit: str = '') -> list[int]:
+  """Teacher layer (0-based) copied into each student layer: every k-th, k = L_t // L_s
+  (0, 2, 4 for 6 -> 3), or the comma-separated `explicit` list."""
+  if explicit:
+    ids = [int(x) for x in str(explicit).replace(' ', '').split(',') if x]
+    if len(ids) != n_student:
+      raise ValueError(f'distill.student_layers={explicit!r} names {len(ids)} layers but the '
+                       f'student has {n_student}')
+  else:
+    if n_student > n_teacher:
+      raise ValueError(f'student_init=teacher_every_k: the student has {n_student} layers, '
+                       f'more than the teacher\'s {n_teacher}')
+    k = n_teacher // n_student
+    ids = [i * k for i in range(n_student)]
+  bad = [i for i in ids if not 0 <= i < n_teacher]
+  if bad:
+    raise ValueError(f'distill.student_layers: {bad} out of range for a {n_teacher}-layer teacher')
+  return ids
+
+
+def _rename(name: str, ids: list[int]) -> str:
+  return _LAYER.sub(lambda m: f'.layers.{ids[int(m.group(1))]}.', name, count=1)
+
+
+def from_teacher(teacher_params, student_def, layer_ids: list[int]):
+  """(host params, report): student layer i <- teacher layer layer_ids[i]; embeddings and
+  heads by name; what the teacher lacks (a new head, the projection) is freshly initialised."""
+  source = {k: np.asarray(v) for k, v in flat_params(teacher_params).items()}
+  target = flat_params(student_def.abstract_params)
+  out, copied, missing, used = {}, {}, [], set()
+  for name, x in target.items():
+    src = _rename(name, layer_ids)
+    if src in source:
+      if tuple(source[src].shape) != tuple(x.shape):
+        raise ValueError(f'student_init=teacher_every_k: {name} has shape {tuple(x.shape)} but '
+                         f'teacher {src} has {tuple(source[src].shape)}')
+      out[name] = np.asarray(source[src], x.dtype)
+      copied[name] = src
+      used.add(src)
+    else:
+      missing.append(name)
+  if missing:  # one jitted init rather than an eager one (op-by-op is slow)
+    fresh = flat_params(jax.jit(lambda: init_lib.nnx_state_pure(student_def.build()))())
+    out.update({k: np.asarray(fresh[k], target[k].dtype) for k in missing})
+  unused = sorted(set(source) - used)
+  report = {'mode': 'teacher_every_k', 'teacher_layers': layer_ids, 'loaded': len(copied),
+            'missing': missing,
+            'unused_teacher_layers': sorted({int(m.group(1)) for m in map(_LAYER.search, unused)
+                                             if m}),
+            'unused': [n for n in unused if not _LAYER.search(n)]}
+  logging.info('student from teacher layers %s; fresh: %s', layer_ids, missing)
+  return init_lib.unflatten_like(student_def.abstract_params, out), report
