@@ -23,17 +23,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0..num_pro
 
 def _maybe_init_distributed():
   """jax.distributed.initialize() when flags or the environment say this is multi-process."""
-  import jax
-  env_coord = os.environ.get('JAXFT_COORDINATOR')
-  coord = _COORDINATOR.value or env_coord
-  nproc = _NUM_PROCESSES.value or int(os.environ.get('JAXFT_NUM_PROCESSES', 0) or 0) or None
-  pid = _PROCESS_ID.value
-  if pid is None and os.environ.get('JAXFT_PROCESS_ID'):
-    pid = int(os.environ['JAXFT_PROCESS_ID'])
-  if coord or nproc:
-    jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('SLURM_NTASKS', '1') != '1':
-    jax.distributed.initialize()  # TPU pod / SLURM: everything comes from the environment
+  from jaxft import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def run_stage(cfg, workdir: str):
@@ -89,6 +80,9 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  if jax.process_count() > 1:
+    from jaxft import distributed
+    distributed.check_run(cfg)  # same config, devices and batch layout on every process
   run_stage(cfg, os.path.abspath(_WORKDIR.value))
 
 
