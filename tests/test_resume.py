@@ -1,0 +1,268 @@
+"""Resume after SIGKILL and preemption (SIGTERM) of a real `python -m jaxft.main` run.
+
+One tiny MLM pretraining config (the quickstart's, made smaller: hidden 32, 1 layer,
+length 64, batch 16, dropout kept on) on a (data, fsdp, tensor) = (1, 2, 2) mesh of 4 CPU
+devices, 60 steps, a checkpoint every 30, a metrics line every step. Three runs start
+together:
+  A  uninterrupted, 60 steps;
+  B  SIGKILLed as soon as `checkpoints/30` exists, then restarted;
+  C  SIGTERMed at step >= 45 (paused with SIGSTOP while the signal is sent, so the step it
+     was sent at is known exactly), which must save that step and exit 0; then restarted.
+B and C must end at step 60 with a train state bit-identical to A's, and log the same
+losses for every step after their resume point (same data position, masks and dropout).
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY, TERM_AT = 60, 30, 45
+DEVICES = 4
+TIMEOUT = 600
+
+
+def _quickstart_layout():
+  """(variant, override prefix, run subdir) for configs/quickstart.py: a pipeline config
+  (pretrain -> finetune) is run as its pretraining part only."""
+  spec = importlib.util.spec_from_file_location('_qs', REPO / 'configs' / 'quickstart.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config('pretrain')
+  if cfg.get('stage') == 'pipeline':
+    return 'pretrain', 'pretrain.', 'pretrain'
+  return '', '', ''
+
+
+VARIANT, PREFIX, SUBDIR = _quickstart_layout()
+OVERRIDES = {
+    'train.num_steps': STEPS, 'checkpoint.every': EVERY, 'checkpoint.async_save': False,
+    'train.eval_every': 0, 'train.log_every': 1, 'data.eval_fraction': 0.0,
+    'export.hf': False, 'train.batch_size': 16, 'data.max_len': 64,
+    'model.hidden_size': 32, 'model.num_layers': 1, 'model.num_heads': 2,
+    'model.intermediate_size': 64, 'model.max_position_embeddings': 64,
+    'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.tensor': 2,
+}
+
+
+def _command(workdir):
+  cfg = str(REPO / 'configs' / 'quickstart.py') + (f':{VARIANT}' if VARIANT else '')
+  return [sys.executable, '-m', 'jaxft.main', f'--config={cfg}', f'--workdir={workdir}'] + [
+      f'--config.{PREFIX}{k}={v}' for k, v in OVERRIDES.items()]
+
+
+def _env():
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
+             JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false', HF_HUB_OFFLINE='1',
+             PYTHONPATH=str(REPO) + os.pathsep + env.get('PYTHONPATH', ''))
+  return env
+
+
+class Run:
+  def __init__(self, workdir: Path, name: str):
+    self.workdir = workdir
+    self.dir = workdir / SUBDIR if SUBDIR else workdir
+    self.name = name
+    self.proc = None
+    self.logs = []
+
+  def start(self):
+    log = self.workdir.parent / f'{self.workdir.name}-{len(self.logs)}.log'
+    self.logs.append(log)
+    self._log_file = open(log, 'w')
+    self.proc = subprocess.Popen(_command(self.workdir), cwd=REPO, env=_env(),
+                                 stdout=self._log_file, stderr=subprocess.STDOUT)
+    return self
+
+  def tail(self, n=40):
+    text = self.logs[-1].read_text(errors='replace') if self.logs else ''
+    return f'--- {self.name} log ({self.logs[-1] if self.logs else None}):\n' + \
+        '\n'.join(text.splitlines()[-n:])
+
+  def check_alive(self):
+    rc = self.proc.poll()
+    assert rc is None, f'{self.name} exited early with {rc}\n{self.tail()}'
+
+  def wait(self, timeout=TIMEOUT):
+    try:
+      rc = self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise AssertionError(f'{self.name} did not finish in {timeout}s\n{self.tail()}')
+    finally:
+      self._log_file.close()
+    return rc
+
+  def records(self):
+    path = self.dir / 'metrics.jsonl'
+    if not path.exists():
+      return []
+    out = []
+    for line in path.read_text().splitlines():
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        pass  # a line being written
+    return [r for r in out if 'train/loss' in r]
+
+  def last_step(self):
+    recs = self.records()
+    return recs[-1]['step'] if recs else 0
+
+  def results(self):
+    return json.loads((self.dir / 'results.json').read_text())
+
+  def ckpt_steps(self):
+    d = self.dir / 'checkpoints'
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _read_state(run: Run, step: int):
+  """{path: array} of the whole train state saved at `step` (params, Adam, rng, step)."""
+  import orbax.checkpoint as ocp
+  path = run.dir / 'checkpoints' / str(step) / 'state'
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, 'item_metadata', meta)
+    tree = getattr(tree, 'tree', tree)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+    state = ckptr.restore(path, abstract)
+  finally:
+    ckptr.close()
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _by_step(records):
+  """Last record of each step (a restart re-logs the steps after its checkpoint)."""
+  return {r['step']: r for r in records}
+
+
+KEYS = ('train/loss', 'train/grad_norm', 'train/lr', 'train/accuracy')
+
+
+def _assert_same_logs(got: dict, ref: dict, steps, who):
+  for s in steps:
+    assert s in got, f'{who}: no metrics line for step {s}'
+    for k in KEYS:
+      if k in ref[s]:
+        assert got[s][k] == ref[s][k], f'{who} step {s} {k}: {got[s][k]!r} != {ref[s][k]!r}'
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('resume')
+  a, b, c = (Run(root / n, n) for n in ('A', 'B', 'C'))
+  for r in (a, b, c):
+    r.start()
+  info = {}
+  try:
+    deadline = time.time() + TIMEOUT
+    killed = termed = False
+    while not (killed and termed):
+      assert time.time() < deadline, 'timed out waiting for B and C\n' + b.tail() + c.tail()
+      if not killed:
+        b.check_alive()
+        if (b.dir / 'checkpoints' / str(EVERY)).is_dir():
+          b.proc.send_signal(signal.SIGKILL)
+          killed = True
+      if not termed:
+        c.check_alive()
+        if c.last_step() >= TERM_AT:
+          c.proc.send_signal(signal.SIGSTOP)  # pin the step the signal arrives at
+          time.sleep(0.2)
+          info['term_step'] = c.last_step()
+          c.proc.send_signal(signal.SIGTERM)
+          c.proc.send_signal(signal.SIGCONT)
+          termed = True
+      time.sleep(0.02)
+    info['b_rc'] = b.wait()
+    info['b_killed_at'] = b.last_step()
+    info['b_ckpts'] = b.ckpt_steps()
+    info['b_lines'] = len(b.records())
+    info['c_rc'] = c.wait()
+    info['c_results'] = c.results()
+    info['c_ckpts'] = c.ckpt_steps()
+    info['c_lines'] = len(c.records())
+    b.start()
+    c.start()
+    info['a_rc'] = a.wait()
+    info['b2_rc'] = b.wait()
+    info['c2_rc'] = c.wait()
+  finally:
+    for r in (a, b, c):
+      if r.proc is not None and r.proc.poll() is None:
+        r.proc.kill()
+  return a, b, c, info
+
+
+@pytest.mark.slow
+def test_uninterrupted_reference(runs):
+  a, _, _, info = runs
+  assert info['a_rc'] == 0, a.tail()
+  res = a.results()
+  assert res['step'] == STEPS and not res['preempted']
+  assert a.ckpt_steps() == [EVERY, STEPS]
+  assert sorted(_by_step(a.records())) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_is_bit_identical(runs):
+  a, b, _, info = runs
+  assert info['b_rc'] == -signal.SIGKILL
+  # killed after its step-30 checkpoint and before the end
+  assert info['b_ckpts'] == [EVERY], info
+  assert EVERY <= info['b_killed_at'] < STEPS, info
+  assert info['b2_rc'] == 0, b.tail()
+  assert b.results()['step'] == STEPS
+  assert b.ckpt_steps() == [EVERY, STEPS]
+  ref, got = _read_state(a, STEPS), _read_state(b, STEPS)
+  assert sorted(got) == sorted(ref)
+  assert any('params' in k for k in ref) and any('opt_state' in k for k in ref)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigkill_restart_continues_the_data_stream(runs):
+  """The restart logs exactly steps 31..60, each equal to the uninterrupted run's: the data
+  iterator position (and the step rng) came back with the checkpoint."""
+  a, b, _, info = runs
+  after = b.records()[info['b_lines']:]
+  assert [r['step'] for r in after] == list(range(EVERY + 1, STEPS + 1))
+  ref = _by_step(a.records())
+  _assert_same_logs(_by_step(after), ref, range(EVERY + 1, STEPS + 1), 'B restart')
+  _assert_same_logs(_by_step(b.records()[:info['b_lines']]), ref, range(1, EVERY + 1), 'B')
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(runs):
+  a, _, c, info = runs
+  assert info['c_rc'] == 0, c.tail()
+  res, term = info['c_results'], info['term_step']
+  stopped = res['step']
+  assert res['preempted'] is True, res
+  assert TERM_AT <= term <= stopped < STEPS, (term, stopped)
+  assert info['c_ckpts'] == [EVERY, stopped], info
+  assert info['c_lines'] == stopped  # nothing ran past the saved step
+  # the restart continues from the preemption checkpoint to the end, bit-identically
+  assert info['c2_rc'] == 0, c.tail()
+  assert c.results()['step'] == STEPS and not c.results()['preempted']
+  after = c.records()[info['c_lines']:]
+  assert [r['step'] for r in after] == list(range(stopped + 1, STEPS + 1))
+  _assert_same_logs(_by_step(after), _by_step(a.records()), range(stopped + 1, STEPS + 1),
+                    'C restart')
+  ref, got = _read_state(a, STEPS), _read_state(c, STEPS)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
