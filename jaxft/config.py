@@ -13,6 +13,11 @@ import ml_collections
 
 from jaxft.models.config import ModelConfig
 
+
+class ConfigError(ValueError):
+  """A config that cannot run: names the key and what is allowed (raised before any compile)."""
+
+
 STAGES = ('pipeline', 'model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
           'distill')
 
@@ -96,51 +101,125 @@ def closest(key: str, options) -> str:
   return f' (did you mean {m[0]!r}?)' if m else ''
 
 
+# Sections of base_config() whose keys are all known: anything else there is a typo.
+_CHECKED_SECTIONS = ('model', 'mesh', 'optimizer', 'train', 'checkpoint', 'export')
+
+
+def _type_name(v) -> str:
+  return {bool: 'a bool', int: 'an int', float: 'a number', str: 'a string',
+          tuple: 'a tuple'}.get(type(v), type(v).__name__)
+
+
+def check_keys_and_types(cfg, ref=None, prefix: str = '') -> None:
+  """Unknown keys (with the closest known one) and wrong value types in the shared sections,
+  against base_config(): a config file can add keys that --config overrides never could."""
+  if ref is None:
+    base = base_config()
+    for name in _CHECKED_SECTIONS:
+      if name in cfg and isinstance(cfg[name], ml_collections.ConfigDict):
+        check_keys_and_types(cfg[name], base[name], f'{prefix}{name}.')
+    for key in ('seed', 'init_from'):
+      if key in cfg:
+        _check_type(cfg[key], base[key], f'{prefix}{key}')
+    return
+  for key in cfg.keys():
+    if key not in ref:
+      raise ConfigError(f'unknown config key {prefix}{key}{closest(key, ref.keys())}; keys of '
+                        f'{prefix[:-1]}: {sorted(ref.keys())}')
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f'{prefix}{key} must be a section with keys {sorted(ref[key].keys())}, '
+                          f'got {cfg[key]!r}')
+      check_keys_and_types(cfg[key], ref[key], f'{prefix}{key}.')
+    else:
+      _check_type(cfg[key], ref[key], f'{prefix}{key}')
+
+
+def _check_type(value, default, key: str) -> None:
+  if default is None or value is None and isinstance(default, str):
+    return
+  ok = {bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, (tuple, list))}.get(type(default))
+  if ok is not None and not ok(value):
+    raise ConfigError(f'{key}={value!r} has the wrong type: it must be {_type_name(default)} '
+                      f'(like the default {default!r})')
+
+
 def validate(cfg) -> None:
   """Checks that need no devices and no data: stage, model shapes, schedule, policies."""
+  try:
+    _validate(cfg)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, ArithmeticError) as e:  # from ModelConfig and friends: same one-line report
+    raise ConfigError(str(e)) from e
+
+
+def _validate(cfg) -> None:
+  if 'stage' not in cfg:
+    raise ConfigError(f'the config has no `stage`; stages: {STAGES}')
   if cfg.stage not in STAGES:
-    raise ValueError(f'stage={cfg.stage!r} does not exist{closest(cfg.stage, STAGES)}; '
-                     f'stages: {STAGES}')
+    raise ConfigError(f'stage={cfg.stage!r} does not exist{closest(cfg.stage, STAGES)}; '
+                      f'stages: {STAGES}')
   if cfg.stage == 'pipeline':
     for name in cfg.pipeline:
       if name not in cfg:
-        raise ValueError(f'pipeline step {name!r} has no config section config.{name}')
-      validate(cfg[name])
+        raise ConfigError(f'pipeline step {name!r} has no config section config.{name}'
+                          f'{closest(name, cfg.keys())}')
+      try:
+        validate(cfg[name])
+      except ConfigError as e:
+        raise ConfigError(f'config.{name}: {e}') from e
     return
+  check_keys_and_types(cfg)
   m = cfg.model
   if m.hidden_size % m.num_heads:
-    raise ValueError(f'model.hidden_size={m.hidden_size} is not divisible by '
-                     f'model.num_heads={m.num_heads}')
+    raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by '
+                      f'model.num_heads={m.num_heads}')
   max_len = cfg.get('data', {}).get('max_len', None) if 'data' in cfg else None
   if max_len and max_len > m.max_position_embeddings:
-    raise ValueError(f'data.max_len={max_len} exceeds model.max_position_embeddings='
-                     f'{m.max_position_embeddings}')
+    raise ConfigError(f'data.max_len={max_len} exceeds model.max_position_embeddings='
+                      f'{m.max_position_embeddings}')
   if cfg.train.batch_size <= 0 or cfg.train.num_steps < 0:
-    raise ValueError('train.batch_size must be > 0 and train.num_steps >= 0')
+    raise ConfigError('train.batch_size must be > 0 and train.num_steps >= 0')
   if cfg.train.grad_accum < 1:
-    raise ValueError(f'train.grad_accum={cfg.train.grad_accum} must be >= 1')
+    raise ConfigError(f'train.grad_accum={cfg.train.grad_accum} must be >= 1')
   if cfg.train.batch_size % cfg.train.grad_accum:
-    raise ValueError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
-                     f'train.grad_accum={cfg.train.grad_accum}')
+    raise ConfigError(f'train.batch_size={cfg.train.batch_size} is not divisible by '
+                      f'train.grad_accum={cfg.train.grad_accum}')
   if cfg.train.nonfinite not in ('skip', 'halt', 'rollback'):
-    raise ValueError(f"train.nonfinite={cfg.train.nonfinite!r}; allowed: 'skip', 'halt', "
-                     "'rollback'")
+    raise ConfigError(f"train.nonfinite={cfg.train.nonfinite!r}; allowed: 'skip', 'halt', "
+                      "'rollback'")
   if cfg.train.early_stopping.mode not in ('max', 'min'):
-    raise ValueError(f"train.early_stopping.mode={cfg.train.early_stopping.mode!r}; allowed: "
-                     "'max', 'min'")
+    raise ConfigError(f"train.early_stopping.mode={cfg.train.early_stopping.mode!r}; allowed: "
+                      "'max', 'min'")
   from jaxft.train.optimizer import SCHEDULES
   if cfg.optimizer.schedule not in SCHEDULES:
-    raise ValueError(f'optimizer.schedule={cfg.optimizer.schedule!r}; allowed: {SCHEDULES}')
+    raise ConfigError(f'optimizer.schedule={cfg.optimizer.schedule!r}; allowed: {SCHEDULES}')
   for axis in ('data', 'fsdp', 'tensor'):
     v = cfg.mesh.get(axis, 1)
     if not isinstance(v, int) or (v < 1 and v != -1):
-      raise ValueError(f'mesh.{axis}={v!r}: a positive int, or -1 for the remaining devices')
+      raise ConfigError(f'mesh.{axis}={v!r}: a positive int, or -1 for the remaining devices')
   ModelConfig.from_config_dict(dict(m.to_dict(), vocab_size=m.vocab_size or 1))
 
 
 def check_mesh(cfg, num_devices: int) -> None:
+  """Mesh axes against the device count, global batch against the data-parallel size."""
   from jaxft import partitioning
-  dims = partitioning.mesh_shape(cfg.mesh, num_devices)
+  if cfg.get('stage') == 'pipeline':
+    for name in cfg.pipeline:
+      try:
+        check_mesh(cfg[name], num_devices)
+      except ConfigError as e:
+        raise ConfigError(f'config.{name}: {e}') from e
+    return
+  try:
+    dims = partitioning.mesh_shape(cfg.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   rules = partitioning.rules_from_config(cfg.mesh.get('rules', None))
   spec = partitioning.logical_to_mesh(('batch',), rules)[0]
   axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
@@ -148,9 +227,9 @@ def check_mesh(cfg, num_devices: int) -> None:
   for a in axes:
     dp *= dims[partitioning.MESH_AXES.index(a)]
   if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-    raise ValueError(f'train.batch_size={cfg.train.batch_size} is not divisible by the '
-                     f'data-parallel size {dp} (mesh.data*mesh.fsdp) x train.grad_accum='
-                     f'{cfg.train.grad_accum}')
+    raise ConfigError(f'train.batch_size={cfg.train.batch_size} is not divisible by the '
+                      f'data-parallel size {dp} (mesh.data*mesh.fsdp) x train.grad_accum='
+                      f'{cfg.train.grad_accum}')
 
 
 def save_config(cfg, workdir: str) -> None:

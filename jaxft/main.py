@@ -83,11 +83,71 @@ def main(argv):
   if jax.process_count() > 1:
     from jaxft import distributed
     distributed.check_run(cfg)  # same config, devices and batch layout on every process
-  run_stage(cfg, os.path.abspath(_WORKDIR.value))
+  try:
+    run_stage(cfg, os.path.abspath(_WORKDIR.value))
+  except Exception as e:  # noqa: BLE001
+    code = _user_error(e)
+    if code is None:
+      raise
+    print(f'{"config error" if code == 2 else "error"}: {e}', file=sys.stderr)
+    sys.exit(code)
+
+
+def _config_error(msg: str):
+  print(f'config error: {msg}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with --config problems reported as one line (no traceback)."""
+  import re
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e)
+    m = re.search(r'(--config\.\S+?): (invalid literal for (int|float)\(\)|could not convert '
+                  r'string to (float))', msg)
+    if m:
+      kind = 'an int' if (m.group(3) or m.group(4)) == 'int' else 'a number'
+      _config_error(f'{m.group(1)}: must be {kind} ({msg.split(": ", 1)[-1]})')
+    m = re.search(r'(--config\.\S+?): .*Non-boolean argument', msg)
+    if m:
+      _config_error(f'{m.group(1)}: must be a bool (True or False)')
+    if '--config' in msg:
+      _config_error(msg.removeprefix('flag '))
+    print(f'FATAL Flags parsing error: {msg}\nPass --helpshort or --helpfull to see help on '
+          'flags.', file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no such key
+    text = str(e).encode().decode('unicode_escape')
+    key = re.search(r"'([^'\\]+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    key = key.group(1) if key else text.splitlines()[0]
+    arg = next((a for a in argv if a.startswith('--config.') and
+                key in re.split(r'[.=]', a.split('=', 1)[0])), None)
+    where = f' in {arg}' if arg else ''
+    _config_error(f'unknown key {key!r}{where}' +
+                  (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+  except (ValueError, TypeError) as e:  # the config file refused its variant / values
+    _config_error(f'{type(e).__name__}: {e}')
+
+
+_USER_ERRORS = {'jaxft.config': ('ConfigError',), 'jaxft.workdir': ('WorkdirError',),
+                'jaxft.checkpointing': ('NoIntactCheckpoint', 'CheckpointWriteError')}
+
+
+def _user_error(e: BaseException) -> int | None:
+  """Exit code for errors that are the user's to fix (reported in one line), else None."""
+  for module, names in _USER_ERRORS.items():
+    mod = sys.modules.get(module)
+    kinds = tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+    if kinds and isinstance(e, kinds):
+      return 2 if module == 'jaxft.config' else 1
+  return None
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':
