@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = 'pretrain_mlm'
   c.seed = 0
   c.init_from = ''  # a jaxft workdir or a Hugging Face checkpoint directory
+  c.overwrite = False  # reuse a workdir that holds a different run (its files are moved aside)
 
   c.model = ml_collections.ConfigDict(dict(
       type='bert', vocab_size=0,  # 0: take the tokenizer's size
@@ -118,7 +119,7 @@ def check_keys_and_types(cfg, ref=None, prefix: str = '') -> None:
     for name in _CHECKED_SECTIONS:
       if name in cfg and isinstance(cfg[name], ml_collections.ConfigDict):
         check_keys_and_types(cfg[name], base[name], f'{prefix}{name}.')
-    for key in ('seed', 'init_from'):
+    for key in ('seed', 'init_from', 'overwrite'):
       if key in cfg:
         _check_type(cfg[key], base[key], f'{prefix}{key}')
     return

@@ -32,9 +32,20 @@ def run_stage(cfg, workdir: str):
   from jaxft import config as config_lib
   config_lib.validate(cfg)
   import jax
+  from jaxft import workdir as workdir_lib
   config_lib.check_mesh(cfg, jax.device_count())
-  if jax.process_index() == 0:
-    config_lib.save_config(cfg, workdir)
+  # Before anything is written: one run per workdir (lock), never a different run's files.
+  lock, write_config = workdir_lib.guard(cfg, workdir)
+  try:
+    if write_config and jax.process_index() == 0:
+      config_lib.save_config(cfg, workdir)
+    return _run(cfg, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(cfg, workdir: str):
   stage = cfg.stage
   if stage == 'model_info':
     from jaxft.train import info
