@@ -1,0 +1,177 @@
+"""Stage `predict`: predictions.jsonl round-trips through the label map.
+
+The fine-tuned workdirs come from tests/test_finetune.py's cached helpers (one tiny SST-2
+and one tiny CoNLL fine-tune per session). Expected outputs are computed independently:
+the tokenizer called directly, the fine-tune's in-memory best params run through the
+model, softmax/argmax and first-sub-token tags by hand, entities by seqeval.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from seqeval.metrics import f1_score
+from seqeval.metrics.sequence_labeling import get_entities
+
+from jaxft.data.tasks import GLUE_TASKS
+from jaxft.data.tokenizer import load_tokenizer
+from jaxft.main import run_stage
+from jaxft.models import ModelConfig, build_model
+from jaxft.train.state import ModelDef
+
+from test_finetune import (CONLL_TINY, SST2, load_config_module, ner_workdir, read_tsv,
+                           sst2_workdir)
+
+
+def predict(init_from: str, spec: str, out_dir: Path) -> tuple[dict, list[dict]]:
+  c = load_config_module('predict').get_config()
+  c.init_from = init_from
+  c.predict.input = spec
+  r = run_stage(c, str(out_dir))
+  with open(r['output']) as f:
+    return r, [json.loads(line) for line in f]
+
+
+def direct_logits(workdir: str, params, head: str, enc: dict) -> np.ndarray:
+  labels = json.load(open(os.path.join(workdir, 'labels.json')))
+  mcfg = ModelConfig.from_config_dict(labels['model'])
+  md = ModelDef.create(lambda: build_model(mcfg, head, num_labels=len(labels['label_names'])))
+  f = jax.jit(lambda p, ids, mask, tt: md.merge(p)(ids, mask, tt)['logits'])
+  return np.asarray(f(jax.device_get(params), enc['input_ids'], enc['attention_mask'],
+                      enc.get('token_type_ids')), np.float64)
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def read_conll(path: Path):
+  sents, cur = [], []
+  for line in path.read_text(encoding='utf-8').splitlines():
+    parts = line.split()
+    if not parts or parts[0] == '-DOCSTART-':
+      if cur:
+        sents.append(cur)
+      cur = []
+      continue
+    cur.append((parts[0], parts[-1]))
+  if cur:
+    sents.append(cur)
+  return [[w for w, _ in s] for s in sents], [[t for _, t in s] for s in sents]
+
+
+# --------------------------------------------------------------------- classification
+
+def test_cls_dev_predictions_match_direct_logits_and_gold(tmp_path):
+  wd, fine = sst2_workdir()
+  r, recs = predict(wd, 'dev', tmp_path / 'p')
+  rows = read_tsv(SST2 / 'dev.tsv')
+  names = list(GLUE_TASKS['sst2'].label_names)  # ['negative', 'positive'] for '0', '1'
+  assert r['n'] == len(recs) == len(rows) == 872
+  tok = load_tokenizer(os.path.join(wd, 'tokenizer'))
+  enc = tok([t for t, _ in rows], truncation=True, max_length=64, padding='max_length',
+            return_tensors='np')
+  probs = softmax(direct_logits(wd, fine['state']['params'], 'cls', enc))
+  got = np.array([[rec['probs'][n] for n in names] for rec in recs])
+  np.testing.assert_allclose(got, probs, atol=2e-5)
+  margin = np.abs(probs[:, 1] - probs[:, 0])
+  for i, (rec, (text, y)) in enumerate(zip(recs, rows)):
+    assert rec['source'].endswith(f'dev.tsv:{i + 2}')  # header is line 1
+    assert rec['gold'] == names[int(y)]
+    if margin[i] > 1e-4:
+      assert rec['label'] == names[int(np.argmax(probs[i]))], (i, rec)
+    assert rec['label'] == max(rec['probs'], key=rec['probs'].get)
+  acc = np.mean([rec['label'] == rec['gold'] for rec in recs])
+  assert r['accuracy'] == pytest.approx(acc)
+  # predict loads the best checkpoint: its accuracy is the fine-tune's best dev accuracy
+  assert r['accuracy'] == pytest.approx(fine['best']['value'], abs=1.5 / 872)
+
+
+def test_cls_txt_input_keeps_text_and_line(tmp_path):
+  wd, fine = sst2_workdir()
+  lines = ['a gorgeous , witty , seductive movie .', '', 'the plot is nothing but boilerplate .',
+           'an utterly incompetent conclusion']
+  (tmp_path / 'in.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  r, recs = predict(wd, str(tmp_path / 'in.txt'), tmp_path / 'p')
+  texts = [t for t in lines if t]
+  assert r['n'] == 3 and 'accuracy' not in r
+  assert [rec['text'] for rec in recs] == texts
+  assert [rec['source'].rsplit(':', 1)[1] for rec in recs] == ['1', '3', '4']
+  tok = load_tokenizer(os.path.join(wd, 'tokenizer'))
+  enc = tok(texts, truncation=True, max_length=64, padding='max_length', return_tensors='np')
+  probs = softmax(direct_logits(wd, fine['state']['params'], 'cls', enc))
+  for rec, p in zip(recs, probs):
+    assert 'gold' not in rec
+    assert rec['probs'] == pytest.approx({'negative': p[0], 'positive': p[1]}, abs=2e-5)
+    assert rec['label'] == ('positive' if p[1] > p[0] else 'negative')
+
+
+# -------------------------------------------------------------------------------- NER
+
+def _first_subtoken_tags(tok, words, logits, names):
+  enc = tok(words, is_split_into_words=True, truncation=True, max_length=64)
+  out = []
+  for i, ws in enumerate(words):
+    tags, seen = ['O'] * len(ws), set()
+    for j, w in enumerate(enc.word_ids(i)):
+      if w is not None and w not in seen:
+        seen.add(w)
+        tags[w] = names[int(np.argmax(logits[i, j]))]
+    out.append(tags)
+  return out
+
+
+def test_ner_txt_tags_and_entities(tmp_path):
+  wd, fine = ner_workdir()
+  words, _ = read_conll(CONLL_TINY)
+  words = words[:3] + [['Peter', 'Blackburn', 'visited', 'the', 'European', 'Commission']]
+  (tmp_path / 'in.txt').write_text('\n'.join(' '.join(w) for w in words) + '\n',
+                                   encoding='utf-8')
+  r, recs = predict(wd, str(tmp_path / 'in.txt'), tmp_path / 'p')
+  names = json.load(open(os.path.join(wd, 'labels.json')))['label_names']
+  tok = load_tokenizer(os.path.join(wd, 'tokenizer'))
+  enc = tok(words, is_split_into_words=True, truncation=True, max_length=64,
+            padding='max_length', return_tensors='np')
+  logits = direct_logits(wd, fine['state']['params'], 'token_cls', enc)
+  want = _first_subtoken_tags(tok, words, logits, names)
+  assert r['n'] == len(recs) == len(words)
+  for rec, ws, tags in zip(recs, words, want):
+    assert rec['tokens'] == ws and rec['tags'] == tags
+    assert 'gold' not in rec
+    spans = [(e['type'], e['start'], e['end'] - 1) for e in rec['entities']]
+    assert spans == [tuple(x) for x in get_entities(tags)]
+    for e in rec['entities']:
+      assert e['text'] == ' '.join(ws[e['start']:e['end']])
+
+
+def test_ner_dev_gold_and_f1_match_the_finetune_eval(tmp_path):
+  wd, fine = ner_workdir()
+  r, recs = predict(wd, 'dev', tmp_path / 'p')
+  words, tags = read_conll(CONLL_TINY)
+  assert [rec['tokens'] for rec in recs] == words
+  assert [rec['gold'] for rec in recs] == tags
+  f1 = f1_score(tags, [rec['tags'] for rec in recs])
+  assert f1 == pytest.approx(fine['best']['value'], abs=1e-9)
+
+
+def test_split_input_ignores_train_class_balance(tmp_path):
+  """A run trained with data.class_balance='resample' predicts every row once, in file
+  order, each under its own source (no compile: the input side of predict only)."""
+  from jaxft.train import predict as predict_lib
+  rows = [('good', '1'), ('great', '1'), ('fine', '1'), ('nice', '1'), ('bad', '0')]
+  (tmp_path / 'train.tsv').write_text(
+      'sentence\tlabel\n' + ''.join(f'{t}\t{y}\n' for t, y in rows), encoding='utf-8')
+  tok = load_tokenizer(Path(__file__).resolve().parents[1] / 'data/tokenizers/bert-base-uncased')
+  labels = {'label_values': ['0', '1'], 'label_names': ['negative', 'positive'],
+            'is_regression': False}
+  data_cfg = dict(task='sst2', path=str(tmp_path), max_len=16, class_balance='resample')
+  arrays, ex = predict_lib.load_inputs('train', 'cls', data_cfg, tok, labels)
+  assert arrays['labels'].tolist() == [int(y) for _, y in rows]
+  assert [s.rsplit(':', 1)[1] for s in ex['sources']] == ['2', '3', '4', '5', '6']
+  ids = tok([t for t, _ in rows], max_length=16, padding='max_length')['input_ids']
+  assert arrays['input_ids'].tolist() == ids
