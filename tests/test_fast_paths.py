@@ -1,0 +1,131 @@
+"""The fast training paths used by bench/train_throughput.py give the reference losses.
+
+- masked-position MLM head (`mlm.max_predictions` >= the number of selected tokens):
+  the same loss (and gradients) as the full-vocab head at every position, in fp32;
+- bf16 compute (`model.dtype='bfloat16'`, fp32 params): the fp32 loss within bf16
+  tolerance, also through the real jitted train step.
+Tiny BERT, fp32 parameters shared by every variant.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxft import partitioning
+from jaxft.config import base_config, mlm_config
+from jaxft.models import ModelConfig, build_model
+from jaxft.train.optimizer import make_optimizer
+from jaxft.train.pretrain import mlm_task
+from jaxft.train.state import ModelDef, create_train_state
+from jaxft.train.step import global_batch, make_train_step
+
+VOCAB, CLS, SEP, PAD, MASK = 256, 2, 3, 0, 4
+B, L = 8, 48
+MAX_PRED = math.ceil(0.15 * L)  # >= floor(0.15 * n + u) for every row: nothing truncated
+CFG = ModelConfig(model_type='bert', vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+
+
+class _Tok:
+  mask_token_id = MASK
+
+  def __len__(self):
+    return VOCAB
+
+
+def _task(max_pred):
+  mlm = mlm_config()
+  mlm.max_predictions = max_pred
+  return mlm_task(CFG, _Tok(), mlm)
+
+
+def _batch():
+  """Rows of different lengths (right padding) so padding is exercised too."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, VOCAB, (B, L)).astype(np.int32)
+  n = np.array([L, L, L, 40, 33, 20, 12, L])
+  attn = (np.arange(L)[None] < n[:, None]).astype(np.int32)
+  ids[:, 0] = CLS
+  ids[np.arange(B), n - 1] = SEP
+  ids = np.where(attn > 0, ids, PAD).astype(np.int32)
+  special = ((ids == CLS) | (ids == SEP) | (attn == 0)).astype(np.int32)
+  return {'input_ids': ids, 'attention_mask': attn, 'special_tokens_mask': special}
+
+
+@pytest.fixture(scope='module')
+def params():
+  """fp32 params of a fresh model, perturbed so LayerNorm scales/biases are not 1/0."""
+  def init():  # one jit: eager init would compile op by op
+    p = nnx.to_pure_dict(nnx.state(build_model(CFG, 'mlm', seed=0), nnx.Param))
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+  return jax.jit(init)()
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(cfg, max_pred, deterministic):
+  """jitted (params, batch, rng) -> (loss, weight, grads) through mlm_task.prepare/loss."""
+  model_def = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
+  task = _task(max_pred)
+
+  def f(params, batch, rng):
+    prepared = task.prepare(batch, jax.random.fold_in(rng, 1))
+
+    def loss(p):
+      loss_sum, sums = task.loss(model_def.merge(p), prepared, jax.random.fold_in(rng, 2),
+                                 deterministic)
+      return loss_sum / sums['weight'], sums['weight']
+
+    (l, w), g = jax.value_and_grad(loss, has_aux=True)(params)
+    return l, w, g
+
+  return jax.jit(f)
+
+
+@pytest.mark.parametrize('deterministic', [True, False], ids=['no_dropout', 'dropout'])
+def test_masked_positions_equal_full_vocab_loss_fp32(params, deterministic):
+  batch, rng = _batch(), jax.random.key(7)
+  full = _loss_fn(CFG, 0, deterministic)(params, batch, rng)
+  gathered = _loss_fn(CFG, MAX_PRED, deterministic)(params, batch, rng)
+  assert float(full[1]) == float(gathered[1]) > 0  # same tokens scored: nothing truncated
+  np.testing.assert_allclose(float(gathered[0]), float(full[0]), rtol=1e-6, atol=0)
+  # Relative to the largest gradient entry: some (key biases) are zero up to rounding.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(full[2]))
+  for a, b in zip(jax.tree.leaves(gathered[2]), jax.tree.leaves(full[2])):
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5)
+
+
+@pytest.mark.parametrize('max_pred', [0, MAX_PRED], ids=['full_vocab', 'masked_positions'])
+def test_bf16_compute_matches_fp32_loss(params, max_pred):
+  batch, rng = _batch(), jax.random.key(3)
+  ref = _loss_fn(CFG, max_pred, True)(params, batch, rng)
+  bf16 = _loss_fn(CFG.replace(dtype=jnp.bfloat16), max_pred, True)(params, batch, rng)
+  assert float(bf16[1]) == float(ref[1])
+  np.testing.assert_allclose(float(bf16[0]), float(ref[0]), rtol=2e-2)
+  assert jax.tree.leaves(bf16[2])[0].dtype == jnp.float32  # fp32 master params / grads
+
+
+def test_fast_train_step_matches_fp32_train_step(params):
+  """The bench's modes through make_train_step: fp32 full head vs bf16 + masked positions."""
+  base = base_config()
+  mesh = partitioning.make_mesh(base.mesh)
+  rules = partitioning.rules_from_config(())
+  out = {}
+  for name, cfg, max_pred in (('fp32', CFG, 0), ('fast', CFG.replace(dtype='bfloat16'), MAX_PRED)):
+    model_def = ModelDef.create(lambda cfg=cfg: build_model(cfg, 'mlm', seed=0))
+    tx, _ = make_optimizer(base.optimizer, 100, model_def.abstract_params)
+    state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0,
+                                          params=jax.device_get(params))  # the step donates
+    step = make_train_step(model_def, _task(max_pred), tx, shardings, mesh, rules)
+    _, metrics = step(state, global_batch(_batch(), mesh, rules))
+    out[name] = jax.device_get(metrics)
+  assert out['fast']['weight'] == out['fp32']['weight'] > 0
+  np.testing.assert_allclose(out['fast']['loss'], out['fp32']['loss'], rtol=2e-2)
+  np.testing.assert_allclose(out['fast']['grad_norm'], out['fp32']['grad_norm'], rtol=5e-2)
