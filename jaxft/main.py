@@ -37,6 +37,8 @@ def run_stage(cfg, workdir: str):
   # Before anything is written: one run per workdir (lock), never a different run's files.
   lock, write_config = workdir_lib.guard(cfg, workdir)
   try:
+    if cfg.stage == 'pipeline':
+      return run_pipeline(cfg, workdir)
     if write_config and jax.process_index() == 0:
       config_lib.save_config(cfg, workdir)
     return _run(cfg, workdir)
@@ -76,6 +78,21 @@ def quiet_library_logs():
   import logging as py_logging
   logging.get_absl_handler().addFilter(_QuietLibraries())
   py_logging.getLogger('absl').addFilter(_QuietLibraries())
+
+
+def run_pipeline(cfg, workdir: str):
+  """Run the sections named in cfg.pipeline in order, each in workdir/<name>; a step with an
+  empty init_from starts from the previous step's workdir (pretrain -> fine-tune)."""
+  results, previous = {}, None
+  for name in cfg.pipeline:
+    sub = cfg[name]
+    if previous is not None and 'init_from' in sub and not sub.init_from:
+      sub.init_from = previous
+    sub_dir = os.path.join(workdir, name)
+    logging.info('pipeline step %r (stage %s) in %s', name, sub.stage, sub_dir)
+    results[name] = run_stage(sub, sub_dir)
+    previous = sub_dir
+  return results
 
 
 def main(argv):
