@@ -137,7 +137,7 @@ def check_keys_and_types(cfg, ref=None, prefix: str = '') -> None:
 
 
 def _check_type(value, default, key: str) -> None:
-  if default is None or value is None and isinstance(default, str):
+  if default is None or value is None:  # None: unset, the reader's default applies
     return
   ok = {bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
