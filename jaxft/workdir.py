@@ -11,8 +11,9 @@
     (kept, not deleted). A matching config resumes as usual (overwrite changes nothing).
   * a stage that only reads the workdir (init_from=workdir, or `predict` without init_from)
     is allowed and must not replace its config.json: `guard` returns write_config=False.
-Only process 0 checks and locks; with several processes its verdict is broadcast so that
-every process stops together instead of hanging in the first collective.
+Only process 0 checks and locks; with several processes its verdict is shared (through the
+coordination service) so that every process stops together instead of hanging in the first
+collective.
 """
 from __future__ import annotations
 
@@ -178,13 +179,12 @@ def guard(cfg, workdir: str) -> tuple[WorkdirLock | None, bool]:
         lock.release()
         lock = None
       error = str(e)
-  if jax.process_count() > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.broadcast_one_to_all(np.array([int(bool(error)), int(write)]))
-    if int(flags[0]) and not error:
-      error = f'process 0 refused the workdir {workdir} (see its log)'
-    write = bool(int(flags[1]))
+  if jax.process_count() > 1:  # through the coordination service: no device collective
+    from jaxft import distributed
+    verdict = distributed.allgather_json({'error': error, 'write': write})[0]
+    if verdict['error'] and not error:
+      error = f'process 0 refused the workdir {workdir}: {verdict["error"]}'
+    write = bool(verdict['write'])
   if error:
     raise WorkdirError(error)
   return lock, write
