@@ -91,6 +91,11 @@ def run_pipeline(cfg, workdir: str):
     sub_dir = os.path.join(workdir, name)
     logging.info('pipeline step %r (stage %s) in %s', name, sub.stage, sub_dir)
     results[name] = run_stage(sub, sub_dir)
+    if isinstance(results[name], dict) and results[name].get('preempted'):
+      # Stop here: a rerun resumes this step; the next must not start from an unfinished one.
+      logging.warning('pipeline step %r was preempted; not starting %s', name,
+                      list(cfg.pipeline)[list(cfg.pipeline).index(name) + 1:])
+      break
     previous = sub_dir
   return results
 
