@@ -266,3 +266,31 @@ def test_sigterm_saves_the_current_step_and_exits_zero(runs):
   ref, got = _read_state(a, STEPS), _read_state(c, STEPS)
   for k in ref:
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_pipeline_stops_after_a_preempted_stage(tmp_path, monkeypatch):
+  """SIGTERM during the quickstart's pretraining saves and returns preempted: the pipeline
+  must stop there, not fine-tune from the unfinished pretraining (a rerun resumes it)."""
+  from jaxft import main as main_lib
+  spec = importlib.util.spec_from_file_location('_qs2', REPO / 'configs' / 'quickstart.py')
+  qs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qs)
+  cfg = qs.get_config('smoke')
+  if cfg.get('stage') != 'pipeline' or len(cfg.pipeline) < 2:
+    pytest.skip('the quickstart is not a multi-step pipeline')
+  calls = []
+
+  def fake_run(c, workdir):
+    calls.append(c.stage)
+    return {'stage': c.stage, 'step': 7, 'preempted': len(calls) == 1}
+
+  monkeypatch.setattr(main_lib, '_run', fake_run)
+  main_lib.run_stage(cfg, str(tmp_path))
+  assert calls == [cfg[cfg.pipeline[0]].stage]
+  # not preempted: every step runs, each from the previous one's workdir
+  calls.clear()
+  monkeypatch.setattr(main_lib, '_run', lambda c, w: calls.append((c.stage, c.init_from)) or {
+      'stage': c.stage, 'preempted': False})
+  main_lib.run_stage(qs.get_config('smoke'), str(tmp_path / 'again'))
+  assert [s for s, _ in calls] == [cfg[n].stage for n in cfg.pipeline]
+  assert calls[1][1] == str(tmp_path / 'again' / cfg.pipeline[0])
