@@ -134,6 +134,13 @@ class BertForMaskedLM(nnx.Module):
     return out
 
 
+def classifier_head(cfg: ModelConfig, num_labels: int, rngs: nnx.Rngs) -> Dense:
+  """The task projection hidden -> labels shared by the sequence and token heads."""
+  return Dense((cfg.hidden_size,), (num_labels,), ('embed', 'classes'),
+               init_std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+               rngs=rngs)
+
+
 class BertForSequenceClassification(nnx.Module):
   """Encoder + pooler ([CLS] dense-tanh) + dropout + classifier."""
 
@@ -141,9 +148,7 @@ class BertForSequenceClassification(nnx.Module):
     self.cfg = cfg
     self.bert = BertModel(cfg, add_pooler=True, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.classifier_dropout)
-    self.classifier = Dense((cfg.hidden_size,), (num_labels,), ('embed', 'classes'),
-                            init_std=cfg.initializer_range, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, rngs=rngs)
+    self.classifier = classifier_head(cfg, num_labels, rngs)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
                rngs=None, **kw):
@@ -159,9 +164,7 @@ class BertForTokenClassification(nnx.Module):
     self.cfg = cfg
     self.bert = BertModel(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.classifier_dropout)
-    self.classifier = Dense((cfg.hidden_size,), (num_labels,), ('embed', 'classes'),
-                            init_std=cfg.initializer_range, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, rngs=rngs)
+    self.classifier = classifier_head(cfg, num_labels, rngs)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
                rngs=None, **kw):

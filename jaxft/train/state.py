@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxft import partitioning
 
@@ -120,6 +120,3 @@ def state_bytes_per_device(tree) -> int:
       per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
   return max(per.values()) if per else 0
 
-
-def named(mesh: Mesh, spec) -> NamedSharding:
-  return NamedSharding(mesh, spec)

@@ -13,7 +13,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
 
 from jaxft import partitioning
 
@@ -154,10 +153,5 @@ def make_eval_step(model_def, task: Task, mesh, rules, param_shardings):
 
 def global_batch(local: Batch, mesh, rules) -> Batch:
   """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
-  out = {}
-  for k, v in local.items():
-    sh = NamedSharding(mesh, partitioning.logical_to_mesh(('batch',) + (None,) * (v.ndim - 1),
-                                                          rules))
-    out[k] = jax.make_array_from_process_local_data(sh, v)
-  return out
-
+  return {k: jax.make_array_from_process_local_data(
+      partitioning.batch_sharding(mesh, v.ndim, rules), v) for k, v in local.items()}
