@@ -318,7 +318,7 @@ def main(argv=None):
         recipe['lr'] = args.lr
       if args.batch:
         recipe['batch'] = args.batch
-      files = task_files(task, args.shared, args.max_eval, tmp)
+      files = task_files(task, os.path.abspath(args.shared), args.max_eval, tmp)
       t = time.perf_counter()
       train, dev, info = load_arrays(task, model_dir, files, recipe)
       read_s = time.perf_counter() - t

@@ -181,7 +181,8 @@ def _validate(cfg) -> None:
     raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by '
                       f'model.num_heads={m.num_heads}')
   max_len = cfg.get('data', {}).get('max_len', None) if 'data' in cfg else None
-  if max_len and max_len > m.max_position_embeddings:
+  # with init_from the model shape comes from that checkpoint; the stage checks it there
+  if max_len and not cfg.get('init_from', '') and max_len > m.max_position_embeddings:
     raise ConfigError(f'data.max_len={max_len} exceeds model.max_position_embeddings='
                       f'{m.max_position_embeddings}')
   if cfg.train.batch_size <= 0 or cfg.train.num_steps < 0:

@@ -82,6 +82,7 @@ def test_cls_dev_predictions_match_direct_logits_and_gold(tmp_path):
   margin = np.abs(probs[:, 1] - probs[:, 0])
   for i, (rec, (text, y)) in enumerate(zip(recs, rows)):
     assert rec['source'].endswith(f'dev.tsv:{i + 2}')  # header is line 1
+    assert rec['text'] == text.strip()  # the reader strips cell whitespace
     assert rec['gold'] == names[int(y)]
     if margin[i] > 1e-4:
       assert rec['label'] == names[int(np.argmax(probs[i]))], (i, rec)

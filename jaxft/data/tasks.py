@@ -454,6 +454,23 @@ def _check_truncation(truncation: str):
                      f"got {truncation!r}")
 
 
+def _too_long(lengths, max_len: int, truncation: str, sources, length_text: str):
+  """(indices longer than max_len, keep mask) under data.truncation; 'error' raises naming
+  the first offending row. The caller re-tokenizes the indices when truncating."""
+  too_long = [i for i, n_tok in enumerate(lengths) if n_tok > max_len]
+  keep = np.ones(len(lengths), bool)
+  if too_long:
+    if truncation == 'error':
+      i = too_long[0]
+      raise ValueError(f'{sources[i]}: {length_text.format(lengths[i])} > data.max_len={max_len} '
+                       f"({len(too_long)} such rows; set data.truncation='truncate' or 'skip')")
+    if truncation == 'skip':
+      keep[too_long] = False
+    logging.info('%d of %d rows are longer than max_len=%d: %s', len(too_long), len(lengths),
+                 max_len, 'truncated' if truncation == 'truncate' else 'skipped')
+  return too_long, keep
+
+
 def _wants_token_types(tokenizer) -> bool:
   return 'token_type_ids' in getattr(tokenizer, 'model_input_names', ())
 
@@ -482,26 +499,16 @@ def encode_cls(examples: ClsExamples, tokenizer, *, max_len: int,
     ids_list, tt_list = list(enc['input_ids']), list(enc['token_type_ids']) if tt else None
   else:
     ids_list, tt_list = [], [] if tt else None
-  too_long = [i for i, ids in enumerate(ids_list) if len(ids) > max_len]
-  keep = np.ones(n, bool)
-  if too_long:
-    if truncation == 'error':
-      i = too_long[0]
-      raise ValueError(f'{examples.sources[i]}: {len(ids_list[i])} tokens > data.max_len='
-                       f'{max_len} ({len(too_long)} such examples; set data.truncation='
-                       f"'truncate' or 'skip')")
-    if truncation == 'skip':
-      keep[too_long] = False
-    else:
-      enc2 = tokenizer([examples.texts[i] for i in too_long],
-                       [examples.pairs[i] for i in too_long] if is_pair else None,
-                       truncation=True, max_length=max_len, **kw)
-      for j, i in enumerate(too_long):
-        ids_list[i] = enc2['input_ids'][j]
-        if tt:
-          tt_list[i] = enc2['token_type_ids'][j]
-    logging.info('%d of %d examples are longer than max_len=%d: %s', len(too_long), n,
-                 max_len, 'truncated' if truncation == 'truncate' else 'skipped')
+  too_long, keep = _too_long([len(ids) for ids in ids_list], max_len, truncation,
+                             examples.sources, '{} tokens')
+  if too_long and truncation == 'truncate':
+    enc2 = tokenizer([examples.texts[i] for i in too_long],
+                     [examples.pairs[i] for i in too_long] if is_pair else None,
+                     truncation=True, max_length=max_len, **kw)
+    for j, i in enumerate(too_long):
+      ids_list[i] = enc2['input_ids'][j]
+      if tt:
+        tt_list[i] = enc2['token_type_ids'][j]
   rows = np.flatnonzero(keep)
   input_ids = np.full((len(rows), max_len), _pad_id(tokenizer), np.int32)
   attention_mask = np.zeros((len(rows), max_len), np.int32)
@@ -789,6 +796,8 @@ def load_cls_task(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray
               is_regression=s['is_regression'], metric_names=metric_names,
               main_metric=main, has_labels='labels' in arrays,
               n_examples=int(len(keep)), sources=[ex.sources[i] for i in keep],
+              texts=[ex.texts[i] for i in keep],
+              pairs=[ex.pairs[i] for i in keep] if ex.pairs is not None else None,
               stats=stats)
   logging.info('%s/%s: %d examples, stats %s', info['task'] or 'cls', split,
                info['n_examples'], {k: v for k, v in stats.items() if k != 'class_weights'})
@@ -1066,29 +1075,19 @@ def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
   if no_sub:
     logging.warning('%d words produce no sub-tokens (their prediction defaults to O)',
                     no_sub)
-  too_long = [i for i in range(n) if len(ids_list[i]) > max_len]
-  keep = np.ones(n, bool)
+  too_long, keep = _too_long([len(ids) for ids in ids_list], max_len, truncation,
+                             examples.sources, 'sentence has {} sub-tokens')
   n_words_cut = 0
-  if too_long:
-    if truncation == 'error':
-      i = too_long[0]
-      raise ValueError(f'{examples.sources[i]}: sentence has {len(ids_list[i])} sub-tokens '
-                       f'> data.max_len={max_len} ({len(too_long)} such sentences; set '
-                       f"data.truncation='truncate' or 'skip')")
-    if truncation == 'skip':
-      keep[too_long] = False
-    else:
-      enc2 = tokenize([examples.words[i] for i in too_long], truncation=True,
-                      max_length=max_len)
-      for j, i in enumerate(too_long):
-        before = {w for w in wid_list[i] if w is not None}
-        ids_list[i] = enc2['input_ids'][j]
-        wid_list[i] = enc2.word_ids(j)
-        if tt:
-          tt_list[i] = enc2['token_type_ids'][j]
-        n_words_cut += len(before - {w for w in wid_list[i] if w is not None})
-    logging.info('%d of %d sentences are longer than max_len=%d: %s', len(too_long), n,
-                 max_len, 'truncated' if truncation == 'truncate' else 'skipped')
+  if too_long and truncation == 'truncate':
+    enc2 = tokenize([examples.words[i] for i in too_long], truncation=True,
+                    max_length=max_len)
+    for j, i in enumerate(too_long):
+      before = {w for w in wid_list[i] if w is not None}
+      ids_list[i] = enc2['input_ids'][j]
+      wid_list[i] = enc2.word_ids(j)
+      if tt:
+        tt_list[i] = enc2['token_type_ids'][j]
+      n_words_cut += len(before - {w for w in wid_list[i] if w is not None})
   rows = np.flatnonzero(keep)
   m = len(rows)
   input_ids = np.full((m, max_len), _pad_id(tokenizer), np.int32)

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxft import checkpointing
 from jaxft.models import flat_params
 
 
@@ -76,8 +77,30 @@ def read_workdir_params(workdir: str, which: str = 'best') -> dict[str, np.ndarr
     state = ckptr.restore(os.path.join(step_dir, 'state'), abstract)
   finally:
     ckptr.close()
+  verify_params(step_dir, state)
   logging.info('initialising from %s', step_dir)
   return {k: np.asarray(v) for k, v in flat_params(state['params']).items()}
+
+
+def verify_params(step_dir: str, state) -> None:
+  """Compare the restored params with the fingerprints saved beside them (meta item), as a
+  resume does: a flipped bit restores without error into wrong numbers."""
+  meta_file = os.path.join(step_dir, 'meta', 'metadata')
+  if not os.path.isfile(meta_file):
+    return  # a checkpoint written before checksums were recorded
+  with open(meta_file) as f:
+    saved = (json.load(f) or {}).get('checksums')
+  if not saved:
+    return
+  if saved.get('algo') != checkpointing.CHECKSUM_ALGO:
+    raise checkpointing.CorruptCheckpoint(
+        f'{step_dir}: unknown checksum algorithm {saved.get("algo")!r}')
+  now = checkpointing.state_checksums({'params': state['params']})
+  bad = sorted(k for k in now if saved['state'].get(k) != now[k])
+  if bad:
+    raise checkpointing.CorruptCheckpoint(
+        f'{step_dir}: checksum mismatch in {len(bad)} of {len(now)} parameter arrays '
+        f'({", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}): the checkpoint is damaged')
 
 
 def _cpu_sharding():

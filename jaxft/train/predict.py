@@ -80,7 +80,8 @@ def load_inputs(spec: str, kind: str, data_cfg: dict, tokenizer, labels: dict):
   loader = tasks_lib.load_cls_task if kind == 'cls' else tasks_lib.load_ner_task
   arrays, info = loader(data_cfg, tokenizer, split)
   if kind == 'cls':
-    return arrays, {'texts': None, 'gold': arrays.get('labels'), 'sources': info['sources']}
+    return arrays, {'texts': info['texts'], 'pairs': info['pairs'], 'gold': arrays.get('labels'),
+                    'sources': info['sources']}
   return arrays, {'words': info['words'], 'num_words': info['num_words'], 'gold': info['tags'],
                   'sources': info['sources']}
 
@@ -154,6 +155,8 @@ def run(cfg, workdir: str) -> dict:
           rec = {'source': ex['sources'][i]}
           if ex.get('texts'):
             rec['text'] = ex['texts'][i]
+          if ex.get('pairs'):
+            rec['text_pair'] = ex['pairs'][i]
           if labels.get('is_regression'):
             rec['score'] = float(scores[i][0])
           else:

@@ -126,3 +126,13 @@ def test_cli_reports_one_line(case, tmp_path):
   assert lines == [lines[-1]] and lines[-1].startswith(expected), r.stderr[-3000:]
   assert 'Traceback' not in r.stderr
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_max_len_is_checked_against_the_init_from_model_not_the_config_default():
+  """With init_from the architecture comes from that checkpoint (checked by the stage), so
+  model.* defaults in the config must not veto data.max_len."""
+  c = _with(data={'max_len': 64})
+  with pytest.raises(config_lib.ConfigError, match='exceeds model.max_position_embeddings=16'):
+    config_lib.validate(c)
+  c.init_from = '/some/checkpoint'
+  config_lib.validate(c)  # no error: the stage compares with the checkpoint's table

@@ -205,3 +205,23 @@ def test_train_refuses_fresh_start_unless_allowed(tmp_path, caplog):
   text = '\n'.join(r.getMessage() for r in caplog.records)
   assert 'no intact checkpoint; starting from scratch' in text
   assert tiny.same_tree(res['state'], ref['state'])  # from scratch == the reference run
+
+
+def test_init_from_a_workdir_verifies_param_checksums(tmp_path):
+  """init_from reads another run's checkpoint outside the resume path: a parameter that
+  no longer matches its saved fingerprint is refused, not silently loaded."""
+  import json
+  from jaxft.train import init as init_lib
+  ref = tiny.reference()
+  wd = tiny.copy_workdir(ref['workdir'], str(tmp_path / 'w'))
+  params = init_lib.read_workdir_params(wd, 'latest')  # intact: loads
+  assert params and all(np.isfinite(v).all() for v in params.values())
+  meta_file = f'{wd}/checkpoints/8/meta/metadata'
+  with open(meta_file) as f:
+    meta = json.load(f)
+  key = sorted(k for k in meta['checksums']['state'] if k.startswith('params.'))[0]
+  meta['checksums']['state'][key] ^= 1  # the stored bytes no longer match the fingerprint
+  with open(meta_file, 'w') as f:
+    json.dump(meta, f)
+  with pytest.raises(checkpointing.CorruptCheckpoint, match=f'checksum mismatch.*{key}'):
+    init_lib.read_workdir_params(wd, 'latest')
