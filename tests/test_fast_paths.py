@@ -3,7 +3,8 @@
 - masked-position MLM head (`mlm.max_predictions` >= the number of selected tokens):
   the same loss (and gradients) as the full-vocab head at every position, in fp32;
 - bf16 compute (`model.dtype='bfloat16'`, fp32 params): the fp32 loss within bf16
-  tolerance, also through the real jitted train step.
+  tolerance, also through the real jitted train step; the bf16 matmul's backward runs
+  on bf16 operands with fp32 accumulation.
 Tiny BERT, fp32 parameters shared by every variant.
 """
 import functools
@@ -129,3 +130,34 @@ def test_fast_train_step_matches_fp32_train_step(params):
   assert out['fast']['weight'] == out['fp32']['weight'] > 0
   np.testing.assert_allclose(out['fast']['loss'], out['fp32']['loss'], rtol=2e-2)
   np.testing.assert_allclose(out['fast']['grad_norm'], out['fp32']['grad_norm'], rtol=5e-2)
+
+
+@pytest.mark.parametrize('contract,x_shape,k_shape', [
+    (1, (4, 5, 16), (16, 32)),        # Dense
+    (1, (4, 5, 16), (16, 2, 8)),      # q/k/v: [embed] -> [heads, kv]
+    (2, (4, 5, 2, 8), (2, 8, 16)),    # attention output: [heads, kv] -> [embed]
+])
+def test_bf16_matmul_backward_runs_in_bf16_with_fp32_accumulation(contract, x_shape, k_shape):
+  """The bf16 matmul's backward takes bf16 operands (JAX's own transpose would upcast them
+  and run both backward matmuls in fp32), accumulates in fp32, and returns the kernel
+  gradient in fp32: exactly the fp32 math on bf16-rounded operands and cotangent."""
+  from jaxft.models import layers
+  kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  k = jax.random.normal(kk, k_shape)
+  g = jax.random.normal(kg, x_shape[:x.ndim - contract] + k_shape[contract:])
+  y, vjp = jax.vjp(lambda x, k: layers.matmul(x, k, contract, jnp.bfloat16), x, k)
+  dx, dk = jax.jit(vjp)(g)
+  assert y.dtype == dx.dtype == dk.dtype == jnp.float32
+  r = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  n_in = math.prod(k_shape[:contract])
+  x2, k2 = r(x).reshape(-1, n_in), r(k).reshape(n_in, -1)
+  g2 = r(g).reshape(x2.shape[0], -1)
+  np.testing.assert_allclose(np.asarray(y).reshape(g2.shape), x2 @ k2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dk).reshape(k2.shape), x2.T @ g2, rtol=1e-5, atol=1e-5)
+  # dx is returned in x's dtype (fp32 here) from the fp32 accumulator
+  np.testing.assert_allclose(np.asarray(dx).reshape(x2.shape), g2 @ k2.T, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(vjp).lower(g).as_text()
+  dots = [ln for ln in hlo.splitlines() if 'stablehlo.dot_general' in ln]
+  assert len(dots) == 2 and all(ln.split('->')[0].count('bf16>') == 2 and
+                                'f32>' in ln.split('->')[1] for ln in dots), dots

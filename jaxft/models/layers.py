@@ -8,6 +8,7 @@ names through `jaxft.partitioning.constrain`, which alone knows the mesh.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -32,12 +33,53 @@ def param(rngs: nnx.Rngs | None, init, shape, dtype, names: Names) -> nnx.Param:
 
 
 def matmul(x, kernel, contract: int, dtype):
-  """x[..., *in] @ kernel[*in, *out]: inputs in `dtype`, fp32 accumulation."""
-  x_axes = tuple(range(x.ndim - contract, x.ndim))
-  k_axes = tuple(range(contract))
-  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), ((x_axes, k_axes), ((), ())),
-                          preferred_element_type=jnp.float32)
-  return y
+  """x[..., *in] @ kernel[*in, *out]: inputs in `dtype`, fp32 accumulation.
+
+  In fp32 this is a plain dot. In a low-precision `dtype` the backward pass is written out
+  (`_lowp_matmul`): JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies the f32
+  cotangent with the upcast bf16 operand, so the two backward matmuls (2/3 of the FLOPs)
+  would run in fp32. Here they take bf16 inputs too, with fp32 accumulation, and the kernel
+  gradient stays fp32 (as torch autocast computes it)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), _dims(x.ndim, contract),
+                               preferred_element_type=jnp.float32)
+  return _lowp_matmul(x, kernel, contract, jnp.dtype(dtype))
+
+
+def _dims(x_ndim: int, contract: int):
+  return ((tuple(range(x_ndim - contract, x_ndim)), tuple(range(contract))), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lowp_matmul(x, kernel, contract, dtype):
+  return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), _dims(x.ndim, contract),
+                             preferred_element_type=jnp.float32)
+
+
+def _lowp_matmul_fwd(x, kernel, contract, dtype):
+  xl, kl = x.astype(dtype), kernel.astype(dtype)
+  y = jax.lax.dot_general(xl, kl, _dims(x.ndim, contract), preferred_element_type=jnp.float32)
+  # zero-size arrays carry the primal dtypes (residuals must be arrays)
+  return y, (xl, kl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+
+
+def _lowp_matmul_bwd(contract, dtype, res, g):
+  xl, kl, x_proto, k_proto = res
+  # As 2-D matmuls ([rows, in] x [in, out]): free reshapes of row-major arrays, and XLA:CPU
+  # lacks a bf16 x bf16 -> f32 kernel for some higher-rank transposed forms.
+  n_in = math.prod(kl.shape[:contract])
+  x2 = xl.reshape(-1, n_in)
+  k2 = kl.reshape(n_in, -1)
+  g2 = g.astype(dtype).reshape(x2.shape[0], k2.shape[1])
+  dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [rows, in]
+  dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [in, out]
+  return (dx.reshape(xl.shape).astype(x_proto.dtype),
+          dk.reshape(kl.shape).astype(k_proto.dtype))
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
 class Dense(nnx.Module):
@@ -70,10 +112,9 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x):
-    """Tied output projection: x @ embedding.T (fp32 accumulation)."""
-    return jax.lax.dot_general(x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                               (((x.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    """Tied output projection: x @ embedding.T (fp32 accumulation; bf16 backward as in
+    `matmul`)."""
+    return matmul(x, self.embedding[...].T, 1, self.dtype)
 
 
 class LayerNorm(nnx.Module):
