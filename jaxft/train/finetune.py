@@ -275,6 +275,9 @@ def run(cfg, workdir: str) -> dict:
   steps_per_epoch = max(n_train // bs, 1)
   if int(cfg.train.get('num_epochs', 0) or 0):
     cfg.train.num_steps = int(cfg.train.num_epochs) * steps_per_epoch
+    logging.info('train.num_epochs=%d x %d steps per epoch -> %d steps (config.json keeps the '
+                 'requested config)', int(cfg.train.num_epochs), steps_per_epoch,
+                 cfg.train.num_steps)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
