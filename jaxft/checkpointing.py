@@ -76,6 +76,23 @@ def state_checksums(state) -> dict[str, int]:
   return {_path_str(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def verify_checksums(state, saved: dict | None, partial: bool = False) -> None:
+  """Raise CorruptCheckpoint if `state` does not match the fingerprints `saved` with it.
+
+  `partial`: `state` holds only some of the saved arrays (e.g. just the params); compare
+  those. No `saved` means a checkpoint written before checksums were recorded."""
+  if not saved:
+    return
+  if saved.get('algo') != CHECKSUM_ALGO:
+    raise CorruptCheckpoint(f'unknown checksum algorithm {saved.get("algo")!r}')
+  now = state_checksums(state)
+  keys = set(now) if partial else set(saved['state']) | set(now)
+  bad = sorted(k for k in keys if saved['state'].get(k) != now.get(k))
+  if bad:
+    raise CorruptCheckpoint(f'checksum mismatch in {len(bad)} of {len(now)} arrays: '
+                            f'{", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}')
+
+
 def _path_str(path) -> str:
   """'params.bert.layers.0.attn.kernel': the same for a tuple index and a dict key."""
   return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
@@ -165,7 +182,7 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         meta = dict(restored['meta'] or {})
-        self._verify(restored['state'], meta)
+        verify_checksums(restored['state'], meta.get('checksums'))
       except Exception as e:  # noqa: BLE001  (any damage: missing/truncated/altered files)
         msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
         logging.warning('checkpoint step %d in %s is damaged, skipping it: %s', s,
@@ -183,20 +200,6 @@ class Checkpointer:
         f'no intact checkpoint in {self.directory}: ' +
         '; '.join(f'step {s}: {m}' for s, m in errors) +
         ' (set checkpoint.allow_fresh_start=True to start from scratch anyway)')
-
-  @staticmethod
-  def _verify(state, meta: dict):
-    saved = meta.get('checksums')
-    if not saved:
-      return  # written before checksums were recorded
-    if saved.get('algo') != CHECKSUM_ALGO:
-      raise CorruptCheckpoint(f'unknown checksum algorithm {saved.get("algo")!r}')
-    now = state_checksums(state)
-    bad = sorted(k for k in set(saved['state']) | set(now)
-                 if saved['state'].get(k) != now.get(k))
-    if bad:
-      raise CorruptCheckpoint(f'checksum mismatch in {len(bad)} of {len(now)} arrays: '
-                              f'{", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}')
 
   def _quarantine(self, steps: list[int]):
     """Move damaged steps to `<dir>.damaged/` (kept for inspection) so that a resumed run

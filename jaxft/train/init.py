@@ -90,17 +90,10 @@ def verify_params(step_dir: str, state) -> None:
     return  # a checkpoint written before checksums were recorded
   with open(meta_file) as f:
     saved = (json.load(f) or {}).get('checksums')
-  if not saved:
-    return
-  if saved.get('algo') != checkpointing.CHECKSUM_ALGO:
-    raise checkpointing.CorruptCheckpoint(
-        f'{step_dir}: unknown checksum algorithm {saved.get("algo")!r}')
-  now = checkpointing.state_checksums({'params': state['params']})
-  bad = sorted(k for k in now if saved['state'].get(k) != now[k])
-  if bad:
-    raise checkpointing.CorruptCheckpoint(
-        f'{step_dir}: checksum mismatch in {len(bad)} of {len(now)} parameter arrays '
-        f'({", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}): the checkpoint is damaged')
+  try:
+    checkpointing.verify_checksums({'params': state['params']}, saved, partial=True)
+  except checkpointing.CorruptCheckpoint as e:
+    raise checkpointing.CorruptCheckpoint(f'{step_dir}: {e}: the checkpoint is damaged') from e
 
 
 def _cpu_sharding():
