@@ -11,10 +11,10 @@ shape, batch and sequence length, in one process:
                       fp32 params / LayerNorm / softmax / loss)
             mp        MLM head only at masked positions (mlm.max_predictions)
             nodonate  the same jitted step without donating the train state
-            noattndrop  attention dropout 0 for this row only, so jaxft takes the
-                      jax.nn.dot_product_attention path (attention dropout forces the
-                      explicit softmax in jaxft/models/layers.py). This changes the
+            noattndrop  attention dropout 0 for this row only. This changes the
                       training recipe: not comparable work to rows with attention dropout.
+                      (jaxft's fp32 rows then take jax.nn.dot_product_attention; bf16 rows
+                      on CPU keep the explicit softmax, whose matmuls stay bf16.)
           'fast' = bf16+mp (BERT) or bf16 (GPT-2, where mp does not apply).
   torch   transformers BertForMaskedLM / GPT2LMHeadModel from a config (random init),
           model.train() (dropout on), torch.optim.AdamW + clip_grad_norm_(1.0) like jaxft's
@@ -285,9 +285,13 @@ def setup_jax(a, mode: str, log) -> Row:
   if head == 'mlm':
     options.append(f'mlm.max_predictions={max_predictions(a)}' if mp else
                    'mlm.max_predictions=0 (full-vocab head at all positions)')
-  options.append('attention=explicit softmax (attention dropout > 0)' if attn_dropout > 0 else
-                 'attention=jax.nn.dot_product_attention' + (
-                     ' (attention dropout 0: NOT the same recipe)' if a.attn_dropout > 0 else ''))
+  from jaxft.models.layers import use_fused_attention
+  if attn_dropout > 0:
+    options.append('attention=explicit softmax (attention dropout > 0)')
+  else:
+    options.append(('attention=jax.nn.dot_product_attention' if use_fused_attention(mcfg.dtype)
+                    else 'attention=explicit softmax (bf16 on CPU)') + (
+                        ' (attention dropout 0: NOT the same recipe)' if a.attn_dropout > 0 else ''))
   options.append('state donated' if donate else 'no donation')
   info = dict(trace_s=t1 - t0, compile_s=t2 - t1, first_step_s=first, warmup_loss=loss)
   log(f'  jaxft {mode}: trace {t1 - t0:.1f}s, compile {t2 - t1:.1f}s, first step {first:.1f}s, '
@@ -396,7 +400,8 @@ def parse_args(argv=None):
   p.add_argument('--hidden-dropout', type=float, default=0.1)
   p.add_argument('--attn-dropout', type=float, default=0.1,
                  help='attention-probability dropout (both impls); > 0 makes jaxft use the '
-                      'explicit softmax path instead of jax.nn.dot_product_attention')
+                      'explicit softmax path (as bf16 on CPU always does) instead of '
+                      'jax.nn.dot_product_attention')
   p.add_argument('--pad-frac', type=float, default=0.0,
                  help='target fraction of padding tokens (0 = packed rows)')
   p.add_argument('--peak-size', type=int, default=2048, help='n of the n^3 peak matmul')

@@ -9,6 +9,7 @@ Tiny BERT, fp32 parameters shared by every variant.
 """
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -125,8 +126,19 @@ def test_fast_train_step_matches_fp32_train_step(params):
     state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0,
                                           params=jax.device_get(params))  # the step donates
     step = make_train_step(model_def, _task(max_pred), tx, shardings, mesh, rules)
-    _, metrics = step(state, global_batch(_batch(), mesh, rules))
+    batch = global_batch(_batch(), mesh, rules)
+    with partitioning.use_mesh(mesh, rules):
+      compiled = step.jitted.lower(state, batch).compile()
+      _, metrics = compiled(state, batch)
     out[name] = jax.device_get(metrics)
+    if name == 'fast':
+      dots = _compiled_dots(compiled.as_text())
+      assert len(dots) >= 6 * CFG.num_layers, dots  # 2 fwd + 4 bwd per matmul, roughly
+      # After XLA's own passes, every matmul of the bf16 step still reads bf16 operands:
+      # XLA:CPU silently upcasts forms it has no bf16 kernel for (kernel gradients
+      # contracting one rows dim, p^T @ dy in attention), which ran them 2-3x slower.
+      assert all(ops == ('bf16', 'bf16') for ops, _ in dots), [d for d in dots
+                                                               if d[0] != ('bf16', 'bf16')]
   assert out['fast']['weight'] == out['fp32']['weight'] > 0
   np.testing.assert_allclose(out['fast']['loss'], out['fp32']['loss'], rtol=2e-2)
   np.testing.assert_allclose(out['fast']['grad_norm'], out['fp32']['grad_norm'], rtol=5e-2)
@@ -161,3 +173,113 @@ def test_bf16_matmul_backward_runs_in_bf16_with_fp32_accumulation(contract, x_sh
   dots = [ln for ln in hlo.splitlines() if 'stablehlo.dot_general' in ln]
   assert len(dots) == 2 and all(ln.split('->')[0].count('bf16>') == 2 and
                                 'f32>' in ln.split('->')[1] for ln in dots), dots
+
+
+def test_bf16_step_without_attention_dropout_keeps_bf16_matmuls_on_cpu():
+  """With attention dropout 0 (configs/gpt2_clm.py) jax.nn.dot_product_attention would run
+  every attention matmul in fp32 on CPU; the bf16 model takes the explicit path there."""
+  from jaxft.models import layers
+  assert layers.use_fused_attention(jnp.float32)
+  assert layers.use_fused_attention(jnp.bfloat16) == (jax.default_backend() != 'cpu')
+  cfg = CFG.replace(dtype='bfloat16', attention_dropout=0.0)
+  base = base_config()
+  mesh = partitioning.make_mesh(base.mesh)
+  rules = partitioning.rules_from_config(())
+  model_def = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
+  tx, _ = make_optimizer(base.optimizer, 100, model_def.abstract_params)
+  state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0)
+  step = make_train_step(model_def, _task(MAX_PRED), tx, shardings, mesh, rules)
+  with partitioning.use_mesh(mesh, rules):
+    hlo = step.jitted.lower(state, global_batch(_batch(), mesh, rules)).compile().as_text()
+  dots = _compiled_dots(hlo)
+  assert len(dots) >= 6 * cfg.num_layers
+  assert all(ops == ('bf16', 'bf16') for ops, _ in dots), [d for d in dots
+                                                           if d[0] != ('bf16', 'bf16')]
+
+
+def _compiled_dots(hlo: str):
+  """[((lhs dtype, rhs dtype), line)] for every dot in an optimized HLO module."""
+  out = []
+  for comp in re.split(r'\n(?=\S)', hlo):
+    types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', comp))
+    for m in re.finditer(r'^.* dot\(%([\w.\-]+), %([\w.\-]+)\).*$', comp, re.M):
+      out.append(((types.get(m.group(1)), types.get(m.group(2))), m.group(0).strip()[:160]))
+  return out
+
+
+def test_tied_head_matmul_backward_in_bf16():
+  """The tied output projection x @ table.T (table stored [vocab, embed]) without a
+  materialised transpose: values and both gradients are the fp32 math on bf16 inputs."""
+  from jaxft.models import layers
+  kx, kt, kg = jax.random.split(jax.random.key(1), 3)
+  x, table = jax.random.normal(kx, (3, 4, 16)), jax.random.normal(kt, (40, 16))
+  g = jax.random.normal(kg, (3, 4, 40))
+  y, vjp = jax.vjp(lambda x, t: layers.matmul(x, t, 1, jnp.bfloat16, transposed=True), x, table)
+  dx, dt = jax.jit(vjp)(g)
+  r = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  x2, g2 = r(x).reshape(12, 16), r(g).reshape(12, 40)
+  np.testing.assert_allclose(np.asarray(y).reshape(12, 40), x2 @ r(table).T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx).reshape(12, 16), g2 @ r(table), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dt), g2.T @ x2, rtol=1e-5, atol=1e-5)
+  assert dt.dtype == dx.dtype == jnp.float32
+  # fp32 takes the same path as a plain dot
+  np.testing.assert_allclose(layers.matmul(x, table, 1, jnp.float32, transposed=True),
+                             x @ table.T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('spec,a_shape,b_shape', [
+    ('bthd,bshd->bhts', (2, 5, 3, 4), (2, 6, 3, 4)),   # attention scores
+    ('bhts,bshd->bthd', (2, 3, 5, 6), (2, 6, 3, 4)),   # probs @ values
+])
+def test_bf16_einsum_backward_in_bf16(spec, a_shape, b_shape):
+  """Attention's batched matmuls: bf16 operands forward and backward, fp32 accumulation,
+  gradients equal to the fp32 math on bf16-rounded operands and cotangent."""
+  from jaxft.models import layers
+  ka, kb, kg = jax.random.split(jax.random.key(2), 3)
+  a, b = jax.random.normal(ka, a_shape), jax.random.normal(kb, b_shape)
+  y, vjp = jax.vjp(lambda a, b: layers.einsum(spec, a, b, jnp.bfloat16), a, b)
+  g = jax.random.normal(kg, y.shape)
+  da, db = jax.jit(vjp)(g)
+  r = lambda t: np.asarray(t.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  ref_y, ref_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, precision='highest'),
+                           jnp.asarray(r(a)), jnp.asarray(r(b)))
+  ref_da, ref_db = ref_vjp(jnp.asarray(r(g)))
+  for got, want in ((y, ref_y), (da, ref_da), (db, ref_db)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(vjp).lower(g).as_text()
+  dots = [ln for ln in hlo.splitlines() if 'stablehlo.dot_general' in ln]
+  assert len(dots) == 2 and all(ln.split('->')[0].count('bf16>') == 2 for ln in dots), dots
+
+
+@pytest.mark.parametrize('label_smoothing,weighted', [(0.0, False), (0.1, True)])
+def test_cross_entropy_sums_equals_log_softmax_reference(label_smoothing, weighted):
+  """The two-pass cross-entropy gives log_softmax's loss and gradient, and argmax's
+  accuracy (ties to the first index), on rows with ties and masked-out tokens."""
+  from jaxft.train.step import cross_entropy_sums
+  vocab = 7
+  logits = 3 * jax.random.normal(jax.random.key(4), (4, 5, vocab))
+  logits = logits.at[0, 0].set(0.0).at[0, 1].set(0.0)  # all-tied rows
+  labels = jax.random.randint(jax.random.key(5), (4, 5), 0, vocab)
+  labels = labels.at[0, 0].set(0).at[0, 1].set(3)  # a tie won by index 0, a tie lost
+  weights = (jax.random.uniform(jax.random.key(6), (4, 5)) > 0.3).astype(jnp.float32)
+  weights = weights.at[0, 0].set(1.0).at[0, 1].set(1.0)
+  labels = jnp.where(weights > 0, labels, -100)  # ignored tokens carry any label
+  class_weights = [1.0 + i / 2 for i in range(vocab)] if weighted else None
+
+  def ref(logits):
+    logp = jax.nn.log_softmax(logits, -1)
+    safe = jnp.where(weights > 0, labels, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+    nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    w = weights * (jnp.asarray(class_weights)[safe] if weighted else 1.0)
+    correct = (jnp.argmax(logits, -1) == labels) * (weights > 0)
+    return (nll * w).sum(), (w.sum(), correct.sum())
+
+  got_fn = lambda lg: (lambda s: (s[0], s[1:]))(
+      cross_entropy_sums(lg, labels, weights, label_smoothing, class_weights))
+  (got, (gw, gc)), g_got = jax.value_and_grad(got_fn, has_aux=True)(logits)
+  (want, (ww, wc)), g_want = jax.value_and_grad(ref, has_aux=True)(logits)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  assert float(gw) == float(ww) and float(gc) == float(wc)
+  np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-5, atol=1e-6)

@@ -32,8 +32,11 @@ def param(rngs: nnx.Rngs | None, init, shape, dtype, names: Names) -> nnx.Param:
   return nnx.Param(init(key, shape, dtype), logical_axes=names)
 
 
-def matmul(x, kernel, contract: int, dtype):
+def matmul(x, kernel, contract: int, dtype, *, transposed: bool = False):
   """x[..., *in] @ kernel[*in, *out]: inputs in `dtype`, fp32 accumulation.
+
+  `transposed=True` takes a 2-D kernel stored [out, in] (a tied embedding table) and
+  computes x @ kernel.T without materialising the transpose.
 
   In fp32 this is a plain dot. In a low-precision `dtype` the backward pass is written out
   (`_lowp_matmul`): JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies the f32
@@ -41,45 +44,105 @@ def matmul(x, kernel, contract: int, dtype):
   would run in fp32. Here they take bf16 inputs too, with fp32 accumulation, and the kernel
   gradient stays fp32 (as torch autocast computes it)."""
   if jnp.dtype(dtype) == jnp.float32:
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), _dims(x.ndim, contract),
+    dims = ((((x.ndim - 1,), (1,)), ((), ())) if transposed else _dims(x.ndim, contract))
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims,
                                preferred_element_type=jnp.float32)
-  return _lowp_matmul(x, kernel, contract, jnp.dtype(dtype))
+  if transposed:
+    assert contract == 1 and kernel.ndim == 2, (contract, kernel.shape)
+  return _lowp_matmul(x, kernel, contract, jnp.dtype(dtype), transposed)
 
 
 def _dims(x_ndim: int, contract: int):
   return ((tuple(range(x_ndim - contract, x_ndim)), tuple(range(contract))), ((), ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lowp_matmul(x, kernel, contract, dtype):
-  return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), _dims(x.ndim, contract),
+def _rows_dot(a2, b2):
+  """a2[rows, m]^T @ b2[rows, n] -> [m, n] fp32, contracting the rows.
+
+  XLA:CPU has no bf16 kernel for a dot contracting the single dim 0 of both operands: it
+  silently upcasts both to fp32 and runs 2-3x slower. Contracting two dims ([1, rows])
+  keeps it in bf16, and the unit dim costs nothing."""
+  return jax.lax.dot_general(a2[None], b2[None], (((0, 1), (0, 1)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
-def _lowp_matmul_fwd(x, kernel, contract, dtype):
+def _fwd_dims(x_ndim, contract, transposed):
+  return ((((x_ndim - 1,), (1,)), ((), ())) if transposed else _dims(x_ndim, contract))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _lowp_matmul(x, kernel, contract, dtype, transposed):
+  return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                             _fwd_dims(x.ndim, contract, transposed),
+                             preferred_element_type=jnp.float32)
+
+
+def _lowp_matmul_fwd(x, kernel, contract, dtype, transposed):
   xl, kl = x.astype(dtype), kernel.astype(dtype)
-  y = jax.lax.dot_general(xl, kl, _dims(x.ndim, contract), preferred_element_type=jnp.float32)
+  y = jax.lax.dot_general(xl, kl, _fwd_dims(x.ndim, contract, transposed),
+                          preferred_element_type=jnp.float32)
   # zero-size arrays carry the primal dtypes (residuals must be arrays)
   return y, (xl, kl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
 
 
-def _lowp_matmul_bwd(contract, dtype, res, g):
+def _lowp_matmul_bwd(contract, dtype, transposed, res, g):
   xl, kl, x_proto, k_proto = res
-  # As 2-D matmuls ([rows, in] x [in, out]): free reshapes of row-major arrays, and XLA:CPU
-  # lacks a bf16 x bf16 -> f32 kernel for some higher-rank transposed forms.
-  n_in = math.prod(kl.shape[:contract])
+  # As 2-D matmuls over [rows, in] and [in, out] (or [out, in] when transposed): free
+  # reshapes of row-major arrays.
+  n_in = kl.shape[1] if transposed else math.prod(kl.shape[:contract])
   x2 = xl.reshape(-1, n_in)
-  k2 = kl.reshape(n_in, -1)
-  g2 = g.astype(dtype).reshape(x2.shape[0], k2.shape[1])
-  dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)  # [rows, in]
-  dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)  # [in, out]
+  k2 = kl if transposed else kl.reshape(n_in, -1)
+  n_out = k2.shape[0] if transposed else k2.shape[1]
+  g2 = g.astype(dtype).reshape(x2.shape[0], n_out)
+  if transposed:
+    dx = jax.lax.dot_general(g2, k2, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [rows, in]
+    dk = _rows_dot(g2, x2)  # [out, in]
+  else:
+    dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [rows, in]
+    dk = _rows_dot(x2, g2)  # [in, out]
   return (dx.reshape(xl.shape).astype(x_proto.dtype),
           dk.reshape(kl.shape).astype(k_proto.dtype))
 
 
 _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
+def einsum(spec: str, a, b, dtype):
+  """Two-operand einsum with `matmul`'s precision contract: `dtype` inputs, fp32
+  accumulation and result, and in low precision a backward whose two einsums also take
+  `dtype` inputs (JAX's own transpose would upcast them to fp32). For specs where every
+  index appears in at least two of the three terms (attention's batched matmuls)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return _lowp_einsum(spec, a, b, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _lowp_einsum(spec, a, b, dtype):
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _lowp_einsum_fwd(spec, a, b, dtype):
+  al, bl = a.astype(dtype), b.astype(dtype)
+  y = jnp.einsum(spec, al, bl, preferred_element_type=jnp.float32)
+  return y, (al, bl, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _lowp_einsum_bwd(spec, dtype, res, g):
+  al, bl, a_proto, b_proto = res
+  ins, out = spec.split('->')
+  sa, sb = ins.split(',')
+  # a unit dim contracted alongside, as in `_rows_dot`: XLA:CPU has no bf16 kernel for
+  # some single-contracting-dim transposed forms (e.g. p^T @ dy)
+  gl = g.astype(dtype)[..., None]
+  da = jnp.einsum(f'{out}Z,{sb}Z->{sa}', gl, bl[..., None], preferred_element_type=jnp.float32)
+  db = jnp.einsum(f'{out}Z,{sa}Z->{sb}', gl, al[..., None], preferred_element_type=jnp.float32)
+  return da.astype(a_proto.dtype), db.astype(b_proto.dtype)
+
+
+_lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
 class Dense(nnx.Module):
@@ -114,7 +177,7 @@ class Embed(nnx.Module):
   def attend(self, x):
     """Tied output projection: x @ embedding.T (fp32 accumulation; bf16 backward as in
     `matmul`)."""
-    return matmul(x, self.embedding[...].T, 1, self.dtype)
+    return matmul(x, self.embedding[...], 1, self.dtype, transposed=True)
 
 
 class LayerNorm(nnx.Module):
@@ -136,6 +199,13 @@ class LayerNorm(nnx.Module):
 def padding_mask(attention_mask):
   """[B, S] 0/1 -> [B, 1, 1, S] bool (True = attend)."""
   return attention_mask[:, None, None, :].astype(bool)
+
+
+def use_fused_attention(dtype) -> bool:
+  """Whether to use `jax.nn.dot_product_attention` (cuDNN flash on GPU). On CPU it lowers
+  to plain XLA math whose matmuls run in fp32 even for bf16 inputs, while `_explicit` keeps
+  the forward and backward matmuls bf16 (`einsum`): measured in bench/README.md."""
+  return jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu'
 
 
 class Attention(nnx.Module):
@@ -179,7 +249,7 @@ class Attention(nnx.Module):
       mask = allowed[None, None] if mask is None else (mask & allowed[None, None])
       causal = False
     use_dropout = self.dropout_rate > 0 and not deterministic
-    if output_attentions or use_dropout:
+    if output_attentions or use_dropout or not use_fused_attention(self.dtype):
       y, probs = self._explicit(q, k, v, mask, causal, deterministic, rngs)
     else:
       y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
@@ -190,8 +260,7 @@ class Attention(nnx.Module):
 
   def _explicit(self, q, k, v, mask, causal, deterministic, rngs):
     """Softmax attention written out: needed for attention dropout and returned probs."""
-    scores = jnp.einsum('bthd,bshd->bhts', q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
+    scores = einsum('bthd,bshd->bhts', q, k, self.dtype) / math.sqrt(self.head_dim)
     if causal:
       t, s = scores.shape[-2:]
       cmask = jnp.tril(jnp.ones((t, s), bool))[None, None]
@@ -200,6 +269,5 @@ class Attention(nnx.Module):
       scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     dropped = self.dropout(probs, deterministic=deterministic, rngs=rngs)
-    y = jnp.einsum('bhts,bshd->bthd', dropped.astype(self.dtype), v.astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    y = einsum('bhts,bshd->bthd', dropped, v, self.dtype).astype(self.dtype)
     return y, probs
