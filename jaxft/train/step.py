@@ -119,14 +119,21 @@ def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A non-finite step leaves params and optimizer state untouched. As a cond rather than
+    # a select over every leaf: the select kept the old state alive beside the new one
+    # (copies and a second pass over ~3x the params), 10% of a bert-base step on CPU.
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), params,
+                                       state['opt_state'])
     new_state = {
         'step': state['step'] + 1,
-        'params': keep(new_params, params),
-        'opt_state': keep(opt_state, state['opt_state']),
+        'params': new_params,
+        'opt_state': new_opt,
         'rng': state['rng'],
         'skipped': state['skipped'] + (~finite).astype(jnp.int32),
     }
