@@ -114,31 +114,30 @@ def test_bf16_compute_matches_fp32_loss(params, max_pred):
   assert jax.tree.leaves(bf16[2])[0].dtype == jnp.float32  # fp32 master params / grads
 
 
-def test_fast_train_step_matches_fp32_train_step(params):
-  """The bench's modes through make_train_step: fp32 full head vs bf16 + masked positions."""
+def _compiled_train_step(cfg, max_pred, params=None):
+  """(compiled step, its state, its batch): the real jitted train step on the test batch."""
   base = base_config()
   mesh = partitioning.make_mesh(base.mesh)
   rules = partitioning.rules_from_config(())
+  model_def = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
+  tx, _ = make_optimizer(base.optimizer, 100, model_def.abstract_params)
+  state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0, params=params)
+  step = make_train_step(model_def, _task(max_pred), tx, shardings, mesh, rules)
+  batch = global_batch(_batch(), mesh, rules)
+  with partitioning.use_mesh(mesh, rules):
+    return step.jitted.lower(state, batch).compile(), state, batch
+
+
+def test_fast_train_step_matches_fp32_train_step(params):
+  """The bench's modes through make_train_step: fp32 full head vs bf16 + masked positions."""
   out = {}
   for name, cfg, max_pred in (('fp32', CFG, 0), ('fast', CFG.replace(dtype='bfloat16'), MAX_PRED)):
-    model_def = ModelDef.create(lambda cfg=cfg: build_model(cfg, 'mlm', seed=0))
-    tx, _ = make_optimizer(base.optimizer, 100, model_def.abstract_params)
-    state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0,
-                                          params=jax.device_get(params))  # the step donates
-    step = make_train_step(model_def, _task(max_pred), tx, shardings, mesh, rules)
-    batch = global_batch(_batch(), mesh, rules)
-    with partitioning.use_mesh(mesh, rules):
-      compiled = step.jitted.lower(state, batch).compile()
-      _, metrics = compiled(state, batch)
+    compiled, state, batch = _compiled_train_step(
+        cfg, max_pred, params=jax.device_get(params))  # the step donates
+    _, metrics = compiled(state, batch)
     out[name] = jax.device_get(metrics)
     if name == 'fast':
-      dots = _compiled_dots(compiled.as_text())
-      assert len(dots) >= 6 * CFG.num_layers, dots  # 2 fwd + 4 bwd per matmul, roughly
-      # After XLA's own passes, every matmul of the bf16 step still reads bf16 operands:
-      # XLA:CPU silently upcasts forms it has no bf16 kernel for (kernel gradients
-      # contracting one rows dim, p^T @ dy in attention), which ran them 2-3x slower.
-      assert all(ops == ('bf16', 'bf16') for ops, _ in dots), [d for d in dots
-                                                               if d[0] != ('bf16', 'bf16')]
+      _assert_every_dot_reads_bf16(compiled.as_text(), cfg.num_layers)
   assert out['fast']['weight'] == out['fp32']['weight'] > 0
   np.testing.assert_allclose(out['fast']['loss'], out['fp32']['loss'], rtol=2e-2)
   np.testing.assert_allclose(out['fast']['grad_norm'], out['fp32']['grad_norm'], rtol=5e-2)
@@ -182,29 +181,22 @@ def test_bf16_step_without_attention_dropout_keeps_bf16_matmuls_on_cpu():
   assert layers.use_fused_attention(jnp.float32)
   assert layers.use_fused_attention(jnp.bfloat16) == (jax.default_backend() != 'cpu')
   cfg = CFG.replace(dtype='bfloat16', attention_dropout=0.0)
-  base = base_config()
-  mesh = partitioning.make_mesh(base.mesh)
-  rules = partitioning.rules_from_config(())
-  model_def = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
-  tx, _ = make_optimizer(base.optimizer, 100, model_def.abstract_params)
-  state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0)
-  step = make_train_step(model_def, _task(MAX_PRED), tx, shardings, mesh, rules)
-  with partitioning.use_mesh(mesh, rules):
-    hlo = step.jitted.lower(state, global_batch(_batch(), mesh, rules)).compile().as_text()
-  dots = _compiled_dots(hlo)
-  assert len(dots) >= 6 * cfg.num_layers
-  assert all(ops == ('bf16', 'bf16') for ops, _ in dots), [d for d in dots
-                                                           if d[0] != ('bf16', 'bf16')]
+  compiled, _, _ = _compiled_train_step(cfg, MAX_PRED)
+  _assert_every_dot_reads_bf16(compiled.as_text(), cfg.num_layers)
 
 
-def _compiled_dots(hlo: str):
-  """[((lhs dtype, rhs dtype), line)] for every dot in an optimized HLO module."""
-  out = []
+def _assert_every_dot_reads_bf16(hlo: str, num_layers: int):
+  """After XLA's own passes, every matmul of a bf16 step still reads bf16 operands: XLA:CPU
+  silently upcasts forms it has no bf16 kernel for (kernel gradients contracting one rows
+  dim, p^T @ dy in attention), which ran them 2-3x slower."""
+  dots = []  # ((lhs dtype, rhs dtype), line) for every dot of the optimized module
   for comp in re.split(r'\n(?=\S)', hlo):
     types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', comp))
     for m in re.finditer(r'^.* dot\(%([\w.\-]+), %([\w.\-]+)\).*$', comp, re.M):
-      out.append(((types.get(m.group(1)), types.get(m.group(2))), m.group(0).strip()[:160]))
-  return out
+      dots.append(((types.get(m.group(1)), types.get(m.group(2))), m.group(0).strip()[:160]))
+  assert len(dots) >= 6 * num_layers, dots  # 2 fwd + 4 bwd per matmul, roughly
+  assert all(ops == ('bf16', 'bf16') for ops, _ in dots), [d for d in dots
+                                                           if d[0] != ('bf16', 'bf16')]
 
 
 def test_tied_head_matmul_backward_in_bf16():

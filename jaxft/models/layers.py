@@ -43,16 +43,19 @@ def matmul(x, kernel, contract: int, dtype, *, transposed: bool = False):
   cotangent with the upcast bf16 operand, so the two backward matmuls (2/3 of the FLOPs)
   would run in fp32. Here they take bf16 inputs too, with fp32 accumulation, and the kernel
   gradient stays fp32 (as torch autocast computes it)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    dims = ((((x.ndim - 1,), (1,)), ((), ())) if transposed else _dims(x.ndim, contract))
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims,
-                               preferred_element_type=jnp.float32)
   if transposed:
     assert contract == 1 and kernel.ndim == 2, (contract, kernel.shape)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                               _fwd_dims(x.ndim, contract, transposed),
+                               preferred_element_type=jnp.float32)
   return _lowp_matmul(x, kernel, contract, jnp.dtype(dtype), transposed)
 
 
-def _dims(x_ndim: int, contract: int):
+def _fwd_dims(x_ndim: int, contract: int, transposed: bool):
+  """dot_general dims of x[..., *in] with kernel[*in, *out] (or a 2-D [out, in])."""
+  if transposed:
+    return (((x_ndim - 1,), (1,)), ((), ()))
   return ((tuple(range(x_ndim - contract, x_ndim)), tuple(range(contract))), ((), ()))
 
 
@@ -66,15 +69,9 @@ def _rows_dot(a2, b2):
                              preferred_element_type=jnp.float32)
 
 
-def _fwd_dims(x_ndim, contract, transposed):
-  return ((((x_ndim - 1,), (1,)), ((), ())) if transposed else _dims(x_ndim, contract))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _lowp_matmul(x, kernel, contract, dtype, transposed):
-  return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                             _fwd_dims(x.ndim, contract, transposed),
-                             preferred_element_type=jnp.float32)
+  return _lowp_matmul_fwd(x, kernel, contract, dtype, transposed)[0]
 
 
 def _lowp_matmul_fwd(x, kernel, contract, dtype, transposed):
@@ -94,14 +91,9 @@ def _lowp_matmul_bwd(contract, dtype, transposed, res, g):
   k2 = kl if transposed else kl.reshape(n_in, -1)
   n_out = k2.shape[0] if transposed else k2.shape[1]
   g2 = g.astype(dtype).reshape(x2.shape[0], n_out)
-  if transposed:
-    dx = jax.lax.dot_general(g2, k2, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [rows, in]
-    dk = _rows_dot(g2, x2)  # [out, in]
-  else:
-    dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [rows, in]
-    dk = _rows_dot(x2, g2)  # [in, out]
+  dx = jax.lax.dot_general(g2, k2, (((1,), (0 if transposed else 1,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [rows, in]
+  dk = _rows_dot(g2, x2) if transposed else _rows_dot(x2, g2)  # kernel's layout
   return (dx.reshape(xl.shape).astype(x_proto.dtype),
           dk.reshape(kl.shape).astype(k_proto.dtype))
 
@@ -121,7 +113,7 @@ def einsum(spec: str, a, b, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _lowp_einsum(spec, a, b, dtype):
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return _lowp_einsum_fwd(spec, a, b, dtype)[0]
 
 
 def _lowp_einsum_fwd(spec, a, b, dtype):
