@@ -5,6 +5,7 @@ A tiny BERT MLM (hidden 32, 2 layers, 4 heads, vocab 128) on synthetic packed ro
 driven through the real step (`ModelDef`, `create_train_state`, `make_train_step`) with
 the real MLM task (dynamic masking inside the step). fp32, dropout 0: deterministic.
 """
+import dataclasses
 import functools
 import math
 
@@ -350,3 +351,24 @@ def test_nonfinite_skip_keeps_params_and_counts():
     assert same(history[i]['opt_state'], history[1]['opt_state']), f'step {i} changed Adam'
   assert not same(history[4]['params'], history[3]['params'])
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(history[4]['params']))
+
+
+def test_bf16_params_train_and_keep_their_dtypes():
+  """`model.param_dtype='bfloat16'`: params and Adam moments stay bf16 step after step (the
+  fp32 loss scale used to promote the moments, which broke the non-finite cond)."""
+  cfg = dataclasses.replace(MCFG, dtype='bfloat16', param_dtype='bfloat16')
+  md = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
+  mesh = _mesh((2, 1, 1))
+  tx, schedule = optim.make_optimizer(_opt_cfg(), STEPS, md.abstract_params)
+  state, shardings = create_train_state(md, tx, mesh, RULES, 0)
+  step = make_train_step(md, mlm_task(cfg, _Tokenizer(), _mlm_cfg()), tx, shardings, mesh,
+                         RULES, schedule=schedule)
+  dtypes = [x.dtype for x in jax.tree.leaves(state)]
+  assert jnp.bfloat16 in dtypes
+  losses = []
+  for local in _batches(12, seed=3):
+    state, metrics = step(state, global_batch(local, mesh, RULES))
+    losses.append(float(metrics['loss']))
+    assert [x.dtype for x in jax.tree.leaves(state)] == dtypes
+  assert bool(metrics['finite']) and int(state['skipped']) == 0
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses

@@ -122,8 +122,11 @@ def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      updates, new_opt = tx.update(grads, opt_state, params)
+      # The state keeps its dtypes: with bf16 params the fp32 loss scale promotes the Adam
+      # moments to fp32, which would change the state's types (a retrace, and a cond error).
+      new_opt = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt, opt_state)
+      return optax.apply_updates(params, updates), new_opt
 
     # A non-finite step leaves params and optimizer state untouched. As a cond rather than
     # a select over every leaf: the select kept the old state alive beside the new one
