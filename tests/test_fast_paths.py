@@ -275,3 +275,24 @@ def test_cross_entropy_sums_equals_log_softmax_reference(label_smoothing, weight
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
   assert float(gw) == float(ww) and float(gc) == float(wc)
   np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_on_cpu_draws_the_original_threefry_layout():
+  """`layers.Dropout` on CPU: nnx.Dropout's mask drawn with the non-partitionable threefry
+  (4x cheaper on XLA:CPU); keep rate, 1/keep scale and a backward through the same mask."""
+  from jaxft.models.layers import Dropout
+  assert jax.default_backend() == 'cpu'
+  x = jnp.ones((4, 12, 128, 128), jnp.float32)
+  key = jax.random.key(7)
+  drop = jax.jit(lambda x, k: Dropout(0.1)(x, deterministic=False, rngs=k))
+  y = drop(x, key)
+  with jax.threefry_partitionable(False):
+    legacy = jax.jit(lambda x, k: nnx.Dropout(0.1)(x, deterministic=False, rngs=k))(x, key)
+  default = jax.jit(lambda x, k: nnx.Dropout(0.1)(x, deterministic=False, rngs=k))(x, key)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(legacy))
+  assert not np.array_equal(np.asarray(y), np.asarray(default))  # a different stream
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.9) < 0.002, kept.mean()
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  g = jax.jit(jax.grad(lambda x, k: (Dropout(0.1)(x, deterministic=False, rngs=k) * 3).sum()))
+  np.testing.assert_allclose(np.asarray(g(x, key)), np.where(kept, 3 / 0.9, 0), rtol=1e-6)

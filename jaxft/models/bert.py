@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.config import ModelConfig
-from jaxft.models.layers import Attention, Dense, Embed, LayerNorm, padding_mask, param
+from jaxft.models.layers import (Attention, Dense, Dropout, Embed, LayerNorm, padding_mask,
+                                 param)
 from jaxft.partitioning import constrain
 
 ACT = ('batch', 'length', 'embed')
@@ -25,7 +26,7 @@ class BertEmbeddings(nnx.Module):
     self.token_type = Embed(cfg.type_vocab_size, cfg.hidden_size, ('type', 'embed'), **kw)
     self.ln = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.dtype,
                         param_dtype=cfg.param_dtype)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
 
   def __call__(self, input_ids, token_type_ids, *, deterministic, rngs, inputs_embeds=None):
     x = self.word(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.word.dtype)
@@ -42,11 +43,11 @@ class BertLayer(nnx.Module):
     h, m = cfg.hidden_size, cfg.intermediate_size
     self.attn = Attention(h, cfg.num_heads, dropout=cfg.attention_dropout,
                           init_std=cfg.initializer_range, **kw)
-    self.attn_dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.attn_dropout = Dropout(cfg.hidden_dropout)
     self.attn_ln = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.mlp_in = Dense((h,), (m,), ('embed', 'mlp'), init_std=cfg.initializer_range, **kw)
     self.mlp_out = Dense((m,), (h,), ('mlp', 'embed'), init_std=cfg.initializer_range, **kw)
-    self.mlp_dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.mlp_dropout = Dropout(cfg.hidden_dropout)
     self.mlp_ln = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.act = cfg.act
 
@@ -147,7 +148,7 @@ class BertForSequenceClassification(nnx.Module):
   def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.bert = BertModel(cfg, add_pooler=True, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.classifier_dropout)
+    self.dropout = Dropout(cfg.classifier_dropout)
     self.classifier = classifier_head(cfg, num_labels, rngs)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
@@ -163,7 +164,7 @@ class BertForTokenClassification(nnx.Module):
   def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.bert = BertModel(cfg, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.classifier_dropout)
+    self.dropout = Dropout(cfg.classifier_dropout)
     self.classifier = classifier_head(cfg, num_labels, rngs)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.config import ModelConfig
-from jaxft.models.layers import Attention, Dense, Embed, LayerNorm, padding_mask
+from jaxft.models.layers import Attention, Dense, Dropout, Embed, LayerNorm, padding_mask
 from jaxft.partitioning import constrain
 
 ACT = ('batch', 'length', 'embed')
@@ -27,11 +27,11 @@ class GPT2Block(nnx.Module):
     self.ln_1 = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.attn = Attention(h, cfg.num_heads, dropout=cfg.attention_dropout,
                           init_std=cfg.initializer_range, out_init_std=proj_std, **kw)
-    self.attn_dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.attn_dropout = Dropout(cfg.hidden_dropout)
     self.ln_2 = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.mlp_in = Dense((h,), (m,), ('embed', 'mlp'), init_std=cfg.initializer_range, **kw)
     self.mlp_out = Dense((m,), (h,), ('mlp', 'embed'), init_std=proj_std, **kw)
-    self.mlp_dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.mlp_dropout = Dropout(cfg.hidden_dropout)
     self.act = cfg.act
 
   def __call__(self, x, mask, *, deterministic, rngs, output_attentions=False, cache=None):
@@ -52,7 +52,7 @@ class GPT2Model(nnx.Module):
     self.wte = Embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'), **kw)
     self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, ('position', 'embed'),
                      init_std=0.01, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
     self.layers = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype)
