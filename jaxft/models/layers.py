@@ -8,6 +8,7 @@ names through `jaxft.partitioning.constrain`, which alone knows the mesh.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Sequence
@@ -193,21 +194,26 @@ def padding_mask(attention_mask):
   return attention_mask[:, None, None, :].astype(bool)
 
 
-class Dropout(nnx.Dropout):
-  """nnx.Dropout that draws its mask with JAX's original threefry counter layout on CPU.
+def dropout_rng_layout():
+  """Context for drawing dropout masks: JAX's original threefry counter layout on CPU.
 
   JAX's default (`jax_threefry_partitionable`) hashes each element's own 64-bit counter so a
   sharded mask needs no communication; XLA:CPU runs it ~4x slower. Forward + backward of
   dropout on gpt2-small's [4, 12, 256, 256] attention probabilities: ~22 ms against ~2.5 ms
-  (bench/README.md). On CPU the mesh is for tests and one host, so the
-  layout that shards is not worth it; the masks are as random, with a different stream.
+  (bench/README.md). CPU meshes are small (tests, one host), so the sharding-friendly
+  layout is not worth that; the masks are as random, from a different stream.
   Accelerators keep JAX's default.
   """
+  if jax.default_backend() == 'cpu':
+    return jax.threefry_partitionable(False)
+  return contextlib.nullcontext()
+
+
+class Dropout(nnx.Dropout):
+  """nnx.Dropout drawing its mask under `dropout_rng_layout()`."""
 
   def __call__(self, inputs, *, deterministic=None, rngs=None):
-    if jax.default_backend() != 'cpu':
-      return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
-    with jax.threefry_partitionable(False):
+    with dropout_rng_layout():
       return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
 
 

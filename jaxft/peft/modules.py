@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.config import ACTIVATIONS
-from jaxft.models.layers import Dense, LayerNorm, matmul, param
+from jaxft.models.layers import Dense, LayerNorm, dropout_rng_layout, matmul, param
 from jaxft.peft.config import PeftConfig
 
 # Path components that mark a PEFT parameter (everything else belongs to the base model).
@@ -107,7 +107,8 @@ class PeftDense(Dense):
     if not self.lora_dropout or ctx is None or ctx[0] or ctx[1] is None:
       return x
     keep = 1.0 - self.lora_dropout
-    mask = jax.random.bernoulli(ctx[1].dropout(), keep, x.shape)
+    with dropout_rng_layout():
+      mask = jax.random.bernoulli(ctx[1].dropout(), keep, x.shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
   def __call__(self, x):
