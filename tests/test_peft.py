@@ -121,7 +121,7 @@ def test_lora_dropout_acts_on_the_lora_branch_in_training_only():
   lora_out = (y - x @ k - b) / pc.lora_scale          # [64, 6] = (x * m * 2) @ A @ B
   np.testing.assert_allclose(lora_out[:, 0], lora_out[:, 1], rtol=1e-4, atol=1e-4)  # B = 1
   # The mask is the dropout stream's first key, drawn in the layout `layers.Dropout` uses
-  # on CPU (`dropout_rng_layout`).
+  # on CPU.
   with jax.threefry_partitionable(False):
     mask = np.asarray(jax.random.bernoulli(nnx.Rngs(dropout=0).dropout(), 0.5, x.shape))
   np.testing.assert_allclose(lora_out, (x * mask * 2) @ a @ bb, rtol=1e-4, atol=1e-4)

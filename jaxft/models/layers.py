@@ -194,8 +194,8 @@ def padding_mask(attention_mask):
   return attention_mask[:, None, None, :].astype(bool)
 
 
-def dropout_rng_layout():
-  """Context for drawing dropout masks: JAX's original threefry counter layout on CPU.
+class Dropout(nnx.Dropout):
+  """nnx.Dropout that draws its mask with JAX's original threefry counter layout on CPU.
 
   JAX's default (`jax_threefry_partitionable`) hashes each element's own 64-bit counter so a
   sharded mask needs no communication; XLA:CPU runs it ~4x slower. Forward + backward of
@@ -204,16 +204,11 @@ def dropout_rng_layout():
   layout is not worth that; the masks are as random, from a different stream.
   Accelerators keep JAX's default.
   """
-  if jax.default_backend() == 'cpu':
-    return jax.threefry_partitionable(False)
-  return contextlib.nullcontext()
-
-
-class Dropout(nnx.Dropout):
-  """nnx.Dropout drawing its mask under `dropout_rng_layout()`."""
 
   def __call__(self, inputs, *, deterministic=None, rngs=None):
-    with dropout_rng_layout():
+    layout = (jax.threefry_partitionable(False) if jax.default_backend() == 'cpu'
+              else contextlib.nullcontext())
+    with layout:
       return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.config import ACTIVATIONS
-from jaxft.models.layers import Dense, LayerNorm, dropout_rng_layout, matmul, param
+from jaxft.models.layers import Dense, Dropout, LayerNorm, matmul, param
 from jaxft.peft.config import PeftConfig
 
 # Path components that mark a PEFT parameter (everything else belongs to the base model).
@@ -95,7 +95,7 @@ class PeftDense(Dense):
     self.lora_b = param(None, jax.nn.initializers.zeros, (r,) + tuple(out_shape), k.dtype,
                         ('lora_rank',) + tuple(out_names)) if lora else None
     self.lora_scale = pcfg.lora_scale if lora else 0.0
-    self.lora_dropout = pcfg.lora_dropout if lora else 0.0
+    self.lora_dropout = Dropout(pcfg.lora_dropout if lora else 0.0)
     if adapter and len(out_shape) != 1:
       raise ValueError(f'an adapter needs a Dense with one output axis, got {out_shape}')
     self.adapter = Adapter(out_shape[0], pcfg.adapter_size, out_names[0], act=pcfg.adapter_act,
@@ -103,13 +103,10 @@ class PeftDense(Dense):
                            rngs=rngs) if adapter else None
 
   def _lora_input(self, x):
-    ctx = _CALL.get()
-    if not self.lora_dropout or ctx is None or ctx[0] or ctx[1] is None:
+    ctx = _CALL.get()  # (deterministic, rngs) of the model call, if any
+    if ctx is None or ctx[1] is None:
       return x
-    keep = 1.0 - self.lora_dropout
-    with dropout_rng_layout():
-      mask = jax.random.bernoulli(ctx[1].dropout(), keep, x.shape)
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+    return self.lora_dropout(x, deterministic=ctx[0], rngs=ctx[1])
 
   def __call__(self, x):
     y = matmul(x, self.kernel[...], self.contract, self.dtype)
