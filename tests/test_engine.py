@@ -99,11 +99,14 @@ def _init_params():
   return to_host(_model_def().init_params(_mesh((1, 1, 1)), RULES))
 
 
-def _setup(shape, *, opt_cfg=None, num_steps=STEPS, grad_accum=1, task=None, seed=0):
+def _setup(shape, *, opt_cfg=None, num_steps=STEPS, grad_accum=1, task=None, seed=0,
+           model_def=None):
+  """`model_def`: another model (initialised from `seed`) instead of the shared one."""
   mesh = _mesh(shape)
-  md = _model_def()
+  md = model_def or _model_def()
   tx, schedule = optim.make_optimizer(opt_cfg or _opt_cfg(), num_steps, md.abstract_params)
-  state, shardings = create_train_state(md, tx, mesh, RULES, seed, params=_init_params())
+  state, shardings = create_train_state(md, tx, mesh, RULES, seed,
+                                        params=None if model_def else _init_params())
   step = make_train_step(md, task or _task(), tx, shardings, mesh, RULES,
                          grad_accum=grad_accum, nonfinite='skip', schedule=schedule)
   return mesh, state, step
@@ -357,12 +360,8 @@ def test_bf16_params_train_and_keep_their_dtypes():
   """`model.param_dtype='bfloat16'`: params and Adam moments stay bf16 step after step (the
   fp32 loss scale used to promote the moments, which broke the non-finite cond)."""
   cfg = dataclasses.replace(MCFG, dtype='bfloat16', param_dtype='bfloat16')
-  md = ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0))
-  mesh = _mesh((2, 1, 1))
-  tx, schedule = optim.make_optimizer(_opt_cfg(), STEPS, md.abstract_params)
-  state, shardings = create_train_state(md, tx, mesh, RULES, 0)
-  step = make_train_step(md, mlm_task(cfg, _Tokenizer(), _mlm_cfg()), tx, shardings, mesh,
-                         RULES, schedule=schedule)
+  mesh, state, step = _setup((2, 1, 1), task=mlm_task(cfg, _Tokenizer(), _mlm_cfg()),
+                             model_def=ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0)))
   dtypes = [x.dtype for x in jax.tree.leaves(state)]
   assert jnp.bfloat16 in dtypes
   losses = []
