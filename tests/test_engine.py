@@ -21,6 +21,7 @@ from jaxft.models import ModelConfig, build_model
 from jaxft.train import optimizer as optim
 from jaxft.train.pretrain import mlm_task
 from jaxft.train.state import ModelDef, create_train_state, to_host
+from jaxft.train import step as step_lib
 from jaxft.train.step import Task, global_batch, make_train_step
 
 VOCAB, LEN, BATCH, STEPS = 128, 32, 16, 20
@@ -176,30 +177,89 @@ def test_fsdp_shards_params_and_adam_moments():
 
 # ----------------------------------------------------------------------------- accumulation
 
+def _recording(tx):
+  """`tx`, with the gradient it was handed kept in its state: the accumulated gradient
+  itself, read before any optimizer arithmetic."""
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params), tx.init(params)
+
+  def update(grads, state, params=None):
+    updates, inner = tx.update(grads, state[1], params)
+    return updates, (grads, inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+ACCUM_K, ACCUM_LR, ACCUM_STEPS = 4, 1e-2, 3
+
+
+def _accumulation_run(grad_accum):
+  """ACCUM_STEPS SGD steps of 4x8 rows: [(loss, grad_norm, weight), grads, params] per step."""
+  mesh = _mesh((2, 2, 2))
+  tx = _recording(optax.sgd(ACCUM_LR))
+  state, shardings = create_train_state(_model_def(), tx, mesh, RULES, 0, params=_init_params())
+  step = make_train_step(_model_def(), _task(), tx, shardings, mesh, RULES,
+                         grad_accum=grad_accum)
+  out = []
+  for local in _batches(ACCUM_STEPS, batch=ACCUM_K * 8, seed=1):
+    state, m = step(state, global_batch(local, mesh, RULES))
+    host = to_host(state)
+    out.append(([float(m['loss']), float(m['grad_norm']), float(m['weight'])],
+                host['opt_state'][0], host['params']))
+  return out
+
+
+_big_batch_run = functools.cache(lambda: _accumulation_run(1))
+
+
+def _assert_same_training(run, ref):
+  """Tolerances that hold on any CPU, derived from fp32 rounding of a differently ordered sum.
+
+  Gradients: elementwise within 1e-5 of the largest gradient element (a sum of per-row
+  terms re-associated differs by a few ulps of its largest terms; an element whose true
+  value is 0, like a key bias's, is all rounding, so no per-element relative test).
+  Parameters: SGD makes them linear in the gradients, so they may differ by at most
+  lr * (the gradient tolerance) per step plus one rounding of each parameter per step.
+  (Adam's g / (|g| + eps) would amplify the rounding of near-zero gradients by up to lr/eps:
+  1.6e-6 after one step on an Intel Xeon, hence SGD here.)"""
+  eps32 = float(np.finfo(np.float32).eps)
+  for i, ((m, g, p), (m_ref, g_ref, p_ref)) in enumerate(zip(run, ref)):
+    np.testing.assert_allclose(m, m_ref, rtol=1e-5, err_msg=f'loss/grad_norm/weight, step {i + 1}')
+    g_scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_ref))
+    g_tol = 1e-5 * g_scale
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(x, y, rtol=0, atol=g_tol, err_msg=f'gradient, step {i + 1}')
+    p_scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(p_ref))
+    p_tol = (i + 1) * (ACCUM_LR * g_tol + 2 * eps32 * p_scale)
+    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+      np.testing.assert_allclose(x, y, rtol=0, atol=p_tol, err_msg=f'params, step {i + 1}')
+
+
 def test_grad_accumulation_matches_big_batch():
-  """k=4 micro-batches of b rows == one batch of 4b rows: same loss, same gradient norm (Adam
-  is blind to a gradient scale, the norm is not), same parameters after each of 3 steps."""
-  k, b = 4, 8
-  batches = _batches(3, batch=k * b, seed=1)
-  # eps=1e-6: Adam's g/(|g|+eps) would otherwise amplify fp32 rounding of near-zero grads
-  opt_cfg = _opt_cfg(schedule='constant', warmup_steps=0, lr=1e-2, eps=1e-6)
-  runs = {}
-  for accum in (1, k):
-    mesh, state, step = _setup((2, 2, 2), grad_accum=accum, num_steps=3, opt_cfg=opt_cfg)
-    params, metrics = [], []
-    for local in batches:
-      state, m = step(state, global_batch(local, mesh, RULES))
-      params.append(to_host(state['params']))
-      metrics.append([float(m['loss']), float(m['grad_norm']), float(m['weight'])])
-    runs[accum] = (params, np.asarray(metrics))
-  np.testing.assert_allclose(runs[k][1], runs[1][1], rtol=1e-5)
+  """k=4 micro-batches of b rows == one batch of 4b rows: same loss, same gradient norm, the
+  same accumulated gradient (compared before the optimizer) and the same parameters after
+  each of 3 steps."""
+  ref = _big_batch_run()
+  _assert_same_training(_accumulation_run(ACCUM_K), ref)
+  # the steps did move the parameters, by far more than the tolerance
   p0 = jax.tree.leaves(_init_params())
-  for i, (pa, pb) in enumerate(zip(runs[k][0], runs[1][0])):
-    for x, y, z in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), p0):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f'after step {i + 1}')
-  # and the steps did move the parameters (by ~lr per element)
-  moved = max(float(np.abs(x - z).max()) for x, z in zip(jax.tree.leaves(runs[1][0][-1]), p0))
-  assert moved > 1e-3
+  moved = max(float(np.abs(x - z).max()) for x, z in zip(jax.tree.leaves(ref[-1][2]), p0))
+  assert moved > 1e-4
+
+
+def test_grad_accumulation_check_catches_a_dropped_micro_batch(monkeypatch):
+  """The comparison above fails when accumulation is wrong: the last micro-batch replaced
+  by a copy of the first (one micro-batch's rows never reach the gradient)."""
+  real = step_lib._microbatches
+
+  def drop_last(batch, k):
+    micro = real(batch, k)
+    return jax.tree.map(lambda x: x.at[k - 1].set(x[0]), micro)
+
+  monkeypatch.setattr(step_lib, '_microbatches', drop_last)
+  broken = _accumulation_run(ACCUM_K)
+  with pytest.raises(AssertionError, match='gradient|loss'):
+    _assert_same_training(broken, _big_batch_run())
 
 
 # ----------------------------------------------------------------------------- schedules
