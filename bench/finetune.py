@@ -14,7 +14,7 @@ decay to 0, weight decay on matrices only):
   torch  a plain PyTorch loop over transformers AutoModelForSequenceClassification /
          AutoModelForTokenClassification from the same MODEL_DIR, torch.optim.AdamW,
          get_linear_schedule_with_warmup, clip_grad_norm_(1.0); bf16 autocast with --bf16.
-Both train on the same token arrays (jaxft.data.tasks: the same tokenizer files, the
+Both train on the same token arrays (jaxft.data.classification / ner: the same tokenizer files, the
 first-sub-token NER labels) and are scored by the same metric code (jaxft.train.metrics:
 scikit-learn accuracy, seqeval F1), so only the training implementations differ. The
 dev metric reported is the one after the last step (jaxft also keeps its best checkpoint).
@@ -145,18 +145,19 @@ def warmup_steps(recipe: dict, steps: int) -> int:
 
 def load_arrays(task: str, model_dir: str, files: dict, recipe: dict):
   """(train arrays, dev arrays, dev info) exactly as the jaxft stage builds them."""
-  from jaxft.data import tasks
+  from jaxft.data import classification
+  from jaxft.data import ner
   from jaxft.data.tokenizer import load_tokenizer
   tok = load_tokenizer(model_dir)
   if task == 'sst2':
     cfg = dict(task='sst2', path=files['path'], dev_file=files['dev_file'],
                max_len=recipe['max_len'])
-    train, _ = tasks.load_cls_task(cfg, tok, 'train')
-    dev, info = tasks.load_cls_task(cfg, tok, 'dev')
+    train, _ = classification.load_cls_split(cfg, tok, 'train')
+    dev, info = classification.load_cls_split(cfg, tok, 'dev')
   else:
     cfg = dict(path=files['path'], dev_file=files['dev_file'], max_len=recipe['max_len'])
-    train, _ = tasks.load_ner_task(cfg, tok, 'train')
-    dev, info = tasks.load_ner_task(cfg, tok, 'dev')
+    train, _ = ner.load_ner_split(cfg, tok, 'train')
+    dev, info = ner.load_ner_split(cfg, tok, 'dev')
   return train, dev, info
 
 
@@ -207,7 +208,6 @@ def run_torch(task: str, model_dir: str, train: dict, dev: dict, info: dict, rec
   import torch
   from transformers import (AutoModelForSequenceClassification,
                             AutoModelForTokenClassification, get_linear_schedule_with_warmup)
-  from jaxft.data import tasks
   from jaxft.train import metrics as metrics_lib
   t0 = time.perf_counter()
   torch.manual_seed(args.seed)
@@ -265,7 +265,7 @@ def run_torch(task: str, model_dir: str, train: dict, dev: dict, info: dict, rec
   if task == 'sst2':
     m = metrics_lib.glue_metrics(info['metric_names'], logits, dev['labels'])
   else:
-    tags = tasks.predictions_to_tags(logits.argmax(-1), dev['word_ids'], info['label_names'],
+    tags = ner.predictions_to_tags(logits.argmax(-1), dev['word_ids'], info['label_names'],
                                      info['num_words'])
     m = metrics_lib.ner_metrics(tags, info['tags'])
   return {'framework': 'torch', 'metric': m[recipe['metric']], 'best': None, 'steps': steps,

@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxft.config import base_config, mlm_config
 from jaxft.data.pretrain import default_data_config
-from jaxft.data.tasks import GLUE_TASKS
+from jaxft.data.classification import GLUE_TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

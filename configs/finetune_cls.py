@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from jaxft.config import base_config, finetune_config
-from jaxft.data.tasks import GLUE_TASKS
+from jaxft.data.classification import GLUE_TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ import pytest
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
 
-from jaxft.data.tasks import GLUE_TASKS
+from jaxft.data.classification import GLUE_TASKS
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.main import run_stage
 from jaxft.models import ModelConfig, build_model

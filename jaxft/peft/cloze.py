@@ -191,16 +191,17 @@ def predict(model, arrays: dict, ids: np.ndarray, batch_size: int = 32) -> np.nd
 
 def read_split(data_cfg, split: str):
   """(texts, pairs or None, labels [N] int, label_names, label_values) of one split."""
-  from jaxft.data import tasks as tasks_lib
+  from jaxft.data import classification
+  from jaxft.data import splits
   data_cfg = {k: (None if isinstance(v, str) and not v else v) for k, v in data_cfg.items()}
-  s = tasks_lib._cls_settings(data_cfg)
+  s = classification.cls_settings(data_cfg)
   if s['is_regression']:
     raise ValueError('cloze classification needs class labels, not a regression task')
   labels, hf_names = s['labels'], None
   if labels is None:
-    train_ex, _, hf_names = tasks_lib._read_cls_split(data_cfg, s, 'train', None, True)
-    labels = hf_names or tasks_lib._sort_labels(train_ex.labels)
-  ex, _, names = tasks_lib._read_cls_split(data_cfg, s, tasks_lib.normalize_split(split),
+    train_ex, _, hf_names = classification.read_cls_split(data_cfg, s, 'train', None, True)
+    labels = hf_names or classification.sort_labels(train_ex.labels)
+  ex, _, names = classification.read_cls_split(data_cfg, s, splits.normalize_split(split),
                                            labels, require_labels=True)
   values = list(names or labels)
   task = s['task']

@@ -22,7 +22,9 @@ from flax import nnx
 from jaxft import config as config_lib
 from jaxft import peft
 from jaxft.data import loader as loader_lib
-from jaxft.data import tasks as tasks_lib
+from jaxft.data import classification
+from jaxft.data import ner
+from jaxft.data import splits
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
@@ -159,7 +161,7 @@ def ner_task(num_labels: int, *, label_smoothing: float = 0.0) -> Task:
   def loss(model, batch, rng, deterministic):
     logits = model(*_inputs(batch), deterministic=deterministic,
                    rngs=_rngs(rng, deterministic))['logits']
-    w = (batch['labels'] != tasks_lib.IGNORE_INDEX).astype(jnp.float32)
+    w = (batch['labels'] != splits.IGNORE_INDEX).astype(jnp.float32)
     if 'weights' in batch:
       w = w * batch['weights'].astype(jnp.float32)
     loss_sum, wsum, correct = cross_entropy_sums(logits, batch['labels'], w, label_smoothing)
@@ -167,7 +169,7 @@ def ner_task(num_labels: int, *, label_smoothing: float = 0.0) -> Task:
 
   def evaluate(model, batch):
     logits = model(*_inputs(batch))['logits']
-    w = ((batch['labels'] != tasks_lib.IGNORE_INDEX) & (batch['valid'][:, None] > 0))
+    w = ((batch['labels'] != splits.IGNORE_INDEX) & (batch['valid'][:, None] > 0))
     loss_sum, wsum, _ = cross_entropy_sums(logits, batch['labels'], w.astype(jnp.float32))
     return {'loss_sum': loss_sum, 'weight': wsum,
             'per_example': {'pred': jnp.argmax(logits, -1).astype(jnp.int32),
@@ -187,7 +189,7 @@ def with_index(arrays, batch_size: int):
   for k, v in arrays.items():
     pad = np.zeros((total - n,) + v.shape[1:], v.dtype)
     if k == 'labels' and v.ndim == 2:
-      pad[:] = tasks_lib.IGNORE_INDEX
+      pad[:] = splits.IGNORE_INDEX
     out[k] = np.concatenate([v, pad])
   out['valid'] = np.concatenate([np.ones(n, np.int32), np.zeros(total - n, np.int32)])
   out['index'] = np.arange(total, dtype=np.int32)
@@ -224,7 +226,7 @@ def cls_summarizer(info):
 def ner_summarizer(info, word_ids):
   def summarize(sums, per):
     per = ordered(per)
-    tags = tasks_lib.predictions_to_tags(per['pred'], word_ids, info['label_names'],
+    tags = ner.predictions_to_tags(per['pred'], word_ids, info['label_names'],
                                          info['num_words'])
     out = {'loss': sums['loss_sum'] / max(sums['weight'], 1e-9)}
     m = metrics_lib.ner_metrics(tags, info['tags'])
@@ -236,7 +238,7 @@ def ner_summarizer(info, word_ids):
 
 def load_split(kind, data_cfg, tokenizer, split):
   """(arrays, info) of one split, or (None, None) when an eval/test file is absent."""
-  loader = tasks_lib.load_cls_task if kind == 'cls' else tasks_lib.load_ner_task
+  loader = classification.load_cls_split if kind == 'cls' else ner.load_ner_split
   # ConfigDict fields are typed, so "unset" is '' in configs; the readers expect None.
   data_cfg = {k: (None if isinstance(v, str) and not v else v) for k, v in data_cfg.items()}
   try:

@@ -21,7 +21,7 @@ _REG_METRICS = ('pearson', 'spearman')
 
 def _metric_names(task_or_metric_names: str | Sequence[str]) -> list[str]:
   if isinstance(task_or_metric_names, str):
-    from jaxft.data.tasks import GLUE_TASKS
+    from jaxft.data.classification import GLUE_TASKS
     key = task_or_metric_names.lower().replace('-', '')
     if key in GLUE_TASKS:
       return list(GLUE_TASKS[key].metrics)

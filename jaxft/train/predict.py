@@ -21,7 +21,8 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxft import partitioning
-from jaxft.data import tasks as tasks_lib
+from jaxft.data import classification
+from jaxft.data import ner
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
@@ -58,15 +59,15 @@ def load_inputs(spec: str, kind: str, data_cfg: dict, tokenizer, labels: dict):
   if spec.endswith('.txt') and os.path.isfile(spec):
     rows = _read_txt(spec)
     if kind == 'cls':
-      ex = tasks_lib.ClsExamples([t for _, t in rows], None, None, [s for s, _ in rows])
-      arrays, st = tasks_lib.encode_cls(ex, tokenizer, max_len=max_len,
+      ex = classification.ClsExamples([t for _, t in rows], None, None, [s for s, _ in rows])
+      arrays, st = classification.encode_cls(ex, tokenizer, max_len=max_len,
                                         truncation=data_cfg.get('truncation') or 'truncate',
                                         is_regression=bool(labels.get('is_regression')))
       keep = st['keep']
       return arrays, {'texts': [ex.texts[i] for i in keep], 'pairs': None, 'gold': None,
                       'sources': [ex.sources[i] for i in keep]}
-    ex = tasks_lib.NerExamples([t.split() for _, t in rows], None, [s for s, _ in rows])
-    arrays, st = tasks_lib.encode_ner(ex, tokenizer, labels['label_names'], max_len=max_len,
+    ex = ner.NerExamples([t.split() for _, t in rows], None, [s for s, _ in rows])
+    arrays, st = ner.encode_ner(ex, tokenizer, labels['label_names'], max_len=max_len,
                                       truncation=data_cfg.get('truncation') or 'truncate')
     keep = st['keep']
     words = [ex.words[i] for i in keep]
@@ -77,7 +78,7 @@ def load_inputs(spec: str, kind: str, data_cfg: dict, tokenizer, labels: dict):
     split = 'test'
   else:
     split = spec
-  loader = tasks_lib.load_cls_task if kind == 'cls' else tasks_lib.load_ner_task
+  loader = classification.load_cls_split if kind == 'cls' else ner.load_ner_split
   arrays, info = loader(data_cfg, tokenizer, split)
   if kind == 'cls':
     return arrays, {'texts': info['texts'], 'pairs': info['pairs'], 'gold': arrays.get('labels'),
@@ -168,7 +169,7 @@ def run(cfg, workdir: str) -> dict:
               n_correct += rec['gold'] == rec['label']
           f.write(json.dumps(rec) + '\n')
       else:
-        tags = tasks_lib.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], names,
+        tags = ner.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], names,
                                              ex['num_words'])
         for i in range(n):
           rec = {'source': ex['sources'][i], 'tokens': ex['words'][i], 'tags': tags[i],

@@ -5,7 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxft.data import tasks
+from jaxft.data import classification
+from jaxft.data import ner
+from jaxft.data import splits
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path('/work/shared/data')
@@ -46,34 +48,34 @@ def _write(path, text):
 # ------------------------------------------------------------------------ presets
 
 def test_glue_presets_table():
-  assert set(tasks.GLUE_TASKS) == {'cola', 'sst2', 'mrpc', 'qqp', 'stsb', 'mnli', 'qnli',
+  assert set(classification.GLUE_TASKS) == {'cola', 'sst2', 'mrpc', 'qqp', 'stsb', 'mnli', 'qnli',
                                    'rte', 'wnli'}
   expect = {'cola': ('matthews',), 'sst2': ('accuracy',), 'qnli': ('accuracy',),
             'rte': ('accuracy',), 'wnli': ('accuracy',), 'mnli': ('accuracy',),
             'mrpc': ('accuracy', 'f1'), 'qqp': ('accuracy', 'f1'),
             'stsb': ('pearson', 'spearman')}
   for name, metrics in expect.items():
-    t = tasks.GLUE_TASKS[name]
+    t = classification.GLUE_TASKS[name]
     assert t.metrics == metrics
     assert t.main_metric in t.metrics
     assert (t.text_pair_column is None) == (name in ('cola', 'sst2'))
-  assert tasks.GLUE_TASKS['stsb'].is_regression
-  assert tasks.GLUE_TASKS['mnli'].files['dev'] == 'dev_matched.tsv'
-  assert tasks.GLUE_TASKS['mnli'].label_values == ('entailment', 'neutral', 'contradiction')
-  assert tasks.get_glue_task('SST-2').name == 'sst2'
+  assert classification.GLUE_TASKS['stsb'].is_regression
+  assert classification.GLUE_TASKS['mnli'].files['dev'] == 'dev_matched.tsv'
+  assert classification.GLUE_TASKS['mnli'].label_values == ('entailment', 'neutral', 'contradiction')
+  assert classification.get_glue_task('SST-2').name == 'sst2'
   with pytest.raises(ValueError, match='not a GLUE task'):
-    tasks.get_glue_task('squad')
+    classification.get_glue_task('squad')
 
 
 def test_bundled_sst2_slice(bert_tok):
-  arrays, info = tasks.load_cls_task({'task': 'sst2', 'path': str(SST2), 'max_len': 64},
+  arrays, info = classification.load_cls_split({'task': 'sst2', 'path': str(SST2), 'max_len': 64},
                                      bert_tok, 'train')
   assert arrays['input_ids'].shape == (8000, 64)
   assert arrays['labels'].dtype == np.int32
   assert info['stats']['label_counts'] == [3591, 4409]
   assert info['label_names'] == ['negative', 'positive']
   assert info['metric_names'] == ['accuracy'] and info['main_metric'] == 'accuracy'
-  dev, dinfo = tasks.load_cls_task({'task': 'sst2', 'path': str(SST2)}, bert_tok,
+  dev, dinfo = classification.load_cls_split({'task': 'sst2', 'path': str(SST2)}, bert_tok,
                                    'validation')
   assert dev['input_ids'].shape == (872, 128)
   assert dinfo['stats']['label_counts'] == [428, 444]
@@ -103,10 +105,10 @@ def test_cola_headerless_and_unlabeled_test(tmp_path, bert_tok):
          'gj04\t0\t*\tThey drank the pub.\n')
   _write(tmp_path / 'test.tsv', 'index\tsentence\n0\tBill whistled past the house.\n')
   cfg = {'task': 'cola', 'path': str(tmp_path)}
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['sources'] == [f'{tmp_path}/train.tsv:1', f'{tmp_path}/train.tsv:2']
-  test, tinfo = tasks.load_cls_task(cfg, bert_tok, 'test')
+  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
   assert 'labels' not in test and not tinfo['has_labels']
   assert test['input_ids'].shape == (1, 128)
 
@@ -116,7 +118,7 @@ def test_pair_tsv_keeps_quotes_and_token_types(tmp_path, bert_tok):
          'index\tsentence1\tsentence2\tlabel\n'
          '0\tHe said "hi there\tno one spoke .\tnot_entailment\n'
          '1\tA "quoted" word .\tA word .\tentailment\n')
-  arrays, info = tasks.load_cls_task({'task': 'rte', 'path': str(tmp_path)}, bert_tok,
+  arrays, info = classification.load_cls_split({'task': 'rte', 'path': str(tmp_path)}, bert_tok,
                                      'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['label_names'] == ['entailment', 'not_entailment']
@@ -145,16 +147,16 @@ def test_bad_tsv_rows_raise_with_file_and_line(tmp_path, bert_tok, line, pattern
   keep = [lines[0], lines[1], lines[line - 1], lines[5]]  # the bad row stays at line 3
   path = _write(tmp_path / 'train.tsv', ''.join(keep))
   with pytest.raises(ValueError, match=rf'train\.tsv:3: .*{pattern}'):
-    tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
   # The same row in its original position names its original line.
   _write(path, _BAD_TSV)
   with pytest.raises(ValueError, match=r'train\.tsv:3: .*empty text'):
-    tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
 
 
 def test_bad_tsv_rows_skipped_and_counted(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', _BAD_TSV)
-  arrays, info = tasks.load_cls_task(
+  arrays, info = classification.load_cls_split(
       {'task': 'sst2', 'path': str(tmp_path), 'on_bad_row': 'skip'}, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0]
   st = info['stats']
@@ -166,16 +168,16 @@ def test_bad_tsv_rows_skipped_and_counted(tmp_path, bert_tok):
 def test_missing_column_and_bad_config(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', 'text\tlabel\nhello\t1\n')
   with pytest.raises(ValueError, match=r"train\.tsv:1: data.text_column='sentence'"):
-    tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
   with pytest.raises(ValueError, match='on_bad_row'):
-    tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text',
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text',
                          'on_bad_row': 'ignore'}, bert_tok, 'train')
   _write(tmp_path / 'dev.tsv', 'text\nhello\n')  # only test splits may lack labels
   with pytest.raises(ValueError, match=r"dev\.tsv:1: data.label_column='label'"):
-    tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text'},
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text'},
                         bert_tok, 'dev')
   _write(tmp_path / 'test.tsv', 'text\nhello\n')
-  arrays, info = tasks.load_cls_task({'task': 'sst2', 'path': str(tmp_path),
+  arrays, info = classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path),
                                       'text_column': 'text'}, bert_tok, 'test')
   assert 'labels' not in arrays and not info['has_labels']
 
@@ -185,7 +187,7 @@ def test_regression_labels(tmp_path, bert_tok):
          'index\tgenre\tsentence1\tsentence2\tscore\n'
          '0\tx\tA plane is taking off.\tAn air plane is taking off.\t5.000\n'
          '1\tx\tA man is playing a flute.\tA man is eating.\t0.8\n')
-  arrays, info = tasks.load_cls_task({'task': 'stsb', 'path': str(tmp_path)}, bert_tok,
+  arrays, info = classification.load_cls_split({'task': 'stsb', 'path': str(tmp_path)}, bert_tok,
                                      'train')
   assert arrays['labels'].dtype == np.float32
   np.testing.assert_allclose(arrays['labels'], [5.0, 0.8])
@@ -193,7 +195,7 @@ def test_regression_labels(tmp_path, bert_tok):
   assert info['main_metric'] == 'spearman'
   _write(tmp_path / 'train.tsv', 'sentence1\tsentence2\tscore\na\tb\tfive\n')
   with pytest.raises(ValueError, match=r"train\.tsv:2: regression label 'five'"):
-    tasks.load_cls_task({'task': 'stsb', 'path': str(tmp_path)}, bert_tok, 'train')
+    classification.load_cls_split({'task': 'stsb', 'path': str(tmp_path)}, bert_tok, 'train')
 
 
 # --------------------------------------------------------------------- truncation
@@ -202,14 +204,14 @@ def test_truncation_modes(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', 'sentence\tlabel\nshort one\t0\n'
          + 'a very long sentence that goes on and on and on\t1\n')
   cfg = {'task': 'sst2', 'path': str(tmp_path), 'max_len': 6}
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
   assert info['stats']['n_truncated'] == 1 and arrays['input_ids'].shape == (2, 6)
   assert arrays['attention_mask'][1].all()
   assert arrays['input_ids'][1, -1] == bert_tok.sep_token_id
-  arrays, info = tasks.load_cls_task({**cfg, 'truncation': 'skip'}, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'truncation': 'skip'}, bert_tok, 'train')
   assert info['stats']['n_too_long_skipped'] == 1 and arrays['labels'].tolist() == [0]
   with pytest.raises(ValueError, match=r'train\.tsv:3: 13 tokens > data.max_len=6'):
-    tasks.load_cls_task({**cfg, 'truncation': 'error'}, bert_tok, 'train')
+    classification.load_cls_split({**cfg, 'truncation': 'error'}, bert_tok, 'train')
 
 
 # ------------------------------------------------------- csv / jsonl / derived labels
@@ -220,12 +222,12 @@ def test_csv_and_jsonl_with_config_columns(tmp_path, bert_tok):
   _write(tmp_path / 'dev.csv', 'review,stars\n"so ""so""",neutral\n')
   cfg = {'path': str(tmp_path), 'train_file': 'train.csv', 'dev_file': 'dev.csv',
          'text_column': 'review', 'label_column': 'stars'}
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
   assert info['label_names'] == ['neg', 'neutral', 'pos']  # sorted, from train
   assert arrays['labels'].tolist() == [2, 0, 1]
   assert 'token_type_ids' in arrays
   assert info['metric_names'] == ['accuracy', 'f1_macro']
-  dev, dinfo = tasks.load_cls_task(cfg, bert_tok, 'dev')
+  dev, dinfo = classification.load_cls_split(cfg, bert_tok, 'dev')
   assert dinfo['label_names'] == ['neg', 'neutral', 'pos'] and dev['labels'].tolist() == [1]
 
   rows = [{'q': 'is it?', 'a': 'yes it is', 'y': 1}, {'q': 'and this', 'a': 'no', 'y': 0}]
@@ -234,8 +236,8 @@ def test_csv_and_jsonl_with_config_columns(tmp_path, bert_tok):
   cfg = {'path': str(tmp_path), 'train_file': 'train.jsonl', 'text_column': 'q',
          'text_pair_column': 'a', 'label_column': 'y', 'labels': [0, 1]}
   with pytest.raises(ValueError, match=r"train\.jsonl:4: missing key\(s\) \['a'\]"):
-    tasks.load_cls_task(cfg, bert_tok, 'train')
-  arrays, info = tasks.load_cls_task({**cfg, 'on_bad_row': 'skip'}, bert_tok, 'train')
+    classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0] and info['stats']['skipped'] == {'bad_row': 1}
   assert info['stats']['n_blank_lines'] == 1
 
@@ -250,28 +252,28 @@ def test_hf_path_with_local_files(tmp_path, bert_tok):
   cfg = {'task': 'rte', 'source': 'hf', 'hf_path': 'json',
          'hf_data_files': {'train': str(tmp_path / 'rte.jsonl')},
          'hf_cache_dir': str(tmp_path / 'hf_cache')}
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [0, 1]
   assert info['label_names'] == ['entailment', 'not_entailment']
   assert arrays['token_type_ids'][0].max() == 1
-  with pytest.raises(tasks.MissingSplitError, match='no split .validation.'):
-    tasks.load_cls_task(cfg, bert_tok, 'dev')
+  with pytest.raises(splits.MissingSplitError, match='no split .validation.'):
+    classification.load_cls_split(cfg, bert_tok, 'dev')
   # The bundled SST-2 dev set through load_dataset('csv') gives the same arrays.
   cfg = {'task': 'sst2', 'source': 'hf', 'hf_path': 'csv',
          'hf_data_files': {'validation': str(SST2 / 'dev.tsv')},
          'hf_kwargs': {'sep': '\t', 'quoting': 3},
          'hf_cache_dir': str(tmp_path / 'hf_cache'), 'labels': ['0', '1']}
-  hf, info = tasks.load_cls_task(cfg, bert_tok, 'dev')
+  hf, info = classification.load_cls_split(cfg, bert_tok, 'dev')
   assert info['stats']['label_counts'] == [428, 444]
   assert info['sources'][0] == 'csv[validation][row 0]'
-  files, _ = tasks.load_cls_task({'task': 'sst2', 'path': str(SST2)}, bert_tok, 'dev')
+  files, _ = classification.load_cls_split({'task': 'sst2', 'path': str(SST2)}, bert_tok, 'dev')
   assert set(hf) == set(files)
   for k in files:
     np.testing.assert_array_equal(files[k], hf[k])
   # Without a label list, an HF split that is not ClassLabel derives it from train.
   cfg = {**cfg, 'labels': None, 'hf_data_files': {'train': str(SST2 / 'dev.tsv'),
                                                   'validation': str(SST2 / 'dev.tsv')}}
-  hf, info = tasks.load_cls_task(cfg, bert_tok, 'dev')
+  hf, info = classification.load_cls_split(cfg, bert_tok, 'dev')
   assert info['label_values'] == ['0', '1'] and info['label_names'] == ['negative',
                                                                        'positive']
   np.testing.assert_array_equal(files['labels'], hf['labels'])
@@ -288,52 +290,52 @@ def test_hf_classlabel_dataset(tmp_path, bert_tok):
                                           'label': [-1, -1]}, features=feats)})
   dd.save_to_disk(str(tmp_path / 'sst2_hf'))
   cfg = {'task': 'sst2', 'source': 'hf', 'hf_path': str(tmp_path / 'sst2_hf')}
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0, 1]
   assert info['label_names'] == ['negative', 'positive']
-  test, tinfo = tasks.load_cls_task(cfg, bert_tok, 'test')
+  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
   assert 'labels' not in test and not tinfo['has_labels']
   bad = datasets.Dataset.from_dict({'sentence': ['ok', ''], 'label': [1, 0]},
                                    features=feats)
   with pytest.raises(ValueError, match=r'\[row 1\]: empty text'):
-    tasks.read_cls_hf(bad, text_column='sentence', name='mem')
+    classification.read_cls_hf(bad, text_column='sentence', name='mem')
 
 
 # ---------------------------------------------------------------------- GPT-2 padding
 
 def test_gpt2_pads_with_eos(gpt2_tok):
-  ex = tasks.ClsExamples(['hello world', 'a much longer input sentence here'], None, [0, 1],
+  ex = classification.ClsExamples(['hello world', 'a much longer input sentence here'], None, [0, 1],
                          ['x:1', 'x:2'])
-  arrays, _ = tasks.encode_cls(ex, gpt2_tok, max_len=8)
+  arrays, _ = classification.encode_cls(ex, gpt2_tok, max_len=8)
   assert set(arrays) == {'input_ids', 'attention_mask', 'labels'}
   n = arrays['attention_mask'][0].sum()
   assert n == 2 and (arrays['input_ids'][0, n:] == gpt2_tok.eos_token_id).all()
   assert arrays['input_ids'][0, :n].tolist() == gpt2_tok('hello world')['input_ids']
-  ner = tasks.NerExamples([['Peter', 'Blackburn']], [['B-PER', 'I-PER']], ['x:1'])
-  arrays, _ = tasks.encode_ner(ner, gpt2_tok, NER_LABELS, max_len=8)
-  first = arrays['labels'][0] != tasks.IGNORE_INDEX
+  sent = ner.NerExamples([["Peter", "Blackburn"]], [["B-PER", "I-PER"]], ["x:1"])
+  arrays, _ = ner.encode_ner(sent, gpt2_tok, NER_LABELS, max_len=8)
+  first = arrays['labels'][0] != splits.IGNORE_INDEX
   assert arrays['labels'][0][first].tolist() == [4, 8]
 
 
 # ----------------------------------------------------------------------------- CoNLL
 
 def test_read_conll_fixture():
-  ex, stats = tasks.read_conll(CONLL_TINY)
+  ex, stats = ner.read_conll(CONLL_TINY)
   assert len(ex) == 5 and stats['n_docstart'] == 1 and stats['n_tokens'] == 74
   assert ex.words[1] == ['Peter', 'Blackburn'] and ex.tags[1] == ['B-PER', 'I-PER']
   assert ex.sources[0].endswith('conll_tiny.txt:3')
-  assert tasks.derive_tag_labels(ex.tags) == NER_LABELS
+  assert ner.derive_tag_labels(ex.tags) == NER_LABELS
 
 
 def test_iob1_to_iob2():
   iob1 = ['I-PER', 'I-PER', 'O', 'I-LOC', 'B-LOC', 'I-ORG', 'I-LOC', 'I-LOC']
-  assert tasks.iob1_to_iob2(iob1) == ['B-PER', 'I-PER', 'O', 'B-LOC', 'B-LOC', 'B-ORG',
+  assert ner.iob1_to_iob2(iob1) == ['B-PER', 'I-PER', 'O', 'B-LOC', 'B-LOC', 'B-ORG',
                                       'B-LOC', 'I-LOC']
-  assert tasks.tag_error(iob1, 'iob1') is None
-  assert tasks.tag_error(iob1, 'iob2') == (0, 'I-PER after O is invalid IOB2 (an entity '
+  assert ner.tag_error(iob1, 'iob1') is None
+  assert ner.tag_error(iob1, 'iob2') == (0, 'I-PER after O is invalid IOB2 (an entity '
                                            'must start with B-)')
-  assert tasks.tag_error(['O', 'B-PER'], 'iob1')[0] == 1
-  assert tasks.tag_error(['O', 'PER'], 'iob2')[0] == 1
+  assert ner.tag_error(['O', 'B-PER'], 'iob1')[0] == 1
+  assert ner.tag_error(['O', 'PER'], 'iob2')[0] == 1
 
 
 def test_read_conll_iob1_file(tmp_path):
@@ -341,15 +343,15 @@ def test_read_conll_iob1_file(tmp_path):
                 '-DOCSTART- -X- -X- O\n\n'
                 'U.N. NNP I-NP I-ORG\nofficial NN I-NP O\nEkeus NNP I-NP I-PER\n\n'
                 'Germany NNP I-NP I-LOC\nFrance NNP I-NP B-LOC\n')
-  ex, stats = tasks.read_conll(path, tag_scheme='iob1')
+  ex, stats = ner.read_conll(path, tag_scheme='iob1')
   assert ex.tags == [['B-ORG', 'O', 'B-PER'], ['B-LOC', 'B-LOC']]
   assert stats['n_tags_converted'] == 3
   # The same file declared IOB2 is rejected at its first I- entity start.
   with pytest.raises(ValueError, match=r'iob1\.txt:3: I-ORG after O is invalid IOB2'):
-    tasks.read_conll(path, tag_scheme='iob2')
+    ner.read_conll(path, tag_scheme='iob2')
   # The IOB2 fixture declared IOB1 is rejected too (B- after O).
   with pytest.raises(ValueError, match=r'conll_tiny\.txt:3: B-ORG after O is invalid IOB1'):
-    tasks.read_conll(CONLL_TINY, tag_scheme='iob1')
+    ner.read_conll(CONLL_TINY, tag_scheme='iob1')
 
 
 def test_conll_bad_sentences(tmp_path):
@@ -360,23 +362,23 @@ def test_conll_bad_sentences(tmp_path):
                 'Bonn NNP B-NP B-GPE\n\n'                              # line 9: unknown tag
                 'Rome NNP B-NP B-LOC\n')                               # line 11: good
   with pytest.raises(ValueError, match=r'bad\.txt:5: I-LOC after O is invalid IOB2'):
-    tasks.read_conll(path)
-  ex, stats = tasks.read_conll(path, on_bad_row='skip', labels=NER_LABELS)
+    ner.read_conll(path)
+  ex, stats = ner.read_conll(path, on_bad_row='skip', labels=NER_LABELS)
   assert ex.words == [['Peter', 'Blackburn'], ['Rome']]
   assert stats['skipped'] == {'bad_tags': 1, 'bad_columns': 1, 'bad_label': 1}
   assert stats['n_sentences'] == 5 and stats['n_examples'] == 2
   with pytest.raises(ValueError, match=r'b2\.txt:9: tag .B-GPE. is not in the label set'):
-    tasks.read_conll(_write(tmp_path / 'b2.txt', open(path).read().replace(
+    ner.read_conll(_write(tmp_path / 'b2.txt', open(path).read().replace(
         'Paris NNP B-NP I-LOC', 'Paris NNP B-NP B-LOC').replace('odd NN B-NP', 'odd NN B-NP O')),
         labels=NER_LABELS)
   with pytest.raises(ValueError, match=r'b3\.txt:2: expected 4 columns, got 3'):
-    tasks.read_conll(_write(tmp_path / 'b3.txt', 'a B C O\nb C O\n'))
+    ner.read_conll(_write(tmp_path / 'b3.txt', 'a B C O\nb C O\n'))
 
 
 def test_subtoken_alignment_hand_checked(bert_tok):
-  ner = tasks.NerExamples([['Werner', 'Zwingmann', 'said'], ['BRUSSELS', '1996-08-22']],
+  sents = ner.NerExamples([['Werner', 'Zwingmann', 'said'], ['BRUSSELS', '1996-08-22']],
                           [['B-PER', 'I-PER', 'O'], ['B-LOC', 'O']], ['x:1', 'x:5'])
-  arrays, stats = tasks.encode_ner(ner, bert_tok, NER_LABELS, max_len=10)
+  arrays, stats = ner.encode_ner(sents, bert_tok, NER_LABELS, max_len=10)
   toks = bert_tok.convert_ids_to_tokens(arrays['input_ids'][0][:7])
   assert toks == ['[CLS]', 'werner', 'z', '##wing', '##mann', 'said', '[SEP]']
   i = NER_LABELS.index
@@ -390,31 +392,31 @@ def test_subtoken_alignment_hand_checked(bert_tok):
   assert arrays['word_ids'][1].tolist() == [-1, 0, 1, 1, 1, 1, 1, -1, -1, -1]
   assert arrays['token_type_ids'].shape == (2, 10) and stats['n_truncated'] == 0
   # Predictions at first sub-tokens map back to words.
-  back = tasks.predictions_to_tags(arrays['labels'].clip(0), arrays['word_ids'],
+  back = ner.predictions_to_tags(arrays['labels'].clip(0), arrays['word_ids'],
                                    NER_LABELS, [3, 2])
-  assert back == ner.tags
+  assert back == sents.tags
 
 
 def test_ner_truncation(bert_tok):
-  ner = tasks.NerExamples([['Werner', 'Zwingmann', 'said'], ['Rome']],
+  sents = ner.NerExamples([['Werner', 'Zwingmann', 'said'], ['Rome']],
                           [['B-PER', 'I-PER', 'O'], ['B-LOC']], ['f.txt:1', 'f.txt:5'])
-  arrays, stats = tasks.encode_ner(ner, bert_tok, NER_LABELS, max_len=4)
+  arrays, stats = ner.encode_ner(sents, bert_tok, NER_LABELS, max_len=4)
   # [CLS] werner z [SEP]: 'Zwingmann' keeps its first sub-token, 'said' is cut.
   assert stats['n_truncated'] == 1 and stats['n_words_truncated'] == 1
   assert arrays['word_ids'][0].tolist() == [-1, 0, 1, -1]
-  back = tasks.predictions_to_tags(np.zeros((2, 4), int) + 4, arrays['word_ids'],
+  back = ner.predictions_to_tags(np.zeros((2, 4), int) + 4, arrays['word_ids'],
                                    NER_LABELS, [3, 1])
   assert back == [['B-PER', 'B-PER', 'O'], ['B-PER']]  # truncated words default to O
-  arrays, stats = tasks.encode_ner(ner, bert_tok, NER_LABELS, max_len=4, truncation='skip')
+  arrays, stats = ner.encode_ner(sents, bert_tok, NER_LABELS, max_len=4, truncation='skip')
   assert stats['n_too_long_skipped'] == 1 and stats['keep'].tolist() == [1]
   with pytest.raises(ValueError, match=r'f\.txt:1: sentence has 7 sub-tokens'):
-    tasks.encode_ner(ner, bert_tok, NER_LABELS, max_len=4, truncation='error')
+    ner.encode_ner(sents, bert_tok, NER_LABELS, max_len=4, truncation='error')
 
 
 def test_load_ner_task_from_files(tmp_path, bert_tok):
   cfg = {'path': str(CONLL_TINY.parent), 'train_file': CONLL_TINY.name,
          'dev_file': CONLL_TINY.name, 'max_len': 32}
-  arrays, info = tasks.load_ner_task(cfg, bert_tok, 'train')
+  arrays, info = ner.load_ner_split(cfg, bert_tok, 'train')
   assert info['label_names'] == NER_LABELS
   assert set(arrays) == {'input_ids', 'attention_mask', 'token_type_ids', 'labels',
                          'word_ids'}
@@ -422,7 +424,7 @@ def test_load_ner_task_from_files(tmp_path, bert_tok):
   assert info['num_words'] == [9, 2, 2, 30, 31]
   assert info['stats']['n_truncated'] == 2
   # Labelled positions == words kept after truncation; they carry the gold tags.
-  back = tasks.predictions_to_tags(arrays['labels'].clip(0), arrays['word_ids'],
+  back = ner.predictions_to_tags(arrays['labels'].clip(0), arrays['word_ids'],
                                    info['label_names'], info['num_words'])
   for b, gold, wid in zip(back, info['tags'], arrays['word_ids']):
     kept = wid.max() + 1
@@ -430,7 +432,7 @@ def test_load_ner_task_from_files(tmp_path, bert_tok):
   assert (arrays['labels'] != -100).sum() == sum(
       len(set(w[w >= 0].tolist())) for w in arrays['word_ids'])
   # An explicit label list in another order is honoured.
-  arrays2, info2 = tasks.load_ner_task({**cfg, 'labels': NER_LABELS[::-1]}, bert_tok, 'dev')
+  arrays2, info2 = ner.load_ner_split({**cfg, 'labels': NER_LABELS[::-1]}, bert_tok, 'dev')
   assert info2['label_names'] == NER_LABELS[::-1]
   m = arrays['labels'] >= 0
   np.testing.assert_array_equal(len(NER_LABELS) - 1 - arrays['labels'][m],
@@ -442,15 +444,15 @@ def test_load_ner_task_hf(tmp_path, bert_tok):
   names = ['O', 'B-PER', 'I-PER', 'B-ORG', 'I-ORG', 'B-LOC', 'I-LOC', 'B-MISC', 'I-MISC']
   feats = datasets.Features({'tokens': datasets.Sequence(datasets.Value('string')),
                              'ner_tags': datasets.Sequence(datasets.ClassLabel(names=names))})
-  ex, _ = tasks.read_conll(CONLL_TINY)
+  ex, _ = ner.read_conll(CONLL_TINY)
   data = {'tokens': ex.words, 'ner_tags': [[names.index(t) for t in s] for s in ex.tags]}
   dd = datasets.DatasetDict({'train': datasets.Dataset.from_dict(data, features=feats),
                              'validation': datasets.Dataset.from_dict(data, features=feats)})
   dd.save_to_disk(str(tmp_path / 'conll_hf'))
   cfg = {'source': 'hf', 'hf_path': str(tmp_path / 'conll_hf'), 'max_len': 64}
-  arrays, info = tasks.load_ner_task(cfg, bert_tok, 'validation')
+  arrays, info = ner.load_ner_split(cfg, bert_tok, 'validation')
   assert info['label_names'] == names and info['tags'] == ex.tags
-  files, finfo = tasks.load_ner_task({'path': str(CONLL_TINY.parent), 'max_len': 64,
+  files, finfo = ner.load_ner_split({'path': str(CONLL_TINY.parent), 'max_len': 64,
                                       'train_file': CONLL_TINY.name, 'labels': names},
                                      bert_tok, 'train')
   np.testing.assert_array_equal(arrays['labels'], files['labels'])
@@ -459,7 +461,7 @@ def test_load_ner_task_hf(tmp_path, bert_tok):
   bad = datasets.Dataset.from_dict({'tokens': [['a', 'b']], 'ner_tags': [[0, 2]]},
                                    features=feats)
   with pytest.raises(ValueError, match=r'mem\[row 0\]: token 1: I-PER after O'):
-    tasks.read_ner_hf(bad, name='mem')
+    ner.read_ner_hf(bad, name='mem')
 
 
 # ------------------------------------------------------------------- class balance
@@ -468,48 +470,48 @@ def test_class_weights_match_sklearn():
   from sklearn.utils.class_weight import compute_class_weight
   y = np.array([0, 0, 0, 0, 1, 2, 2, 0, 1, 0])
   ref = compute_class_weight('balanced', classes=np.unique(y), y=y)
-  np.testing.assert_allclose(tasks.class_weights(y, 3), ref, rtol=1e-6)
-  w = tasks.class_weights(np.array([0, 0, 2, -100]), 4)  # absent classes: 0
+  np.testing.assert_allclose(splits.class_weights(y, 3), ref, rtol=1e-6)
+  w = splits.class_weights(np.array([0, 0, 2, -100]), 4)  # absent classes: 0
   np.testing.assert_allclose(w, [0.75, 0, 1.5, 0])
 
 
 def test_balanced_resample_and_config(tmp_path, bert_tok):
   y = np.array([0] * 90 + [1] * 10)
-  idx = tasks.balanced_resample_indices(y, seed=3)
+  idx = splits.balanced_resample_indices(y, seed=3)
   assert len(idx) == 100 and np.bincount(y[idx]).tolist() == [50, 50]
-  np.testing.assert_array_equal(idx, tasks.balanced_resample_indices(y, seed=3))
-  assert not np.array_equal(idx, tasks.balanced_resample_indices(y, seed=4))
+  np.testing.assert_array_equal(idx, splits.balanced_resample_indices(y, seed=3))
+  assert not np.array_equal(idx, splits.balanced_resample_indices(y, seed=4))
   cfg = {'task': 'sst2', 'path': str(SST2), 'max_len': 16}
-  arrays, info = tasks.load_cls_task({**cfg, 'class_balance': 'weights'}, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'class_balance': 'weights'}, bert_tok, 'train')
   cw = np.array(info['stats']['class_weights'])
   np.testing.assert_allclose(cw, 8000 / (2 * np.array([3591, 4409])), rtol=1e-6)
   np.testing.assert_allclose(arrays['weights'], cw[arrays['labels']])
-  arrays, info = tasks.load_cls_task({**cfg, 'class_balance': 'resample'}, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'class_balance': 'resample'}, bert_tok, 'train')
   assert info['stats']['label_counts'] == [4000, 4000]
-  dev, _ = tasks.load_cls_task({**cfg, 'class_balance': 'resample'}, bert_tok, 'dev')
+  dev, _ = classification.load_cls_split({**cfg, 'class_balance': 'resample'}, bert_tok, 'dev')
   assert len(dev['labels']) == 872 and 'weights' not in dev  # eval splits untouched
 
 
 def test_config_dict_and_defaults(bert_tok):
   import ml_collections
-  cfg = ml_collections.ConfigDict(tasks.CLS_DATA_DEFAULTS)
+  cfg = ml_collections.ConfigDict(classification.CLS_DATA_DEFAULTS)
   cfg.task = 'sst2'
   cfg.path = 'data/glue/sst2'  # relative: cwd first, then the repository root
   cfg.max_len = 16
-  arrays, info = tasks.load_cls_task(cfg, bert_tok, 'dev')
+  arrays, info = classification.load_cls_split(cfg, bert_tok, 'dev')
   assert arrays['input_ids'].shape == (872, 16) and info['stats']['n_truncated'] > 0
-  ner = ml_collections.ConfigDict(tasks.NER_DATA_DEFAULTS)
-  ner.path = str(CONLL_TINY.parent)
-  ner.train_file = CONLL_TINY.name
-  arrays, info = tasks.load_ner_task(ner, bert_tok, 'train')
+  ner_cfg = ml_collections.ConfigDict(ner.NER_DATA_DEFAULTS)
+  ner_cfg.path = str(CONLL_TINY.parent)
+  ner_cfg.train_file = CONLL_TINY.name
+  arrays, info = ner.load_ner_split(ner_cfg, bert_tok, 'train')
   assert info['label_names'] == NER_LABELS
-  with pytest.raises(tasks.MissingSplitError, match='valid.txt does not exist'):
-    tasks.load_ner_task(ner, bert_tok, 'dev')
+  with pytest.raises(splits.MissingSplitError, match='valid.txt does not exist'):
+    ner.load_ner_split(ner_cfg, bert_tok, 'dev')
 
 
 def test_arrays_feed_the_grain_loader(bert_tok):
   from jaxft.data.loader import make_loader
-  arrays, _ = tasks.load_cls_task({'task': 'sst2', 'path': str(SST2), 'max_len': 32},
+  arrays, _ = classification.load_cls_split({'task': 'sst2', 'path': str(SST2), 'max_len': 32},
                                   bert_tok, 'dev')
   batch = next(make_loader(arrays, global_batch_size=8, seed=0, num_epochs=1,
                            process_index=0, process_count=1))

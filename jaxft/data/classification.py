@@ -1,0 +1,558 @@
+"""Sentence(-pair) classification and regression data: GLUE presets, TSV/CSV/JSONL files or
+HF `datasets`, label mapping, tokenization into fixed-length arrays (see `splits` for what
+every reader shares)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+from jaxft.data.splits import (BadRows, apply_balance,
+                               check_truncation, hf_load, hf_column, hf_split_name, normalize_split,
+                               pad_id, setting, split_file, too_long_rows, wants_token_types)
+
+# ----------------------------------------------------------------------------- presets
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+  """One GLUE task: where its columns are in the TSV distribution and on the HF hub."""
+  name: str
+  dir_name: str  # folder in the GLUE distribution (glue_data/<dir_name>/)
+  text_column: str
+  text_pair_column: str | None
+  label_column: str | None
+  label_values: tuple[str, ...]  # raw label strings in the TSVs; () for regression
+  label_names: tuple[str, ...]  # readable names (HF ClassLabel names), same order
+  metrics: tuple[str, ...]
+  main_metric: str
+  files: Mapping[str, str]  # split -> file name
+  hf_text_column: str
+  hf_text_pair_column: str | None
+  hf_splits: Mapping[str, str] = dataclasses.field(
+      default_factory=lambda: {'train': 'train', 'dev': 'validation', 'test': 'test'})
+  headerless: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def is_regression(self) -> bool:
+    return not self.label_values
+
+
+_FILES = {'train': 'train.tsv', 'dev': 'dev.tsv', 'test': 'test.tsv'}
+_COLA_COLUMNS = ('source', 'label', 'label_notes', 'sentence')
+
+GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
+    GlueTask('cola', 'CoLA', 'sentence', None, 'label', ('0', '1'),
+             ('unacceptable', 'acceptable'), ('matthews',), 'matthews', _FILES,
+             'sentence', None,
+             # train/dev have no header; test.tsv has `index\tsentence`.
+             headerless={'train': _COLA_COLUMNS, 'dev': _COLA_COLUMNS}),
+    GlueTask('sst2', 'SST-2', 'sentence', None, 'label', ('0', '1'),
+             ('negative', 'positive'), ('accuracy',), 'accuracy', _FILES, 'sentence', None),
+    GlueTask('mrpc', 'MRPC', '#1 String', '#2 String', 'Quality', ('0', '1'),
+             ('not_equivalent', 'equivalent'), ('accuracy', 'f1'), 'f1', _FILES,
+             'sentence1', 'sentence2'),
+    GlueTask('qqp', 'QQP', 'question1', 'question2', 'is_duplicate', ('0', '1'),
+             ('not_duplicate', 'duplicate'), ('accuracy', 'f1'), 'f1', _FILES,
+             'question1', 'question2'),
+    GlueTask('stsb', 'STS-B', 'sentence1', 'sentence2', 'score', (), (),
+             ('pearson', 'spearman'), 'spearman', _FILES, 'sentence1', 'sentence2'),
+    GlueTask('mnli', 'MNLI', 'sentence1', 'sentence2', 'gold_label',
+             ('entailment', 'neutral', 'contradiction'),
+             ('entailment', 'neutral', 'contradiction'), ('accuracy',), 'accuracy',
+             {'train': 'train.tsv', 'dev': 'dev_matched.tsv', 'test': 'test_matched.tsv',
+              'dev_mismatched': 'dev_mismatched.tsv',
+              'test_mismatched': 'test_mismatched.tsv'},
+             'premise', 'hypothesis',
+             hf_splits={'train': 'train', 'dev': 'validation_matched',
+                        'test': 'test_matched', 'dev_mismatched': 'validation_mismatched',
+                        'test_mismatched': 'test_mismatched'}),
+    GlueTask('qnli', 'QNLI', 'question', 'sentence', 'label',
+             ('entailment', 'not_entailment'), ('entailment', 'not_entailment'),
+             ('accuracy',), 'accuracy', _FILES, 'question', 'sentence'),
+    GlueTask('rte', 'RTE', 'sentence1', 'sentence2', 'label',
+             ('entailment', 'not_entailment'), ('entailment', 'not_entailment'),
+             ('accuracy',), 'accuracy', _FILES, 'sentence1', 'sentence2'),
+    GlueTask('wnli', 'WNLI', 'sentence1', 'sentence2', 'label', ('0', '1'),
+             ('not_entailment', 'entailment'), ('accuracy',), 'accuracy', _FILES,
+             'sentence1', 'sentence2'),
+]}
+
+# Config keys read by `load_cls_split` / `load_ner_split` and their defaults. None means
+# "from the GLUE preset, else the reader's own default" (see each key's use).
+CLS_DATA_DEFAULTS = dict(
+    task=None, source='files', path=None, train_file=None, dev_file=None, test_file=None,
+    format='auto', text_column=None, text_pair_column=None, label_column=None, labels=None,
+    is_regression=None, has_header=None, column_names=None, max_len=128,
+    truncation='truncate', on_bad_row='error', class_balance='none', seed=0,
+    hf_path='glue', hf_name=None, hf_data_files=None, hf_cache_dir=None, hf_kwargs=None)
+
+def get_glue_task(name: str | None) -> GlueTask | None:
+  if name is None:
+    return None
+  key = name.lower().replace('-', '')
+  if key not in GLUE_TASKS:
+    raise ValueError(f'data.task={name!r} is not a GLUE task; known: {sorted(GLUE_TASKS)}')
+  return GLUE_TASKS[key]
+
+
+# ------------------------------------------------------------------ classification: read
+
+@dataclasses.dataclass
+class ClsExamples:
+  """Parallel lists of classification examples; `sources` are 'file:line' strings."""
+  texts: list[str]
+  pairs: list[str] | None
+  labels: list[Any] | None  # class ids (int), floats (regression), or raw strings
+  sources: list[str]
+
+  def __len__(self):
+    return len(self.texts)
+
+
+def sort_labels(values: Iterable[str]) -> list[str]:
+  values = sorted(set(values))
+  try:
+    return sorted(values, key=float)  # '0','1','10' numerically
+  except ValueError:
+    return values
+
+
+def _label_to_str(v: Any) -> str:
+  if isinstance(v, bool):
+    return str(int(v))
+  if isinstance(v, (int, np.integer)):
+    return str(int(v))
+  return '' if v is None else str(v).strip()
+
+
+class _LabelMapper:
+  """Raw label -> class id / float, or None (with a reason) when it is not valid."""
+
+  def __init__(self, labels: Sequence[str] | None, is_regression: bool):
+    self.is_regression = is_regression
+    self.labels = None if labels is None else [str(x) for x in labels]
+    self.index = None if labels is None else {v: i for i, v in enumerate(self.labels)}
+
+  def __call__(self, raw: Any) -> tuple[Any, str | None]:
+    s = _label_to_str(raw)
+    if self.is_regression:
+      try:
+        y = float(s)
+      except ValueError:
+        return None, f'regression label {s!r} is not a number'
+      if not np.isfinite(y):
+        return None, f'regression label {s!r} is not finite'
+      return y, None
+    if self.index is None:  # collecting raw labels (label list not known yet)
+      return (s, None) if s else (None, 'empty label')
+    if s not in self.index:
+      return None, f'label {s!r} is not in the label set {self.labels}'
+    return self.index[s], None
+
+
+def _column_index(header: Sequence[str], column: str | int | None, where: str,
+                  key: str) -> int | None:
+  if column is None:
+    return None
+  if isinstance(column, (int, np.integer)):
+    if not -len(header) <= column < len(header):
+      raise ValueError(f'{where}: {key}={column} is out of range for {len(header)} columns')
+    return int(column) % len(header)
+  if column not in header:
+    raise ValueError(f'{where}: {key}={column!r} is not a column; columns are {list(header)}')
+  return list(header).index(column)
+
+
+def _file_format(path: Path, fmt: str) -> str:
+  if fmt != 'auto':
+    if fmt not in ('tsv', 'csv', 'jsonl'):
+      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv' or 'jsonl', got {fmt!r}")
+    return fmt
+  suffix = path.suffix.lower()
+  if suffix in ('.tsv', '.txt'):
+    return 'tsv'
+  if suffix == '.csv':
+    return 'csv'
+  if suffix in ('.jsonl', '.json', '.ndjson'):
+    return 'jsonl'
+  raise ValueError(f'{path}: cannot tell the format from the extension; set data.format')
+
+
+def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
+                  text_pair_column: str | int | None = None,
+                  label_column: str | int | None = None,
+                  labels: Sequence[str] | None = None, is_regression: bool = False,
+                  fmt: str = 'auto', has_header: bool = True,
+                  column_names: Sequence[str] | None = None, on_bad_row: str = 'error',
+                  require_labels: bool = True) -> tuple[ClsExamples, dict]:
+  """Reads a TSV/CSV/JSONL classification file into examples and stats.
+
+  `labels` (raw label strings) maps labels to class ids; without it labels stay raw
+  strings (used to derive a label list). A missing label column yields `labels=None`
+  unless `require_labels`. Headerless files take `column_names` or integer columns.
+  """
+  path = Path(path)
+  fmt = _file_format(path, fmt)
+  bad = BadRows(on_bad_row)
+  mapper = _LabelMapper(labels, is_regression)
+  texts, pairs, ys, sources = [], [], [], []
+  n_rows = n_blank = 0
+  has_labels = label_column is not None
+
+  def add(where, text, pair, raw_label):
+    if text is None or not str(text).strip():
+      return bad(where, 'empty_text', f'empty text in column {text_column!r}')
+    if text_pair_column is not None and (pair is None or not str(pair).strip()):
+      return bad(where, 'empty_text', f'empty text in column {text_pair_column!r}')
+    y = None
+    if has_labels:
+      y, why = mapper(raw_label)
+      if why is not None:
+        return bad(where, 'bad_label', f'{why} (column {label_column!r})')
+    texts.append(str(text).strip())
+    pairs.append(None if text_pair_column is None else str(pair).strip())
+    ys.append(y)
+    sources.append(where)
+
+  if fmt == 'jsonl':
+    with open(path, encoding='utf-8-sig') as f:
+      first = True
+      for lineno, line in enumerate(f, 1):
+        where = f'{path}:{lineno}'
+        if not line.strip():
+          n_blank += 1
+          continue
+        n_rows += 1
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          bad(where, 'bad_row', f'invalid JSON ({e.msg})')
+          continue
+        if not isinstance(row, dict):
+          bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
+          continue
+        if first and has_labels and label_column not in row and not require_labels:
+          has_labels = False  # an unlabeled (test) file
+          logging.info('%s: no %r key; reading without labels', path, label_column)
+        first = False
+        missing = [c for c in (text_column, text_pair_column,
+                               label_column if has_labels else None)
+                   if c is not None and c not in row]
+        if missing:
+          bad(where, 'bad_row', f'missing key(s) {missing}')
+          continue
+        add(where, row[text_column],
+            None if text_pair_column is None else row[text_pair_column],
+            row[label_column] if has_labels else None)
+  else:
+    kwargs = (dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv' else
+              dict(delimiter=','))
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      reader = csv.reader(f, **kwargs)
+      if column_names is not None:
+        header = list(column_names)
+      elif has_header:
+        try:
+          header = [h.strip() for h in next(reader)]
+        except StopIteration:
+          raise ValueError(f'{path}:1: empty file, expected a header row') from None
+      else:
+        header = None
+      where0 = f'{path}:1' if header is not None and column_names is None else str(path)
+      if header is None:  # integer columns only
+        for key, col in (('text_column', text_column), ('label_column', label_column)):
+          if col is not None and not isinstance(col, (int, np.integer)):
+            raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
+        ncols = None
+      else:
+        ncols = len(header)
+      ti = pi = li = None
+      if header is not None:
+        ti = _column_index(header, text_column, where0, 'data.text_column')
+        pi = _column_index(header, text_pair_column, where0, 'data.text_pair_column')
+        if has_labels and label_column not in header and not isinstance(label_column, int):
+          if require_labels:
+            _column_index(header, label_column, where0, 'data.label_column')  # raises
+          has_labels = False
+          logging.info('%s: no %r column; reading without labels', path, label_column)
+        li = _column_index(header, label_column, where0, 'data.label_column') \
+            if has_labels else None
+      else:
+        ti, pi, li = text_column, text_pair_column, label_column
+      for row in reader:
+        where = f'{path}:{reader.line_num}'
+        if not row or (len(row) == 1 and not row[0].strip() and ncols != 1):
+          n_blank += 1
+          continue
+        n_rows += 1
+        if ncols is None:
+          ncols = len(row)  # headerless without names: the first row sets the width
+          for key, col in (('text_column', ti), ('text_pair_column', pi),
+                           ('label_column', li)):
+            if col is not None and not -ncols <= col < ncols:
+              raise ValueError(f'{where}: data.{key}={col} is out of range for '
+                               f'{ncols} columns')
+        if len(row) != ncols:
+          bad(where, 'bad_columns', f'expected {ncols} columns, got {len(row)}'
+              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
+          continue
+        add(where, row[ti], None if pi is None else row[pi],
+            row[li] if has_labels else None)
+  stats = {'n_rows': n_rows, 'n_examples': len(texts), 'n_blank_lines': n_blank,
+           **bad.stats()}
+  if bad.counts:
+    logging.warning('%s: skipped %d bad rows %s', path, stats['n_skipped'], dict(bad.counts))
+  examples = ClsExamples(texts, pairs if text_pair_column is not None else None,
+                         ys if has_labels else None, sources)
+  return examples, stats
+
+
+
+def read_cls_hf(dataset, *, text_column: str, text_pair_column: str | None = None,
+                label_column: str | None = 'label', labels: Sequence[str] | None = None,
+                is_regression: bool = False, on_bad_row: str = 'error',
+                require_labels: bool = True, name: str = 'hf'
+                ) -> tuple[ClsExamples, dict, list[str] | None]:
+  """Reads a `datasets.Dataset`; returns (examples, stats, ClassLabel names or None).
+
+  A `ClassLabel` label column keeps its integer ids (its names become the label names;
+  -1 marks an unlabeled test row); other label columns are matched as strings against
+  `labels`, like file labels. Rows are named '<name>[row i]' (0-based) in errors.
+  """
+  import datasets  # heavy; only this path needs it
+  bad = BadRows(on_bad_row)
+  columns = dataset.column_names
+  for key, col in (('data.text_column', text_column),
+                   ('data.text_pair_column', text_pair_column)):
+    if col is not None and col not in columns:
+      raise ValueError(f'{name}: {key}={col!r} is not a column; columns are {columns}')
+  has_labels = label_column is not None and label_column in columns
+  if label_column is not None and not has_labels and require_labels:
+    raise ValueError(f'{name}: data.label_column={label_column!r} is not a column; '
+                     f'columns are {columns}')
+  feature = dataset.features[label_column] if has_labels else None
+  class_label = isinstance(feature, datasets.ClassLabel)
+  label_names = list(feature.names) if class_label else None
+  if class_label and labels is not None and [str(x) for x in labels] != label_names \
+      and list(map(str, labels)) != [str(i) for i in range(len(label_names))]:
+    logging.warning('%s: ClassLabel names %s differ from data.labels %s; using the '
+                    'integer ids', name, label_names, list(labels))
+  raw_labels = hf_column(dataset, label_column) if has_labels else None
+  if class_label and not require_labels and all(v == -1 for v in raw_labels):
+    has_labels = False  # GLUE test splits: every label is -1
+  mapper = _LabelMapper(labels, is_regression)
+  text_col = hf_column(dataset, text_column)
+  pair_col = hf_column(dataset, text_pair_column) if text_pair_column is not None else None
+  texts, pairs, ys, sources = [], [], [], []
+  for i, text in enumerate(text_col):
+    where = f'{name}[row {i}]'
+    pair = pair_col[i] if pair_col is not None else None
+    if text is None or not str(text).strip():
+      bad(where, 'empty_text', f'empty text in column {text_column!r}')
+      continue
+    if pair_col is not None and (pair is None or not str(pair).strip()):
+      bad(where, 'empty_text', f'empty text in column {text_pair_column!r}')
+      continue
+    y = None
+    if has_labels:
+      raw = raw_labels[i]
+      if class_label:
+        if raw is None or not 0 <= raw < len(label_names):
+          bad(where, 'bad_label', f'label id {raw} is outside 0..{len(label_names) - 1}')
+          continue
+        y = int(raw)
+      else:
+        y, why = mapper(raw)
+        if why is not None:
+          bad(where, 'bad_label', f'{why} (column {label_column!r})')
+          continue
+    texts.append(str(text).strip())
+    pairs.append(None if pair_col is None else str(pair).strip())
+    ys.append(y)
+    sources.append(where)
+  stats = {'n_rows': len(text_col), 'n_examples': len(texts), **bad.stats()}
+  examples = ClsExamples(texts, pairs if pair_col is not None else None,
+                         ys if has_labels else None, sources)
+  return examples, stats, label_names
+
+
+# ---------------------------------------------------------------- classification: encode
+def encode_cls(examples: ClsExamples, tokenizer, *, max_len: int,
+               truncation: str = 'truncate', is_regression: bool = False
+               ) -> tuple[dict[str, np.ndarray], dict]:
+  """Tokenizes examples into right-padded [N, max_len] arrays (+ labels [N]).
+
+  Returns arrays `input_ids`, `attention_mask`, `token_type_ids` (tokenizers that use
+  them, e.g. BERT), `labels` (class ids as int32, float32 for regression; absent when
+  unlabeled), and stats (`n_truncated`, `n_too_long_skipped`, `keep` = kept indices).
+  """
+  check_truncation(truncation)
+  is_pair = examples.pairs is not None
+  min_len = tokenizer.num_special_tokens_to_add(pair=is_pair) + (2 if is_pair else 1)
+  if max_len < min_len:
+    raise ValueError(f'data.max_len={max_len} leaves no room for text (need >= {min_len})')
+  tt = wants_token_types(tokenizer)
+  kw = dict(add_special_tokens=True, return_attention_mask=False,
+            return_token_type_ids=tt)
+  n = len(examples)
+  if n:
+    enc = tokenizer(examples.texts, examples.pairs if is_pair else None,
+                    truncation=False, **kw)
+    ids_list, tt_list = list(enc['input_ids']), list(enc['token_type_ids']) if tt else None
+  else:
+    ids_list, tt_list = [], [] if tt else None
+  too_long, keep = too_long_rows([len(ids) for ids in ids_list], max_len, truncation,
+                             examples.sources, '{} tokens')
+  if too_long and truncation == 'truncate':
+    enc2 = tokenizer([examples.texts[i] for i in too_long],
+                     [examples.pairs[i] for i in too_long] if is_pair else None,
+                     truncation=True, max_length=max_len, **kw)
+    for j, i in enumerate(too_long):
+      ids_list[i] = enc2['input_ids'][j]
+      if tt:
+        tt_list[i] = enc2['token_type_ids'][j]
+  rows = np.flatnonzero(keep)
+  input_ids = np.full((len(rows), max_len), pad_id(tokenizer), np.int32)
+  attention_mask = np.zeros((len(rows), max_len), np.int32)
+  token_type_ids = np.zeros((len(rows), max_len), np.int32) if tt else None
+  for r, i in enumerate(rows):
+    ids = ids_list[i]
+    input_ids[r, :len(ids)] = ids
+    attention_mask[r, :len(ids)] = 1
+    if tt:
+      token_type_ids[r, :len(ids)] = tt_list[i]
+  arrays = {'input_ids': input_ids, 'attention_mask': attention_mask}
+  if tt:
+    arrays['token_type_ids'] = token_type_ids
+  if examples.labels is not None:
+    ys = [examples.labels[i] for i in rows]
+    arrays['labels'] = np.asarray(ys, np.float32 if is_regression else np.int32).reshape(-1)
+  stats = {'n_truncated': len(too_long) if truncation == 'truncate' else 0,
+           'n_too_long_skipped': len(too_long) if truncation == 'skip' else 0,
+           'keep': rows}
+  return arrays, stats
+
+
+# ---------------------------------------------------------------- classification: entry
+
+def cls_settings(cfg):
+  task = get_glue_task(setting(cfg, 'task'))
+  source = setting(cfg, 'source', 'files')
+  if source not in ('files', 'hf'):
+    raise ValueError(f"data.source must be 'files' or 'hf', got {source!r}")
+  hf = source == 'hf'
+  if hf:
+    text_d = task.hf_text_column if task else 'sentence'
+    pair_d = task.hf_text_pair_column if task else None
+    label_d = 'label'
+  else:
+    text_d = task.text_column if task else None
+    pair_d = task.text_pair_column if task else None
+    label_d = task.label_column if task else None
+  s = dict(
+      task=task, hf=hf,
+      text_column=setting(cfg, 'text_column', text_d),
+      text_pair_column=setting(cfg, 'text_pair_column', pair_d),
+      label_column=setting(cfg, 'label_column', label_d),
+      is_regression=bool(setting(cfg, 'is_regression', task.is_regression if task else False)),
+      labels=setting(cfg, 'labels', (list(task.label_values) or None) if task else None),
+      on_bad_row=setting(cfg, 'on_bad_row', 'error'))
+  if s['text_column'] is None:
+    raise ValueError('data.text_column is not set (and data.task is not a GLUE task)')
+  if s['label_column'] is None:
+    s['label_column'] = 'label'
+  if s['labels'] is not None:
+    s['labels'] = [str(x) for x in s['labels']]
+  return s
+
+
+def read_cls_split(cfg, s: dict, split: str, labels, require_labels: bool):
+  """(examples, stats, hf_label_names or None) for one split under settings `s`."""
+  task = s['task']
+  common = dict(text_column=s['text_column'], text_pair_column=s['text_pair_column'],
+                label_column=s['label_column'], labels=labels,
+                is_regression=s['is_regression'], on_bad_row=s['on_bad_row'],
+                require_labels=require_labels)
+  if s['hf']:
+    split_name = hf_split_name(cfg, split, task.hf_splits if task else None)
+    ds, where = hf_load(cfg, split_name, 'glue', task.name if task else None)
+    return read_cls_hf(ds, name=where, **common)
+  default_files = dict(task.files) if task else {}
+  path = split_file(cfg, split, default_files,
+                     (task.dir_name, task.name) if task else ())
+  column_names = setting(cfg, 'column_names')
+  has_header = setting(cfg, 'has_header')
+  if column_names is None and task and split in task.headerless and has_header is None:
+    column_names = task.headerless[split]
+  has_header = True if has_header is None else bool(has_header)
+  ex, stats = read_cls_file(path, fmt=setting(cfg, 'format', 'auto'), has_header=has_header,
+                            column_names=column_names, **common)
+  stats['file'] = str(path)
+  return ex, stats, None
+
+
+def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads and tokenizes one split of a sentence(-pair) classification task.
+
+  Returns (arrays, info): arrays as in `encode_cls` (+ `weights` for the train split
+  with data.class_balance='weights'); info has task, label_names, label_values,
+  num_labels (1 for regression), is_regression, metric_names, main_metric, has_labels,
+  n_examples, sources ('file:line' per row) and stats.
+  """
+  split = normalize_split(split)
+  s = cls_settings(data_cfg)
+  task = s['task']
+  labels = s['labels']
+  if labels is None and not s['is_regression']:
+    # The label list must be the same for every split: derive it from train
+    # (an HF ClassLabel column brings its own names and ids instead).
+    train_ex, _, train_names = read_cls_split(data_cfg, s, 'train', None, True)
+    if train_names is None:
+      labels = sort_labels(train_ex.labels)
+      logging.info('label set derived from the train split: %s', labels)
+  ex, stats, hf_names = read_cls_split(data_cfg, s, split, labels,
+                                        require_labels=not split.startswith('test'))
+  arrays, enc_stats = encode_cls(ex, tokenizer, max_len=int(setting(data_cfg, 'max_len', 128)),
+                                 truncation=setting(data_cfg, 'truncation', 'truncate'),
+                                 is_regression=s['is_regression'])
+  keep = enc_stats.pop('keep')
+  stats.update(enc_stats)
+  stats['n_examples'] = int(len(keep))
+  if s['is_regression']:
+    label_values, label_names = [], []
+  elif hf_names is not None:
+    label_values, label_names = list(hf_names), list(hf_names)
+  else:
+    label_values = list(labels)
+    label_names = (list(task.label_names) if task and labels == list(task.label_values)
+                   else list(labels))
+  num_labels = 1 if s['is_regression'] else len(label_values)
+  arrays = apply_balance(data_cfg, arrays, num_labels, split, stats)
+  if 'labels' in arrays and not s['is_regression'] and arrays['labels'].size:
+    stats['label_counts'] = np.bincount(arrays['labels'], minlength=num_labels).tolist()
+  if task:
+    metric_names, main = list(task.metrics), task.main_metric
+  elif s['is_regression']:
+    metric_names, main = ['pearson', 'spearman'], 'pearson'
+  elif num_labels == 2:
+    metric_names, main = ['accuracy', 'f1'], 'accuracy'
+  else:
+    metric_names, main = ['accuracy', 'f1_macro'], 'accuracy'
+  info = dict(task=task.name if task else None, split=split, label_names=label_names,
+              label_values=label_values, num_labels=num_labels,
+              is_regression=s['is_regression'], metric_names=metric_names,
+              main_metric=main, has_labels='labels' in arrays,
+              n_examples=int(len(keep)), sources=[ex.sources[i] for i in keep],
+              texts=[ex.texts[i] for i in keep],
+              pairs=[ex.pairs[i] for i in keep] if ex.pairs is not None else None,
+              stats=stats)
+  logging.info('%s/%s: %d examples, stats %s', info['task'] or 'cls', split,
+               info['n_examples'], {k: v for k, v in stats.items() if k != 'class_weights'})
+  return arrays, info
+

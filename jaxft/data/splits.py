@@ -1,0 +1,253 @@
+"""What every downstream-data reader shares: where a split's file is, HF `datasets` loading,
+the bad-row policy, truncation, padding and class balance.
+
+Bad input is never turned into a silently wrong label: every problem names file and line
+(1-based, header included) and either raises `ValueError` or, with
+`data.on_bad_row='skip'`, is skipped and counted in the returned stats.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from absl import logging
+
+IGNORE_INDEX = -100  # label of positions the loss and metrics ignore (HF convention)
+_MAX_LOGGED = 10  # skipped rows logged one by one before only counting
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # GLUE parse-tree columns are long
+
+_SPLIT_ALIASES = {'validation': 'dev', 'valid': 'dev', 'eval': 'dev', 'val': 'dev',
+                  'validation_matched': 'dev', 'validation_mismatched': 'dev_mismatched'}
+
+def normalize_split(split: str) -> str:
+  return _SPLIT_ALIASES.get(split, split)
+
+
+# ----------------------------------------------------------------------------- bad rows
+
+class BadRows:
+  """Applies `on_bad_row` ('error' | 'skip'): raise with location, or count and log."""
+
+  def __init__(self, on_bad_row: str):
+    if on_bad_row not in ('error', 'skip'):
+      raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    self.skip = on_bad_row == 'skip'
+    self.counts: collections.Counter = collections.Counter()
+
+  def __call__(self, where: str, reason: str, message: str):
+    msg = f'{where}: {message}'
+    if not self.skip:
+      raise ValueError(msg + " (set data.on_bad_row='skip' to skip and count such rows)")
+    self.counts[reason] += 1
+    total = sum(self.counts.values())
+    if total <= _MAX_LOGGED:
+      logging.warning('skipping bad input %s', msg)
+    elif total == _MAX_LOGGED + 1:
+      logging.warning('more bad input rows are skipped; see the stats for counts')
+
+  def stats(self) -> dict:
+    return {'n_skipped': int(sum(self.counts.values())), 'skipped': dict(self.counts)}
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def pad_id(tokenizer) -> int:
+  """Pad with the tokenizer's pad token, else EOS (GPT-2); masked out either way."""
+  if tokenizer.pad_token_id is not None:
+    return int(tokenizer.pad_token_id)
+  if tokenizer.eos_token_id is not None:
+    return int(tokenizer.eos_token_id)
+  raise ValueError('the tokenizer has neither a pad nor an eos token to pad with')
+
+
+def check_truncation(truncation: str):
+  if truncation not in ('truncate', 'skip', 'error'):
+    raise ValueError(f"data.truncation must be 'truncate', 'skip' or 'error', "
+                     f"got {truncation!r}")
+
+
+def too_long_rows(lengths, max_len: int, truncation: str, sources, length_text: str):
+  """(indices longer than max_len, keep mask) under data.truncation; 'error' raises naming
+  the first offending row. The caller re-tokenizes the indices when truncating."""
+  too_long = [i for i, n_tok in enumerate(lengths) if n_tok > max_len]
+  keep = np.ones(len(lengths), bool)
+  if too_long:
+    if truncation == 'error':
+      i = too_long[0]
+      raise ValueError(f'{sources[i]}: {length_text.format(lengths[i])} > data.max_len={max_len} '
+                       f"({len(too_long)} such rows; set data.truncation='truncate' or 'skip')")
+    if truncation == 'skip':
+      keep[too_long] = False
+    logging.info('%d of %d rows are longer than max_len=%d: %s', len(too_long), len(lengths),
+                 max_len, 'truncated' if truncation == 'truncate' else 'skipped')
+  return too_long, keep
+
+
+def wants_token_types(tokenizer) -> bool:
+  return 'token_type_ids' in getattr(tokenizer, 'model_input_names', ())
+
+
+# ---------------------------------------------------------------------- config helpers
+
+class MissingSplitError(FileNotFoundError):
+  """A split has no file / HF split: callers may treat dev and test as optional."""
+
+
+def setting(cfg, key: str, default=None):
+  """cfg.key or default when absent or None (works for ConfigDict, dict, None)."""
+  if cfg is None:
+    return default
+  try:
+    v = cfg.get(key, None)
+  except (AttributeError, TypeError):
+    v = getattr(cfg, key, None)
+  return default if v is None else v
+
+
+def resolve_dir(path: str | os.PathLike) -> Path:
+  """Relative paths: the working directory first, then the repository root."""
+  p = Path(path).expanduser()
+  if p.is_absolute() or p.exists() or not (_REPO_ROOT / p).exists():
+    return p
+  return _REPO_ROOT / p
+
+
+def split_file(cfg, split: str, default_files: Mapping[str, str],
+                subdirs: Sequence[str] = ()) -> Path:
+  """The file for `split`: data.<split>_file (absolute or under data.path) or preset."""
+  name = setting(cfg, f'{split}_file', default_files.get(split))
+  if name is None:
+    raise MissingSplitError(f'no file for split {split!r}: set data.{split}_file')
+  p = Path(name).expanduser()
+  if p.is_absolute():
+    return p
+  root = setting(cfg, 'path')
+  if root is None:
+    if p.exists():
+      return p
+    raise MissingSplitError(f'{name} does not exist and data.path is not set (split '
+                            f'{split!r})')
+  root = resolve_dir(root)
+  for cand in [root / p] + [root / d / p for d in subdirs]:
+    if cand.exists():
+      return cand
+  raise MissingSplitError(f'{root / p} does not exist (split {split!r}, data.path={root})')
+
+
+def hf_load(cfg, split_name: str, default_path: str, default_name: str | None):
+  """A `datasets.Dataset` for one split: a save_to_disk folder or `load_dataset`."""
+  import datasets
+  path = setting(cfg, 'hf_path', default_path)
+  # The GLUE task is the hub config name; local builders (csv, json) take none.
+  is_default = path == default_path or str(path).endswith('/' + default_path)
+  name = setting(cfg, 'hf_name', default_name if is_default else None)
+  data_files = setting(cfg, 'hf_data_files')
+  if data_files is not None and hasattr(data_files, 'to_dict'):
+    data_files = data_files.to_dict()
+  local = Path(str(path)).expanduser()
+  if local.is_dir() and ((local / 'dataset_dict.json').exists() or
+                         (local / 'state.json').exists()):
+    ds = datasets.load_from_disk(str(local))
+    if isinstance(ds, datasets.DatasetDict):
+      if split_name not in ds:
+        raise MissingSplitError(f'{local}: no split {split_name!r}; splits are {list(ds)}')
+      ds = ds[split_name]
+    where = f'{local}[{split_name}]'
+  else:
+    if isinstance(data_files, Mapping) and split_name not in data_files:
+      raise MissingSplitError(f'data.hf_data_files has no split {split_name!r}; it has '
+                              f'{list(data_files)}')
+    if data_files is not None and not isinstance(data_files, Mapping) and \
+        split_name != 'train':
+      raise MissingSplitError(f'data.hf_data_files without split names is the train '
+                              f'split only; asked for {split_name!r}')
+    kwargs = setting(cfg, 'hf_kwargs', {})  # builder options, e.g. csv sep='\t', quoting=3
+    kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
+    ds = datasets.load_dataset(path, name, data_files=data_files, split=split_name,
+                               cache_dir=setting(cfg, 'hf_cache_dir'), **kwargs)
+    where = f'{path}' + (f'/{name}' if name else '') + f'[{split_name}]'
+  return ds, where
+
+
+def hf_split_name(cfg, split: str, preset_splits: Mapping[str, str] | None) -> str:
+  data_files = setting(cfg, 'hf_data_files')
+  if data_files is not None and hasattr(data_files, 'keys'):
+    keys = list(data_files.keys())
+    for cand in (split, {'dev': 'validation'}.get(split, split)):
+      if cand in keys:
+        return cand
+  splits = preset_splits or {'train': 'train', 'dev': 'validation', 'test': 'test'}
+  return splits.get(split, split)
+
+
+# -------------------------------------------------------------------- class balancing
+
+def class_weights(labels: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
+                  ) -> np.ndarray:
+  """Per-class weights n / (k * count_c), like sklearn's compute_class_weight('balanced').
+
+  k counts only classes present in `labels` (sklearn with classes=np.unique(y)); absent
+  classes get weight 0. Labels equal to `ignore_index` are not counted.
+  """
+  y = np.asarray(labels).reshape(-1)
+  y = y[y != ignore_index].astype(np.int64)
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f'labels outside 0..{num_classes - 1}')
+  counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+  present = counts > 0
+  w = np.zeros(num_classes, np.float64)
+  w[present] = y.size / (present.sum() * counts[present])
+  return w.astype(np.float32)
+
+
+def balanced_resample_indices(labels: np.ndarray, *, seed: int = 0,
+                              num_samples: int | None = None) -> np.ndarray:
+  """Row indices drawn (with replacement) so every present class is equally frequent.
+
+  Deterministic in `seed`; `num_samples` defaults to len(labels). The result is shuffled.
+  """
+  y = np.asarray(labels).reshape(-1)
+  num_samples = len(y) if num_samples is None else int(num_samples)
+  classes = np.unique(y)
+  if not len(classes):
+    return np.zeros(0, np.int64)
+  rng = np.random.default_rng(seed)
+  base, extra = divmod(num_samples, len(classes))
+  parts = []
+  for j, c in enumerate(classes):
+    members = np.flatnonzero(y == c)
+    parts.append(rng.choice(members, size=base + (j < extra), replace=True))
+  idx = np.concatenate(parts)
+  return idx[rng.permutation(len(idx))]
+
+
+def apply_balance(cfg, arrays: dict, num_classes: int, split: str, stats: dict) -> dict:
+  """data.class_balance on the train split: 'weights' adds `weights`, 'resample' resamples."""
+  mode = setting(cfg, 'class_balance', 'none')
+  if mode not in ('none', 'weights', 'resample'):
+    raise ValueError(f"data.class_balance must be 'none', 'weights' or 'resample', "
+                     f"got {mode!r}")
+  if mode == 'none' or split != 'train' or 'labels' not in arrays:
+    return arrays
+  labels = arrays['labels']
+  if mode == 'weights':
+    cw = class_weights(labels, num_classes)
+    stats['class_weights'] = cw.tolist()
+    w = np.where(labels == IGNORE_INDEX, 0.0, cw[np.where(labels == IGNORE_INDEX, 0, labels)])
+    return {**arrays, 'weights': w.astype(np.float32)}
+  if labels.ndim != 1:
+    raise ValueError("data.class_balance='resample' needs one label per example")
+  idx = balanced_resample_indices(labels, seed=int(setting(cfg, 'seed', 0)))
+  stats['resampled_from'] = int(len(labels))
+  return {k: v[idx] for k, v in arrays.items()}
+
+def hf_column(dataset, column: str) -> list:
+  """A column as a python list in one arrow conversion (per-row access is slow)."""
+  return dataset[column][:]
