@@ -32,7 +32,7 @@ def get_config(variant: str = 'base'):
                  intermediate_size=mlp, max_position_embeddings=512)
   c.data = default_data_config()
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/bert-base-uncased')
-  c.data.files = [os.path.join(REPO, 'data/corpus')]
+  c.data.files = os.path.join(REPO, 'data/corpus')  # a str: --config.data.files=DIR overrides it
   c.data.max_len = 128
   c.mlm = mlm_config()
   c.optimizer.update(lr=1e-4 if variant in ('base', 'large') else 5e-4, warmup_ratio=0.06,

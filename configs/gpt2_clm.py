@@ -30,7 +30,7 @@ def get_config(variant: str = 'small'):
                  pad_token_id=50256, attention_dropout=0.0)
   c.data = default_data_config()
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/gpt2')
-  c.data.files = [os.path.join(REPO, 'data/corpus')]
+  c.data.files = os.path.join(REPO, 'data/corpus')  # a str: --config.data.files=DIR overrides it
   c.data.max_len = min(positions, 1024)
   c.data.clm_mask_boundaries = False
   c.optimizer.update(lr=6e-4, warmup_ratio=0.05, schedule='cosine', end_lr_ratio=0.1,

@@ -25,7 +25,7 @@ def pretrain_config(smoke: bool = False):
                  max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0)
   c.data = default_data_config()
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/quickstart-wordpiece')
-  c.data.files = [os.path.join(REPO, 'data/corpus')]
+  c.data.files = os.path.join(REPO, 'data/corpus')  # a str: --config.data.files=DIR overrides it
   c.data.max_len = 64  # the fine-tuning length; half the cost per step of 128
   c.data.eval_fraction = 0.03
   c.data.eval_max_rows = 256

@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from jaxft import compilation_cache
 from jaxft.models.config import ModelConfig
 
 
@@ -19,7 +20,7 @@ class ConfigError(ValueError):
 
 
 STAGES = ('pipeline', 'model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
-          'distill')
+          'distill', 'prepare_data')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ''  # a jaxft workdir or a Hugging Face checkpoint directory
   c.overwrite = False  # reuse a workdir that holds a different run (its files are moved aside)
+  c.compilation_cache_dir = compilation_cache.DEFAULT_DIR  # compiled programs on disk; '' = off
 
   c.model = ml_collections.ConfigDict(dict(
       type='bert', vocab_size=0,  # 0: take the tokenizer's size

@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxft import compilation_cache
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py[:variant]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -64,6 +66,9 @@ def _run(cfg, workdir: str):
   if stage == 'distill':
     from jaxft.distill import stage as distill_stage
     return distill_stage.run(cfg, workdir)
+  if stage == 'prepare_data':
+    from jaxft.stages import prepare_data
+    return prepare_data.run(cfg, workdir)
   raise ValueError(f'stage {stage!r} has no runner')
 
 
@@ -111,6 +116,7 @@ def main(argv):
   quiet_library_logs()
   _maybe_init_distributed()
   import jax
+  compilation_cache.setup(cfg)  # before anything compiles
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
@@ -166,6 +172,7 @@ def _parse_flags(argv):
 
 
 _USER_ERRORS = {'jaxft.config': ('ConfigError',), 'jaxft.workdir': ('WorkdirError',),
+                'jaxft.data.pretrain': ('DataSettingsError',),
                 'jaxft.checkpointing': ('NoIntactCheckpoint', 'CheckpointWriteError')}
 
 

@@ -1,6 +1,8 @@
-"""Text sources, tokenize cache, FULL-SENTENCES packing, train/eval split, loader."""
+"""Text sources, data settings, shard plans, FULL-SENTENCES packing, eval split, loader."""
 import json
 import os
+import random
+import re
 import sys
 import types
 from pathlib import Path
@@ -8,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxft.data import pretrain, text
+from jaxft.data import text
 from jaxft.data.loader import make_loader
-from jaxft.data.pretrain import build_lm_data, default_data_config, pack_clm, pack_mlm
+from jaxft.data.packing import pack_clm, pack_mlm
+from jaxft.data.pretrain import (DataSettingsError, LmDataSettings, build_lm_data,
+                                 default_data_config)
 from jaxft.data.tokenizer import load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
@@ -28,10 +32,22 @@ def gpt2_tok():
 
 
 def _cfg(**kw):
+  """Settings through the ConfigDict a config file holds (so its types are checked too)."""
   cfg = default_data_config()
   for k, v in kw.items():
+    if isinstance(v, list):  # programmatic lists of paths: a ConfigDict holds strings
+      del cfg[k]
     setattr(cfg, k, v)
-  return cfg
+  return LmDataSettings.from_config(cfg)
+
+
+def _docs(split='train', **kw):
+  source = _cfg(**kw).text_source(split)
+  return None if source is None else text.load_documents(source)
+
+
+def _build(cfg, tok, workdir, model_type):
+  return build_lm_data(cfg, tok, workdir, model_type, process_index=0, process_count=1)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -41,7 +57,7 @@ def test_txt_blank_line_and_line_split(tmp_path):
   p.write_text('first para\nstill first\n\n  \nsecond para\n\n\n\nthird\r\n', encoding='utf-8')
   assert text.read_txt(str(p)) == ['first para\nstill first', 'second para', 'third']
   assert text.read_txt(str(p), 'line') == ['first para', 'still first', 'second para', 'third']
-  assert text.load_documents(_cfg(files=str(p), doc_split='line')) == [
+  assert _docs(files=str(p), doc_split='line') == [
       'first para', 'still first', 'second para', 'third']
   with pytest.raises(ValueError, match='doc_split'):
     text.read_txt(str(p), 'sentence')
@@ -53,17 +69,16 @@ def test_jsonl_csv_tsv_with_text_column(tmp_path):
   (tmp_path / 'b.csv').write_text('id,body\n1,"gamma, with comma"\n2,"multi\nline"\n')
   (tmp_path / 'c.tsv').write_text('body\tlabel\ndelta "quoted"\t0\nepsilon\t1\n')
   (tmp_path / 'd.json').write_text(json.dumps([{'body': 'zeta'}, {'body': 'eta'}]))
-  cfg = _cfg(files=str(tmp_path / '*'), text_column='body')
-  assert text.load_documents(cfg) == ['alpha', 'beta', 'gamma, with comma', 'multi\nline',
+  assert _docs(files=str(tmp_path / '*'), text_column='body') == ['alpha', 'beta', 'gamma, with comma', 'multi\nline',
                                       'delta "quoted"', 'epsilon', 'zeta', 'eta']
   # A list of paths keeps its order; a directory expands to its supported files.
-  cfg = _cfg(files=[str(tmp_path / 'c.tsv'), str(tmp_path / 'a.jsonl')], text_column='body')
-  assert text.load_documents(cfg) == ['delta "quoted"', 'epsilon', 'alpha', 'beta']
-  cfg = _cfg(files=f'{tmp_path / "c.tsv"},{tmp_path / "a.jsonl"}', text_column='body')
-  assert text.load_documents(cfg) == ['delta "quoted"', 'epsilon', 'alpha', 'beta']
-  assert len(text.load_documents(_cfg(files=str(tmp_path), text_column='body'))) == 8
-  assert text.load_documents(_cfg(files=str(tmp_path / '*'), text_column='body',
-                                  max_docs=3)) == ['alpha', 'beta', 'gamma, with comma']
+  assert _docs(files=[str(tmp_path / 'c.tsv'), str(tmp_path / 'a.jsonl')],
+               text_column='body') == ['delta "quoted"', 'epsilon', 'alpha', 'beta']
+  assert _docs(files=f'{tmp_path / "c.tsv"},{tmp_path / "a.jsonl"}',
+               text_column='body') == ['delta "quoted"', 'epsilon', 'alpha', 'beta']
+  assert len(_docs(files=str(tmp_path), text_column='body')) == 8
+  assert _docs(files=str(tmp_path / '*'), text_column='body',
+               max_docs=3) == ['alpha', 'beta', 'gamma, with comma']
 
 
 def test_errors_name_file_line_and_columns(tmp_path):
@@ -83,16 +98,16 @@ def test_errors_name_file_line_and_columns(tmp_path):
     text.read_files([str(tmp_path / 'missing.txt')])
   with pytest.raises(FileNotFoundError, match=r'\*\.nothing'):
     text.read_files([str(tmp_path / '*.nothing')])
-  odd = tmp_path / 'x.parquet'
-  odd.write_bytes(b'PAR1')
-  with pytest.raises(ValueError, match=r'x\.parquet: unknown file type'):
+  odd = tmp_path / 'x.xls'
+  odd.write_bytes(b'PK')
+  with pytest.raises(ValueError, match=r'x\.xls: unknown file type'):
     text.read_files([str(odd)])
   latin = tmp_path / 'latin.txt'
   latin.write_bytes(b'line one\nline two caf\xe9\n')
   with pytest.raises(ValueError, match=r'latin\.txt:2: not valid UTF-8'):
     text.read_files([str(latin)])
-  with pytest.raises(ValueError, match='data.files is empty'):
-    text.load_documents(_cfg())
+  with pytest.raises(DataSettingsError, match='data.files is empty'):
+    _docs()
 
 
 def test_hf_datasets_with_local_files(tmp_path):
@@ -100,13 +115,15 @@ def test_hf_datasets_with_local_files(tmp_path):
   t.write_text('line one\nline two\n\nline three\n')
   j = tmp_path / 'train.jsonl'
   j.write_text('{"body": "json one"}\n{"body": "json two"}\n')
-  docs = text.load_documents(_cfg(hf_name='text', hf_data_files=[str(t)]))
-  assert docs == ['line one', 'line two', 'line three']
-  docs = text.load_documents(_cfg(hf_name='json', hf_data_files=str(j), text_column='body'))
+  assert _docs(hf_name='text', hf_data_files=[str(t)]) == ['line one', 'line two', 'line three']
+  docs = _docs(hf_name='json', hf_data_files=str(j), text_column='body')
   assert docs == ['json one', 'json two']
-  assert text.load_documents(_cfg(hf_name='json', hf_data_files=str(j)), 'eval') is None
+  # Streamed (an IterableDataset read by its own shards): the same documents.
+  assert _docs(hf_name='json', hf_data_files=str(j), text_column='body',
+               hf_streaming=True) == docs
+  assert _docs('eval', hf_name='json', hf_data_files=str(j)) is None
   with pytest.raises(KeyError, match=r"no column 'text'.*\['body'\]"):
-    text.load_documents(_cfg(hf_name='json', hf_data_files=str(j)))
+    _docs(hf_name='json', hf_data_files=str(j))
 
 
 def test_tfds_source_mocked_and_missing(monkeypatch):
@@ -119,14 +136,17 @@ def test_tfds_source_mocked_and_missing(monkeypatch):
 
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets',
                       types.SimpleNamespace(data_source=data_source))
-  cfg = _cfg(tfds_name='lm1b', tfds_split='train[:3]', tfds_data_dir='/d')
-  assert text.load_documents(cfg) == ['tfds one', 'tfds two']
+  text.tfds_source.cache_clear()
+  kw = dict(tfds_name='lm1b', tfds_split='train[:3]', tfds_data_dir='/d')
+  assert _docs(**kw) == ['tfds one', 'tfds two']
   assert calls == {'name': 'lm1b', 'split': 'train[:3]', 'data_dir': '/d'}
   with pytest.raises(KeyError, match=r"no feature 'body'.*\['id', 'text'\]"):
-    text.load_documents(_cfg(tfds_name='lm1b', text_column='body'))
+    _docs(tfds_name='lm1b', text_column='body')
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # import now fails
+  text.tfds_source.cache_clear()
   with pytest.raises(ImportError, match=r"jaxft\[tfds\]"):
-    text.load_documents(cfg)
+    _docs(**kw)
+  text.tfds_source.cache_clear()
 
 
 # ----------------------------------------------------------------------------- packing
@@ -191,61 +211,167 @@ def test_pack_clm_joins_documents_with_eos():
   assert (out['special_tokens_mask'] == ((ids == EOS) | (attn == 0))).all()
 
 
+# ----------------------------------------------------------------------------- more sources
+
+def test_parquet_files_by_row_groups(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  texts = [f'parquet document {i}' for i in range(10)] + ['  ', None]
+  pq.write_table(pa.table({'id': list(range(12)), 'body': texts}), tmp_path / 'a.parquet',
+                 row_group_size=4)
+  source = _cfg(files=str(tmp_path), text_column='body').text_source()
+  assert text.load_documents(source) == texts[:10]
+  # Row groups are the pieces a big file is cut into: 3 groups of ~300 bytes, 500 per shard.
+  shards = text.plan_shards(source, 500)
+  assert [[(p.fmt, p.start, p.end) for p in s] for s in shards] == [
+      [('parquet', 0, 2)], [('parquet', 2, 3)]]
+  assert [d for s in shards for d in text.iter_shard(source, s)] == texts[:10]
+  with pytest.raises(KeyError, match=r"a\.parquet: no column 'text'.*\['id', 'body'\]"):
+    text.load_documents(_cfg(files=str(tmp_path)).text_source())
+
+
+def _read_whole(path, mode):  # what the reader did before shards: the whole file at once
+  with open(path, encoding='utf-8', newline=None) as f:
+    t = f.read()
+  parts = t.split('\n') if mode == 'line' else re.split(r'\n[ \t\r\f\v]*\n\s*', t)
+  return [p.strip() for p in parts if p.strip()]
+
+
+def test_shards_read_the_same_documents_as_the_whole_source(tmp_path):
+  source = _cfg(files=str(CORPUS)).text_source()
+  whole = sum((_read_whole(p, 'blank_line') for p in sorted(CORPUS.glob('*.txt'))), [])
+  assert len(whole) == 5888
+  for shard_bytes in (3000, 100_000, 1 << 30):
+    shards = text.plan_shards(source, shard_bytes)
+    assert [d for s in shards for d in text.iter_shard(source, s)] == whole
+  assert len(text.plan_shards(source, 100_000)) == 26
+  # Cuts inside files land on document boundaries whatever the whitespace and newlines.
+  rng = random.Random(0)
+  alphabet = ['a', 'b', ' ', '\t', '\n', '\n', '\r', '\r\n', 'é', '\n\n', ' \n', '\f', '\v']
+  p = tmp_path / 'x.txt'
+  for trial in range(150):
+    p.write_bytes(''.join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))).encode())
+    for mode in ('blank_line', 'line'):
+      source = _cfg(files=str(p), doc_split=mode).text_source()
+      for shard_bytes in (1, 3, 17):
+        got = [d for s in text.plan_shards(source, shard_bytes) for d in text.iter_shard(source, s)]
+        assert got == _read_whole(p, mode), (trial, mode, shard_bytes, p.read_bytes())
+
+
+def test_settings_reject_unknown_keys_and_bad_values():
+  cfg = default_data_config()
+  assert set(cfg.keys()) == {f for f in LmDataSettings.__dataclass_fields__}
+  assert LmDataSettings.from_config(cfg) == LmDataSettings()
+  cfg.max_lenn = 64
+  with pytest.raises(DataSettingsError, match=r'unknown key data\.max_lenn \(did you mean '
+                                              r'data\.max_len\?\)'):
+    LmDataSettings.from_config(cfg)
+  with pytest.raises(DataSettingsError, match=r"data\.eval_split_by='random'; allowed"):
+    LmDataSettings.from_config({'eval_split_by': 'random'})
+  with pytest.raises(DataSettingsError, match=r"data\.max_len='64': must be an int"):
+    LmDataSettings.from_config({'max_len': '64'})
+  assert LmDataSettings.from_config({'eval_fraction': 0}).eval_fraction == 0.0
+
+
+def test_path_keys_override_from_the_command_line(tmp_path):
+  """--config.data.files takes a directory, a glob or a comma list (the config holds a str)."""
+  from absl import flags
+  from ml_collections import config_flags
+  for name in ('a.txt', 'b.txt', 'c.jsonl'):
+    (tmp_path / name).write_text('{"text": "x"}\n' if name.endswith('jsonl') else 'x\n')
+  cases = {str(tmp_path): ['a.txt', 'b.txt', 'c.jsonl'],
+           str(tmp_path / '*.txt'): ['a.txt', 'b.txt'],
+           f'{tmp_path / "c.jsonl"},{tmp_path / "a.txt"}': ['c.jsonl', 'a.txt']}
+  repo = DATA.parent
+  for value, expected in cases.items():
+    argv = ['prog', f'--config={repo / "configs/bert_mlm.py"}:mini',
+            f'--config.data.files={value}', f'--config.data.eval_files={value}',
+            f'--config.data.hf_data_files={value}']
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True,
+                                    sys_argv=argv)  # as jaxft.main defines it
+    fv(argv)
+    settings = LmDataSettings.from_config(fv.config.data)
+    for split in ('train', 'eval'):
+      paths = text.expand_paths(settings.text_source(split).paths)
+      assert [os.path.basename(p) for p in paths] == expected
+    assert settings.hf_data_files == value
+
+
+# ----------------------------------------------------------------------------- build_lm_data
+
 def test_build_lm_data_bert_on_corpus(bert_tok, tmp_path):
   cfg = _cfg(files=str(CORPUS / 'blake-poems.txt'), max_len=64, eval_fraction=0.1)
-  train, evals, stats = build_lm_data(cfg, bert_tok, str(tmp_path), 'bert')
-  assert set(train) == {'input_ids', 'attention_mask', 'special_tokens_mask'}
-  for arrays in (train, evals):
+  train, evals, stats = _build(cfg, bert_tok, str(tmp_path), 'bert')
+  rows = train.rows()
+  assert set(rows) == set(evals) == {'input_ids', 'attention_mask', 'special_tokens_mask'}
+  assert len(train) == stats['n_train_rows'] and len(evals['input_ids']) == stats['n_eval_rows']
+  for arrays in (rows, evals):
     assert arrays['input_ids'].shape[1] == 64 and arrays['input_ids'].dtype == np.int32
     assert (arrays['input_ids'][:, 0] == bert_tok.cls_token_id).all()
     assert (arrays['attention_mask'][:-1] == 1).all()
   assert stats['pad_fraction'] < 0.01
-  assert stats['n_train_docs'] + stats['n_eval_docs'] == stats['n_docs']
+  assert stats['train_tokens'] == rows['attention_mask'].sum()
+  assert stats['n_train_docs'] + stats['n_eval_docs'] == stats['n_docs'] == 284
   n_eval_tokens = (evals['special_tokens_mask'] == 0).sum()
-  assert (train['special_tokens_mask'] == 0).sum() + n_eval_tokens == stats['n_tokens']
+  assert (rows['special_tokens_mask'] == 0).sum() + n_eval_tokens == stats['n_tokens']
   # Deterministic: a second build gives the same split.
-  train2, evals2, _ = build_lm_data(cfg, bert_tok, str(tmp_path), 'bert')
-  assert all((train[k] == train2[k]).all() and (evals[k] == evals2[k]).all() for k in train)
+  train2, evals2, _ = _build(cfg, bert_tok, str(tmp_path), 'bert')
+  rows2 = train2.rows()
+  assert all((rows[k] == rows2[k]).all() and (evals[k] == evals2[k]).all() for k in rows)
 
 
 def test_eval_split_modes_and_separate_eval_source(gpt2_tok, tmp_path):
   src = str(CORPUS / 'blake-poems.txt')
-  train, evals, stats = build_lm_data(
+  train, evals, stats = _build(
       _cfg(files=src, max_len=32, eval_fraction=0.05, eval_split_by='rows'), gpt2_tok,
       str(tmp_path), 'gpt2')
-  full, _, _ = build_lm_data(_cfg(files=src, max_len=32, eval_fraction=0.0), gpt2_tok,
-                             str(tmp_path), 'gpt2')
+  full, _, _ = _build(_cfg(files=src, max_len=32, eval_fraction=0.0), gpt2_tok, str(tmp_path),
+                      'gpt2')
+  full = full.rows()
   n = len(full['input_ids'])
   assert stats['n_eval_rows'] == -(-n * 5 // 100) and stats['n_train_rows'] + stats[
       'n_eval_rows'] == n
   assert (evals['input_ids'] == full['input_ids'][-stats['n_eval_rows']:]).all()
-  assert set(train) == {'input_ids', 'attention_mask', 'special_tokens_mask', 'segment_ids'}
-  _, tail, st = build_lm_data(_cfg(files=src, max_len=32, eval_split_by='tail'), gpt2_tok,
-                              str(tmp_path), 'gpt2')
-  assert st['eval_source'] == 'split:tail' and st['n_eval_docs'] >= 1
+  assert (train.rows()['input_ids'] == full['input_ids'][:stats['n_train_rows']]).all()
+  assert set(evals) == {'input_ids', 'attention_mask', 'special_tokens_mask', 'segment_ids'}
+  _, tail, st = _build(_cfg(files=src, max_len=32, eval_split_by='tail'), gpt2_tok,
+                       str(tmp_path), 'gpt2')
+  assert st['eval_source'] == 'split:tail' and st['n_eval_docs'] == round(0.02 * 284)
   assert gpt2_tok.decode(tail['input_ids'][tail['attention_mask'] == 1]).rstrip(
       '<|endoftext|>').endswith('Fled back unhinderd till she came into the vales of Har')
   ev = tmp_path / 'eval.txt'
   ev.write_text('held out one\n\nheld out two\n')
-  _, evals, st = build_lm_data(_cfg(files=src, eval_files=str(ev), max_len=32), gpt2_tok,
-                               str(tmp_path), 'gpt2')
+  _, evals, st = _build(_cfg(files=src, eval_files=str(ev), max_len=32), gpt2_tok,
+                        str(tmp_path), 'gpt2')
   assert st['eval_source'] == 'separate' and st['n_eval_rows'] == 1
   assert gpt2_tok.decode(evals['input_ids'][0][evals['attention_mask'][0] == 1]) == (
       'held out one<|endoftext|>held out two<|endoftext|>')
-  with pytest.raises(ValueError, match='eval_split_by'):
-    build_lm_data(_cfg(files=src, eval_split_by='random'), gpt2_tok, None, 'gpt2')
   with pytest.raises(ValueError, match='model.type'):
-    build_lm_data(_cfg(files=src), gpt2_tok, None, 't5')
+    _build(_cfg(files=src), gpt2_tok, None, 't5')
 
 
-def test_tokenize_cache_is_reused(bert_tok, tmp_path, monkeypatch):
+@pytest.mark.parametrize('mode', ['docs', 'tail', 'rows'])
+def test_eval_split_is_capped_not_a_share_of_the_corpus(bert_tok, tmp_path, mode):
+  """Half the corpus 'held out', but only eval_max_rows rows' worth of it is taken."""
+  cfg = _cfg(files=str(CORPUS), max_len=64, eval_fraction=0.5, eval_max_rows=8,
+             eval_split_by=mode)
+  train, evals, stats = _build(cfg, bert_tok, str(tmp_path), 'bert')
+  assert stats['n_eval_rows'] == len(evals['input_ids']) == 8
+  if mode != 'rows':  # 8 rows of 63 tokens: a handful of documents, not 2944
+    assert 1 <= stats['n_eval_docs'] <= 8 * 64 // 2 + 1 and stats['n_eval_docs'] < 100
+  assert stats['n_train_rows'] > 8000  # the rest trains
+  assert (evals['attention_mask'][:-1] == 1).all()  # 'rows': the last row is the corpus's
+
+
+def test_token_store_is_reused_across_packings(bert_tok, tmp_path, monkeypatch):
   corpus = tmp_path / 'c.txt'
   corpus.write_text((CORPUS / 'blake-poems.txt').read_text(encoding='utf-8'))
   cfg = _cfg(files=str(corpus), max_len=64)
   workdir = tmp_path / 'work'
-  train, evals, stats = build_lm_data(cfg, bert_tok, str(workdir), 'bert')
-  assert not stats['cache_hit']
-  assert os.listdir(workdir / 'cache') == [os.path.basename(stats['cache_path'])]
+  _, _, stats = _build(cfg, bert_tok, str(workdir), 'bert')
+  assert stats['store_built']
+  assert os.listdir(workdir / 'cache' / 'tokens') == [os.path.basename(stats['store_path'])]
 
   calls = []
   cls = type(bert_tok)
@@ -256,38 +382,28 @@ def test_tokenize_cache_is_reused(bert_tok, tmp_path, monkeypatch):
     return original(self, *a, **kw)
 
   monkeypatch.setattr(cls, '__call__', counting_call)
-  cfg.max_len = 32  # packing settings do not touch the token cache
-  train2, _, stats2 = build_lm_data(cfg, bert_tok, str(workdir), 'bert')
-  assert stats2['cache_hit'] and stats2['cache_path'] == stats['cache_path'] and not calls
-  assert stats2['n_tokens'] == stats['n_tokens'] and train2['input_ids'].shape[1] == 32
+  cfg = _cfg(files=str(corpus), max_len=32)  # packing settings do not touch the store
+  train2, _, stats2 = _build(cfg, bert_tok, str(workdir), 'bert')
+  assert not stats2['store_built'] and stats2['store_path'] == stats['store_path'] and not calls
+  assert stats2['n_tokens'] == stats['n_tokens'] and train2[0]['input_ids'].shape == (32,)
   # Changed text -> a new key, tokenized again; no temp files are left behind.
   corpus.write_text(corpus.read_text() + '\n\nA brand new closing paragraph.\n')
-  _, _, stats3 = build_lm_data(cfg, bert_tok, str(workdir), 'bert')
-  assert not stats3['cache_hit'] and calls and stats3['cache_path'] != stats['cache_path']
-  assert sorted(os.listdir(workdir / 'cache')) == sorted(
-      os.path.basename(s['cache_path']) for s in (stats, stats3))
-  # A corrupt cache file is recomputed, not trusted.
-  Path(stats3['cache_path']).write_bytes(b'garbage')
-  _, _, stats4 = build_lm_data(cfg, bert_tok, str(workdir), 'bert')
-  assert not stats4['cache_hit'] and stats4['n_tokens'] == stats3['n_tokens']
-
-
-def test_pad_rows_gives_zero_weight_rows():
-  arrays = {'input_ids': np.ones((5, 4), np.int32), 'attention_mask': np.ones((5, 4), np.int32),
-            'special_tokens_mask': np.zeros((5, 4), np.int32)}
-  out = pretrain.pad_rows(arrays, 4, pad_id=0)
-  assert len(out['input_ids']) == 8
-  assert (out['attention_mask'][5:] == 0).all() and (out['special_tokens_mask'][5:] == 1).all()
+  _, _, stats3 = _build(cfg, bert_tok, str(workdir), 'bert')
+  assert stats3['store_built'] and calls and stats3['store_path'] != stats['store_path']
+  assert sorted(os.listdir(workdir / 'cache' / 'tokens')) == sorted(
+      os.path.basename(s['store_path']) for s in (stats, stats3))
+  assert not [f for _, _, fs in os.walk(workdir) for f in fs if f.endswith('.tmp')]
 
 
 # ----------------------------------------------------------------------------- loader
 
 def test_loader_determinism_and_resume(bert_tok, tmp_path):
   cfg = _cfg(files=str(CORPUS / 'blake-poems.txt'), max_len=32, eval_fraction=0.0)
-  train, _, _ = build_lm_data(cfg, bert_tok, str(tmp_path), 'bert')
+  train, _, _ = _build(cfg, bert_tok, str(tmp_path), 'bert')
+  arrays = train.rows()
 
-  def loader(seed):
-    return make_loader(train, global_batch_size=8, seed=seed, process_index=0,
+  def loader(seed, rows=train):
+    return make_loader(rows, global_batch_size=8, seed=seed, process_index=0,
                        process_count=1)
 
   def take(it, n):
@@ -296,8 +412,10 @@ def test_loader_determinism_and_resume(bert_tok, tmp_path):
   a, b, c = take(loader(0), 5), take(loader(0), 5), take(loader(1), 5)
   assert all((x == y).all() for x, y in zip(a, b))
   assert not all((x == y).all() for x, y in zip(a, c))
+  # The store-backed source gives exactly the batches of the same rows held as arrays.
+  assert all((x == y).all() for x, y in zip(a, take(loader(0, arrays), 5)))
   batch = next(loader(0))
-  assert set(batch) == set(train) and batch['input_ids'].shape == (8, 32)
+  assert set(batch) == set(arrays) and batch['input_ids'].shape == (8, 32)
 
   it = loader(0)
   take(it, 3)
@@ -307,3 +425,17 @@ def test_loader_determinism_and_resume(bert_tok, tmp_path):
   resumed = loader(0)
   resumed.set_state(state)
   assert all((x == y).all() for x, y in zip(expected, take(resumed, 4)))
+
+
+def test_loader_processes_over_the_store_assemble_the_single_process_batches(gpt2_tok,
+                                                                             tmp_path):
+  cfg = _cfg(files=str(CORPUS / 'blake-poems.txt'), max_len=16, eval_fraction=0.0)
+  train, _, _ = _build(cfg, gpt2_tok, str(tmp_path), 'gpt2')
+  single = make_loader(train, global_batch_size=8, seed=3, process_index=0, process_count=1)
+  parts = [make_loader(train, global_batch_size=8, seed=3, process_index=p, process_count=2)
+           for p in range(2)]
+  for _ in range(5):
+    want = next(single)
+    got = [next(it) for it in parts]
+    for k in want:
+      np.testing.assert_array_equal(want[k], np.concatenate([g[k] for g in got]))

@@ -68,7 +68,7 @@ def pretrained_workdir() -> str:
   c = load_config_module('quickstart').pretrain_config(smoke=True)
   c.model.update(**TINY)
   c.data.update(max_len=64, eval_max_rows=32)
-  c.data.files = [str(REPO / 'data/corpus/blake-poems.txt')]
+  c.data.files = str(REPO / 'data/corpus/blake-poems.txt')
   c.train.update(num_steps=4, eval_every=0, log_every=2, batch_size=16)
   c.checkpoint.update(every=0, async_save=False)
   c.export.hf = False

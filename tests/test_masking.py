@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxft.data.masking import clm_labels, mlm_mask
-from jaxft.data.pretrain import pack_clm
+from jaxft.data.packing import pack_clm
 
 VOCAB, CLS, SEP, PAD, MASK = 1000, 2, 3, 0, 4
 B, L, P = 32, 128, 24

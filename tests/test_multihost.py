@@ -156,7 +156,7 @@ def get_config(variant=''):
   c = qs.pretrain_config() if hasattr(qs, 'pretrain_config') else qs.get_config()
   c.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                  max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
-  c.data.files = [qs.REPO + '/data/corpus/blake-poems.txt']
+  c.data.files = qs.REPO + '/data/corpus/blake-poems.txt'
   c.data.max_len = 64
   c.data.eval_fraction = 0.0
   c.optimizer.update(schedule='constant', warmup_steps=0)  # the same lr whatever num_steps

@@ -74,7 +74,7 @@ GPT2 = {'train.num_steps': 150, 'train.batch_size': 8, 'data.max_len': 64}
 
 @pytest.mark.slow
 def test_tiny_gpt2_beats_unigram_perplexity(tmp_path):
-  from jaxft.data.pretrain import build_lm_data
+  from jaxft.data.pretrain import LmDataSettings, build_lm_data
   from jaxft.data.tokenizer import load_tokenizer
   args = [f'--config={REPO / "configs" / "gpt2_clm.py"}:tiny', '--config.train.eval_every=0',
           '--config.train.log_every=50', '--config.checkpoint.every=0',
@@ -83,11 +83,13 @@ def test_tiny_gpt2_beats_unigram_perplexity(tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   model_ppl = results['final']['eval/perplexity']
 
-  # The run's own train/eval split (same config, same tokenize cache).
+  # The run's own train/eval split (same config, same token store).
   cfg = _load('gpt2_clm').get_config('tiny')
   cfg.train.batch_size, cfg.data.max_len = GPT2['train.batch_size'], GPT2['data.max_len']
   tok = load_tokenizer(cfg.data.tokenizer)
-  train, evals, _ = build_lm_data(cfg.data, tok, str(tmp_path), 'gpt2')
+  train, evals, _ = build_lm_data(LmDataSettings.from_config(cfg.data), tok, str(tmp_path),
+                                  'gpt2', process_index=0, process_count=1)
+  train = train.rows()
   vocab = len(tok)
   counts = np.bincount(train['input_ids'][train['attention_mask'] > 0], minlength=vocab)
   logp = np.log((counts + 1.0) / (counts.sum() + vocab))

@@ -1,4 +1,4 @@
-"""Deterministic, checkpointable batch loaders over in-memory example arrays.
+"""Deterministic, checkpointable batch loaders over example arrays or a row data source.
 
 Grain's `MapDataset` gives random access, per-epoch reshuffling from one seed, and an
 iterator whose position (`get_state()`/`set_state()`) is a small dict that Orbax saves
@@ -32,12 +32,15 @@ class _Rows:
     return {k: v[i] for k, v in self.arrays.items()}
 
 
-def make_loader(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
+def make_loader(arrays, *, global_batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None,
                 drop_remainder: bool = True, process_index: int | None = None,
                 process_count: int | None = None):
   """Returns a checkpointable iterator of per-process batches (dicts of numpy arrays).
 
+  `arrays`: a dict of equal-length arrays, or a random-access data source (len() and
+  row i -> dict of arrays, e.g. jaxft.data.packing.PackedRows): the same rows give the
+  same batches either way.
   num_epochs=None repeats forever (pretraining); an int gives that many passes.
   Each process gets `global_batch_size // process_count` rows per batch: process p's part
   of global batch b is the contiguous block p of it, so P processes together see exactly
@@ -50,7 +53,8 @@ def make_loader(arrays: Mapping[str, np.ndarray], *, global_batch_size: int, see
     raise ValueError(f'train.batch_size={global_batch_size} is not divisible by the '
                      f'{process_count} processes')
   local_batch = global_batch_size // process_count
-  ds = grain.MapDataset.source(_Rows(arrays)).seed(seed)
+  rows = _Rows(arrays) if isinstance(arrays, Mapping) else arrays
+  ds = grain.MapDataset.source(rows).seed(seed)
   if shuffle:
     ds = ds.shuffle()
   if num_epochs != 1:

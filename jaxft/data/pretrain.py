@@ -1,322 +1,177 @@
-"""LM pretraining data: tokenize once (cached), pack FULL-SENTENCES rows, split train/eval.
+"""LM pretraining data: the `data` settings, the token store, packed rows, the eval split.
 
-Tokenizing is the slow part and depends only on the document text and the tokenizer,
-so its result (per-document token ids, no special tokens) is cached under
-`workdir/cache/<sha256>.npz`; packing is cheap and redone each run, so changing
-`data.max_len` or the eval split reuses the cache.
+The corpus is tokenized once into a token store on disk (jaxft.data.token_store: sharded,
+parallel over cores and hosts, resumable, memory-mapped) keyed by the text and the
+tokenizer, so changing `data.max_len` or the eval split reuses it, and so does every run
+that names the same `data.store_dir`. Rows are packed from it lazily
+(jaxft.data.packing): training reads row i from the store, nothing of the size of the
+corpus is ever held in memory. The eval split is held out by documents (or rows) and
+capped (`data.eval_max_rows`), so its cost does not grow with the corpus.
 
-Packing follows RoBERTa FULL-SENTENCES: rows are filled with contiguous text that may
-cross document boundaries, never NSP pairs.
-  BERT  (mlm): [CLS] doc1 ... [SEP] doc2 ... [SEP]   every row starts with [CLS] and
-               ends with [SEP]; a document cut at a row end continues after the next [CLS].
-  GPT-2 (clm): doc1 <|endoftext|> doc2 <|endoftext|> ...   cut into rows of max_len, plus
-               `segment_ids` (1, 2, ... per document within a row, 0 on padding) so the
-               loss/attention can stop at document boundaries. A document's trailing
-               <|endoftext|> belongs to that document's segment.
-Only the very last row of a split can be padded.
-
-Config keys (`data.*`, defaults in `DEFAULTS`; source keys are in `jaxft.data.text`):
-  max_len             row length in tokens (128)
-  eval_fraction       share held out for eval when no eval source is given (0.02; 0 = none)
-  eval_split_by       'docs' (a seeded random subset of documents) | 'tail' (the last
-                      documents) | 'rows' (the last packed rows) ('docs')
-  split_seed          seed of the 'docs' selection (0)
-  eval_max_rows       cap on eval rows (0 = all)
-  tokenize_batch_size documents per tokenizer call (1000)
-  tokenize_cache      use workdir/cache (True)
-  clm_mask_boundaries read by the CLM stage: no loss across document boundaries (False)
+`LmDataSettings` lists every key of the pretraining `data` section with its default;
+`default_data_config()` is that as a ConfigDict for config files, and
+`LmDataSettings.from_config(cfg.data)` reads one back, refusing unknown keys.
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
+import atexit
+import dataclasses
+import difflib
 import logging
 import math
 import os
+import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxft.data import text as text_lib
-
-CACHE_VERSION = 1
-
-DEFAULTS = dict(
-    max_len=128,
-    eval_fraction=0.02,
-    eval_split_by='docs',
-    split_seed=0,
-    eval_max_rows=0,
-    tokenize_batch_size=1000,
-    tokenize_cache=True,
-    clm_mask_boundaries=False,
-)
+from jaxft.data import token_store
+from jaxft.data.packing import DocSequence, PackedRows, PackSpec, packed_rows
 
 _CLM_TYPES = ('gpt2', 'gpt', 'clm', 'causal')
 _MLM_TYPES = ('bert', 'roberta', 'mlm', 'distilbert', 'electra')
+_CHOICES = {
+    'source': ('', 'files', 'hf', 'tfds'),
+    'file_format': ('', 'txt', 'jsonl', 'csv', 'tsv', 'parquet'),
+    'doc_split': ('blank_line', 'line'),
+    'eval_split_by': ('docs', 'tail', 'rows'),
+    'store_key': ('content', 'stat'),
+    'store_verify': ('checksum', 'size'),
+}
+_PATH_KEYS = ('files', 'eval_files', 'hf_data_files')
+
+
+class DataSettingsError(ValueError):
+  """A `data.*` key that does not exist or has a bad value (named in the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LmDataSettings:
+  """The pretraining `data` section: every key with its default (docs/data.md)."""
+  tokenizer: str = ''            # a tokenizer directory / HF name (read by the stage)
+  # -- the text (jaxft.data.text)
+  source: str = ''               # 'files' | 'hf' | 'tfds'; '' infers: hf_name -> hf,
+                                 # tfds_name -> tfds, else files
+  files: str = ''                # a path, glob, directory or 'a,b' list of them
+                                 # (.txt .text .jsonl .ndjson .json .csv .tsv .parquet)
+  file_format: str = ''          # '' (by extension) | txt | jsonl | csv | tsv | parquet
+  doc_split: str = 'blank_line'  # .txt: blank-line-separated blocks | 'line' (one per line)
+  text_column: str = 'text'      # jsonl / csv / tsv / parquet / HF / TFDS text field
+  hf_name: str = ''              # datasets.load_dataset(hf_name, hf_config, split=hf_split,
+  hf_config: str = ''            #   data_files=hf_data_files, streaming=hf_streaming)
+  hf_split: str = 'train'
+  hf_data_files: str = ''
+  hf_streaming: bool = False
+  tfds_name: str = ''            # tfds.data_source(tfds_name, split=tfds_split,
+  tfds_split: str = 'train'      #   data_dir=tfds_data_dir)
+  tfds_data_dir: str = ''
+  eval_files: str = ''           # an explicit eval source (else held out from the train one)
+  hf_eval_split: str = ''
+  tfds_eval_split: str = ''
+  max_docs: int = 0              # only the first N documents (0 = all): quick runs
+  # -- rows and the eval split
+  max_len: int = 128             # row length in tokens
+  eval_fraction: float = 0.02    # held out from the train source: at most this share ...
+  eval_max_rows: int = 1024      # ... and at most this many rows (0 = no cap)
+  eval_split_by: str = 'docs'    # 'docs' (seeded random documents) | 'tail' (the last
+                                 # documents) | 'rows' (the last packed rows)
+  split_seed: int = 0            # seed of the 'docs' selection
+  clm_mask_boundaries: bool = False  # read by the CLM stage: no loss across documents
+  # -- the token store (jaxft.data.token_store)
+  store_dir: str = ''            # where stores live ('' = <workdir>/cache/tokens); share it
+                                 # between runs (and hosts) over the same corpus
+  store_shard_mb: int = 32       # input megabytes per shard: the unit of parallel work
+  store_key: str = 'content'     # 'content' (hash the input bytes) | 'stat' (path, size, mtime)
+  store_verify: str = 'checksum'  # at open: 'checksum' (sha256 of every shard) | 'size'
+  tokenize_num_proc: int = 0     # tokenizer processes per host (0 = every core)
+  tokenize_batch_size: int = 1000  # documents per tokenizer call
+
+  @classmethod
+  def from_config(cls, section) -> 'LmDataSettings':
+    """Settings from a ConfigDict / dict (None or missing keys: defaults); an unknown key or
+    a value of the wrong type or choice raises DataSettingsError naming data.<key>."""
+    if section is None:
+      return cls()
+    values = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+      if key not in fields:
+        hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+        raise DataSettingsError(f'unknown key data.{key}' +
+                                (f' (did you mean data.{hint[0]}?)' if hint else '') +
+                                f'; keys of data: {sorted(fields)}')
+      if value is not None:
+        kwargs[key] = _checked(key, value, fields[key].default)
+    return cls(**kwargs)
+
+  def text_source(self, split: str = 'train') -> text_lib.Source | None:
+    """The raw text of 'train' or 'eval' (None: no separate eval source is named)."""
+    if split not in ('train', 'eval'):
+      raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    train = split == 'train'
+    kind = self.source or ('hf' if self.hf_name else 'tfds' if self.tfds_name else 'files')
+    common = dict(kind=kind, text_column=self.text_column, max_docs=self.max_docs)
+    if kind == 'files':
+      key = 'files' if train else 'eval_files'
+      paths = tuple(text_lib.as_list(getattr(self, key)))
+      if not paths:
+        if train:
+          raise DataSettingsError('data.files is empty: name text files (or set data.hf_name '
+                                  '/ data.tfds_name)')
+        return None
+      return text_lib.Source(paths=paths, key=f'data.{key}', file_format=self.file_format,
+                             doc_split=self.doc_split, **common)
+    if kind == 'hf':
+      split_name = self.hf_split if train else self.hf_eval_split
+      if not split_name:
+        return None
+      return text_lib.Source(hf_name=self.hf_name, hf_config=self.hf_config,
+                             hf_split=split_name, hf_streaming=self.hf_streaming,
+                             hf_data_files=tuple(text_lib.as_list(self.hf_data_files)),
+                             key='data.hf_name', **common)
+    split_name = self.tfds_split if train else self.tfds_eval_split
+    if not split_name:
+      return None
+    return text_lib.Source(tfds_name=self.tfds_name, tfds_split=split_name,
+                           tfds_data_dir=self.tfds_data_dir, key='data.tfds_name', **common)
+
+
+def _checked(key: str, value, default):
+  """`value` for data.<key>, checked against the type of its default (and its choices)."""
+  if key in _PATH_KEYS and isinstance(value, (list, tuple)):
+    value = tuple(os.fspath(v) for v in value)  # programmatic lists of paths are fine too
+  elif isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise DataSettingsError(f'data.{key}={value!r}: must be a bool (True or False)')
+  elif isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise DataSettingsError(f'data.{key}={value!r}: must be an int')
+  elif isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise DataSettingsError(f'data.{key}={value!r}: must be a number')
+    value = float(value)
+  elif isinstance(default, str):
+    if isinstance(value, os.PathLike):
+      value = os.fspath(value)
+    if not isinstance(value, str):
+      raise DataSettingsError(f'data.{key}={value!r}: must be a string')
+  if key in _CHOICES and value not in _CHOICES[key]:
+    raise DataSettingsError(f'data.{key}={value!r}; allowed: {_CHOICES[key]}')
+  return value
 
 
 def default_data_config():
-  """A ConfigDict with every pretraining `data.*` key at its default (plus `tokenizer`).
-
-  Path-list keys (files, eval_files, hf_data_files) are None so that either a string
-  or a list may be assigned (ConfigDict fixes a field's type at its first value).
-  """
+  """The pretraining `data` section as a ConfigDict: every LmDataSettings key at its
+  default. Path keys hold strings, so --config.data.files=/data/text overrides them."""
   import ml_collections
-  cfg = ml_collections.ConfigDict()
-  cfg.tokenizer = ''
-  for k, v in {**text_lib.DEFAULTS, **DEFAULTS}.items():
-    setattr(cfg, k, None if isinstance(v, tuple) else v)
-  return cfg
+  return ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(LmDataSettings)})
 
 
-def _get(cfg, key):
-  return text_lib.cfg_get(cfg, key, DEFAULTS[key] if key in DEFAULTS else None)
-
-
-# ----------------------------------------------------------------------------- tokenize
-
-def tokenizer_fingerprint(tokenizer) -> str:
-  """Hash of everything that decides token ids: the backend JSON and special tokens."""
-  h = hashlib.sha256()
-  h.update(type(tokenizer).__name__.encode())
-  backend = getattr(tokenizer, 'backend_tokenizer', None)
-  if backend is not None:
-    h.update(backend.to_str().encode())
-  else:  # a slow tokenizer: its vocabulary is the best we have
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-  h.update(json.dumps(getattr(tokenizer, 'special_tokens_map', {}), sort_keys=True,
-                      default=str).encode())
-  return h.hexdigest()
-
-
-def documents_fingerprint(docs: Sequence[str]) -> str:
-  h = hashlib.sha256()
-  for d in docs:
-    b = d.encode('utf-8')
-    h.update(len(b).to_bytes(8, 'little'))
-    h.update(b)
-  return h.hexdigest()
-
-
-def cache_key(docs: Sequence[str], tokenizer) -> str:
-  settings = dict(version=CACHE_VERSION, add_special_tokens=False, split_special_tokens=True)
-  payload = json.dumps(dict(docs=documents_fingerprint(docs),
-                            tokenizer=tokenizer_fingerprint(tokenizer), **settings),
-                       sort_keys=True)
-  return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def tokenize_documents(docs: Sequence[str], tokenizer, cache_dir: str | None = None, *,
-                       batch_size: int = 1000, show_progress: bool | None = None,
-                       desc: str = 'tokenize') -> tuple[np.ndarray, np.ndarray, dict]:
-  """Token ids of every document, concatenated: (tokens int32 [T], offsets int64 [D+1], info).
-
-  Document i is tokens[offsets[i]:offsets[i+1]]. No special tokens are added, and
-  special-token spellings inside the text (a literal "[SEP]") stay plain text.
-  With `cache_dir`, the result is read from / written to `<cache_dir>/<key>.npz`.
-  """
-  info = {'cache_path': None, 'cache_hit': False}
-  path = None
-  if cache_dir:
-    path = os.path.join(cache_dir, cache_key(docs, tokenizer) + '.npz')
-    info['cache_path'] = path
-    if os.path.exists(path):
-      loaded = _load_cache(path, len(docs))
-      if loaded is not None:
-        info['cache_hit'] = True
-        return loaded[0], loaded[1], info
-
-  if show_progress is None:
-    show_progress = _is_main_process()
-  from tqdm.auto import tqdm
-  lengths = np.zeros(len(docs), np.int64)
-  chunks = []
-  with tqdm(total=len(docs), desc=desc, unit='doc', disable=not show_progress,
-            mininterval=1.0) as bar:
-    for start in range(0, len(docs), batch_size):
-      batch = list(docs[start:start + batch_size])
-      ids = tokenizer(batch, add_special_tokens=False, split_special_tokens=True,
-                      return_attention_mask=False, return_token_type_ids=False,
-                      verbose=False)['input_ids']
-      n = [len(seq) for seq in ids]
-      lengths[start:start + len(ids)] = n
-      chunks.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32, sum(n)))
-      bar.update(len(batch))
-  tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  if path:
-    _save_cache(path, tokens, offsets)
-  return tokens, offsets, info
-
-
-def _save_cache(path: str, tokens: np.ndarray, offsets: np.ndarray):
-  """Temp file in the same directory, then os.replace: readers never see half a file."""
-  d = os.path.dirname(path)
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.npz')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, tokens=tokens, offsets=offsets, version=np.int64(CACHE_VERSION))
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users of a shared workdir read it too
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _load_cache(path: str, n_docs: int):
-  try:
-    with np.load(path) as z:
-      tokens, offsets = z['tokens'], z['offsets']
-      version = int(z['version'])
-  except Exception as e:  # corrupt or foreign file: recompute and overwrite
-    logging.warning('tokenize cache %s unreadable (%s); recomputing', path, e)
-    return None
-  if (version != CACHE_VERSION or len(offsets) != n_docs + 1 or offsets[0] != 0
-      or offsets[-1] != len(tokens)):
-    logging.warning('tokenize cache %s does not match the documents; recomputing', path)
-    return None
-  return tokens.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
-
-
-def _is_main_process() -> bool:
-  try:
-    import jax
-    return jax.process_index() == 0
-  except Exception:
-    return True
-
-
-def select_documents(tokens: np.ndarray, offsets: np.ndarray, idx: np.ndarray):
-  """The documents `idx` (in that order) as a new (tokens, offsets) pair."""
-  idx = np.asarray(idx, np.int64)
-  lengths = offsets[idx + 1] - offsets[idx]
-  new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  if len(idx) == 0:
-    return np.zeros(0, np.int32), new_offsets
-  # One gather: position j of document k is offsets[idx[k]] + j.
-  starts = np.repeat(offsets[idx] - new_offsets[:-1], lengths)
-  gather = np.arange(new_offsets[-1], dtype=np.int64) + starts
-  return tokens[gather], new_offsets
-
-
-# ----------------------------------------------------------------------------- packing
-
-def _drop_empty(tokens, offsets):
-  lengths = np.diff(offsets)
-  if (lengths > 0).all():
-    return tokens, offsets
-  return select_documents(tokens, offsets, np.flatnonzero(lengths > 0))
-
-
-def _stream_with_separators(tokens, offsets, sep_id):
-  """Documents with `sep_id` after each one; also each token's document index."""
-  tokens, offsets = _drop_empty(tokens, offsets)
-  n_docs = len(offsets) - 1
-  lengths = np.diff(offsets)
-  stream = np.insert(tokens, offsets[1:], sep_id).astype(np.int32)
-  is_sep = np.zeros(len(stream), bool)
-  is_sep[offsets[1:] + np.arange(n_docs)] = True
-  doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), lengths + 1)
-  return stream, is_sep, doc_of
-
-
-def pack_mlm(tokens: np.ndarray, offsets: np.ndarray, max_len: int, *, cls_id: int,
-             sep_id: int, pad_id: int) -> dict[str, np.ndarray]:
-  """BERT rows `[CLS] ... [SEP] ... [SEP]`, full except possibly the last one."""
-  if max_len < 3:
-    raise ValueError(f'data.max_len={max_len} is too short for [CLS] x [SEP]')
-  stream, is_sep, _ = _stream_with_separators(tokens, offsets, sep_id)
-  body = max_len - 1  # tokens after [CLS], the last of which must be [SEP]
-  n = len(stream)
-  starts, takes, closes = [], [], []
-  i = 0
-  while i < n:
-    if n - i <= body:
-      take, close = n - i, False  # the tail, which ends with its document's [SEP]
-    elif is_sep[i + body - 1]:
-      take, close = body, False  # a document ends at the row end: its [SEP] closes the row
-    else:
-      # Cut here; the row gets a closing [SEP] (after a document [SEP] in the rare case
-      # that one ends just before the cut, like RoBERTa's </s></s>).
-      take, close = body - 1, True
-    starts.append(i)
-    takes.append(take)
-    closes.append(close)
-    i += take
-  rows = len(starts)
-  ids = np.full((rows, max_len), pad_id, np.int32)
-  attn = np.zeros((rows, max_len), np.int32)
-  special = np.ones((rows, max_len), np.int32)
-  for r, (s, t, close) in enumerate(zip(starts, takes, closes)):
-    ids[r, 0] = cls_id
-    ids[r, 1:1 + t] = stream[s:s + t]
-    special[r, 1:1 + t] = is_sep[s:s + t]
-    end = 1 + t
-    if close:
-      ids[r, end] = sep_id
-      end += 1
-    attn[r, :end] = 1
-  return {'input_ids': ids, 'attention_mask': attn, 'special_tokens_mask': special}
-
-
-def pack_clm(tokens: np.ndarray, offsets: np.ndarray, max_len: int, *, eos_id: int,
-             pad_id: int) -> dict[str, np.ndarray]:
-  """GPT-2 rows: documents joined by <|endoftext|>, cut every max_len tokens."""
-  if max_len < 2:
-    raise ValueError(f'data.max_len={max_len} is too short for next-token prediction')
-  stream, is_sep, doc_of = _stream_with_separators(tokens, offsets, eos_id)
-  n = len(stream)
-  rows = -(-n // max_len)
-  size = rows * max_len
-  ids = np.full(size, pad_id, np.int32)
-  ids[:n] = stream
-  attn = np.zeros(size, np.int32)
-  attn[:n] = 1
-  special = np.ones(size, np.int32)
-  special[:n] = is_sep
-  doc = np.full(size, -1, np.int64)
-  doc[:n] = doc_of
-  doc = doc.reshape(rows, max_len)
-  segment = np.where(attn.reshape(rows, max_len) > 0, doc - doc[:, :1] + 1, 0)
-  return {'input_ids': ids.reshape(rows, max_len),
-          'attention_mask': attn.reshape(rows, max_len),
-          'special_tokens_mask': special.reshape(rows, max_len),
-          'segment_ids': segment.astype(np.int32)}
-
-
-def pad_fraction(arrays: Mapping[str, np.ndarray] | None) -> float:
-  if arrays is None or arrays['attention_mask'].size == 0:
-    return 0.0
-  return float(1.0 - arrays['attention_mask'].mean())
-
-
-def pad_rows(arrays: Mapping[str, np.ndarray], multiple: int, pad_id: int):
-  """Appends all-padding rows so len is a multiple of `multiple` (fixed-shape eval batches).
-
-  Padding rows have attention_mask 0 and special_tokens_mask 1, so neither MLM masking
-  nor `clm_labels` ever gives them weight.
-  """
-  n = len(arrays['input_ids'])
-  extra = (-n) % multiple
-  if not extra:
-    return dict(arrays)
-  out = {}
-  for k, v in arrays.items():
-    fill = pad_id if k == 'input_ids' else 1 if k == 'special_tokens_mask' else 0
-    out[k] = np.concatenate([v, np.full((extra,) + v.shape[1:], fill, v.dtype)])
-  return out
-
-
-def _take_rows(arrays, sl):
-  return {k: v[sl] for k, v in arrays.items()}
-
-
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- rows
 
 def lm_style(model_type: str) -> str:
   t = (model_type or '').lower()
@@ -327,105 +182,159 @@ def lm_style(model_type: str) -> str:
   raise ValueError(f"model.type {model_type!r}: expected one of {_MLM_TYPES + _CLM_TYPES}")
 
 
-def _packer(tokenizer, style: str, max_len: int):
+def pack_spec(tokenizer, style: str, max_len: int) -> PackSpec:
+  """The special token ids of `tokenizer` that packing writes."""
   name = getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__
   if style == 'mlm':
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     if None in (cls_id, sep_id, pad_id):
       raise ValueError(f'tokenizer {name!r} lacks [CLS]/[SEP]/[PAD] needed for MLM packing '
                        f'(cls={cls_id}, sep={sep_id}, pad={pad_id})')
-    return lambda t, o: pack_mlm(t, o, max_len, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id)
+    return PackSpec('mlm', max_len, sep_id=sep_id, pad_id=pad_id, cls_id=cls_id)
   eos_id = tokenizer.eos_token_id
   if eos_id is None:
     raise ValueError(f'tokenizer {name!r} has no eos token (<|endoftext|>) for CLM packing')
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-  return lambda t, o: pack_clm(t, o, max_len, eos_id=eos_id, pad_id=pad_id)
+  return PackSpec('clm', max_len, sep_id=eos_id, pad_id=pad_id)
 
 
-def split_documents(n_docs: int, eval_fraction: float, mode: str, seed: int = 0):
-  """Deterministic (train_idx, eval_idx) over documents, each sorted ascending."""
-  n_eval = min(n_docs - 1, max(1, round(eval_fraction * n_docs)))
+def choose_eval_docs(store: token_store.TokenStore, fraction: float, mode: str, seed: int,
+                     cap_items: int = 0) -> np.ndarray:
+  """Held-out documents (sorted ids): at most `fraction` of them, and with cap_items > 0
+  only as many as hold cap_items stream items. 'docs': a seeded random choice; 'tail': the
+  last ones. Memory and time grow with the number held out, not with the corpus."""
+  n = store.n_docs
+  k = min(n - 1, max(1, round(fraction * n)))
+  if cap_items > 0:
+    k = min(k, cap_items // 2 + 1)  # a non-empty document is at least 2 stream items
   if mode == 'tail':
-    eval_idx = np.arange(n_docs - n_eval, n_docs)
+    chosen = np.arange(n - 1, n - 1 - k, -1, dtype=np.int64)
   elif mode == 'docs':
-    eval_idx = np.sort(np.random.default_rng(seed).permutation(n_docs)[:n_eval])
+    chosen = np.random.default_rng(seed).choice(n, size=k, replace=False).astype(np.int64)
   else:
     raise ValueError(f"unknown document split {mode!r}")
-  keep = np.ones(n_docs, bool)
-  keep[eval_idx] = False
-  return np.flatnonzero(keep), eval_idx
+  if cap_items > 0:
+    enough = np.searchsorted(np.cumsum(store.stream_lengths(chosen)), cap_items) + 1
+    chosen = chosen[:enough]
+  return np.sort(chosen)
 
 
-def build_lm_data(data_cfg, tokenizer, workdir: str | None, model_type: str):
-  """Returns (train_arrays, eval_arrays or None, stats) for MLM ('bert') or CLM ('gpt2').
+# ----------------------------------------------------------------------------- entry point
 
-  Arrays are numpy int32 [N, max_len]: `input_ids`, `attention_mask`,
-  `special_tokens_mask` (1 on CLS/SEP/EOS/PAD), and for CLM `segment_ids`.
-  Eval comes from `data.eval_files`/`hf_eval_split`/`tfds_eval_split` when set, else
-  `data.eval_fraction` of the train source (`data.eval_split_by`); None if that is 0.
+def store_root(settings: LmDataSettings, workdir: str | None) -> str:
+  """data.store_dir, else <workdir>/cache/tokens, else a temporary folder (removed at exit)."""
+  if settings.store_dir:
+    return os.path.expanduser(settings.store_dir)
+  if workdir:
+    return os.path.join(os.fspath(workdir), 'cache', 'tokens')
+  tmp = tempfile.mkdtemp(prefix='jaxft-tokens-')
+  atexit.register(shutil.rmtree, tmp, True)
+  return tmp
+
+
+def build_options(settings: LmDataSettings, desc: str, process_index: int | None = None,
+                  process_count: int | None = None) -> token_store.BuildOptions:
+  if process_index is None or process_count is None:
+    import jax  # the data layer reads which host it is on, like loader.make_loader
+    process_index, process_count = jax.process_index(), jax.process_count()
+  return token_store.BuildOptions(
+      num_proc=settings.tokenize_num_proc, batch_size=settings.tokenize_batch_size,
+      verify=settings.store_verify, key_mode=settings.store_key,
+      shard_bytes=settings.store_shard_mb << 20, process_index=process_index,
+      process_count=process_count, show_progress=process_index == 0, desc=desc)
+
+
+def open_store(settings: LmDataSettings, tokenizer, workdir: str | None, split: str = 'train',
+               **process) -> token_store.TokenStore | None:
+  """The token store of the train (or separate eval) source, built first if missing."""
+  source = settings.text_source(split)
+  if source is None:
+    return None
+  store = token_store.open_or_build(source, tokenizer, store_root(settings, workdir),
+                                    build_options(settings, f'tokenize {split}', **process))
+  if store.n_docs == 0:
+    raise ValueError(f'the {split} source of data ({source.describe()}) has no non-empty '
+                     'documents')
+  logging.info('token store %s: %s documents, %s tokens, %.2f bytes/token (%s in %.1fs)',
+               store.path, f'{store.n_docs:,}', f'{store.n_tokens:,}',
+               store.nbytes / max(store.n_tokens, 1),
+               'built' if store.info.get('built') else 'opened', store.info.get('seconds', 0))
+  return store
+
+
+def build_lm_data(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str,
+                  **process) -> tuple[PackedRows, dict[str, np.ndarray] | None, dict[str, Any]]:
+  """(train rows, eval arrays or None, stats) for MLM ('bert') or CLM ('gpt2').
+
+  Train rows are a `PackedRows` data source over the token store (len(), row i -> dict of
+  int32 [max_len] arrays: `input_ids`, `attention_mask`, `special_tokens_mask` (1 on
+  CLS/SEP/EOS/PAD), and for CLM `segment_ids`); make_loader batches it. The eval rows
+  (capped by data.eval_max_rows) are arrays [N, max_len] of the same keys. Eval comes
+  from `data.eval_files` / `hf_eval_split` / `tfds_eval_split` when set, else is held out
+  of the train source (`data.eval_split_by`); None when data.eval_fraction is 0.
+  `process`: process_index / process_count (default: jax's) share the tokenizing.
   """
   style = lm_style(model_type)
-  max_len = int(_get(data_cfg, 'max_len'))
-  pack = _packer(tokenizer, style, max_len)
-  cache_dir = None
-  if workdir and _get(data_cfg, 'tokenize_cache'):
-    cache_dir = os.path.join(os.fspath(workdir), 'cache')
-  batch_size = int(_get(data_cfg, 'tokenize_batch_size'))
-
-  docs = text_lib.load_documents(data_cfg, 'train')
-  tokens, offsets, info = tokenize_documents(docs, tokenizer, cache_dir,
-                                             batch_size=batch_size, desc='tokenize train')
+  spec = pack_spec(tokenizer, style, settings.max_len)
+  store = open_store(settings, tokenizer, workdir, 'train', **process)
   stats: dict[str, Any] = {
-      'style': style, 'max_len': max_len, 'n_docs': len(docs), 'n_tokens': int(len(tokens)),
-      'cache_path': info['cache_path'], 'cache_hit': info['cache_hit']}
-  del docs
-
-  eval_docs = text_lib.load_documents(data_cfg, 'eval')
-  eval_fraction = float(_get(data_cfg, 'eval_fraction'))
-  mode = _get(data_cfg, 'eval_split_by')
-  if mode not in ('docs', 'tail', 'rows'):
-    raise ValueError(f"data.eval_split_by must be 'docs', 'tail' or 'rows', got {mode!r}")
-  n_docs = len(offsets) - 1
-  if eval_docs is not None:
-    et, eo, einfo = tokenize_documents(eval_docs, tokenizer, cache_dir,
-                                       batch_size=batch_size, desc='tokenize eval')
-    stats['eval_cache_path'] = einfo['cache_path']
-    stats['cache_hit'] = stats['cache_hit'] and einfo['cache_hit']
-    stats['eval_source'] = 'separate'
-    train, evals = pack(tokens, offsets), pack(et, eo)
-    stats.update(n_train_docs=n_docs, n_eval_docs=len(eval_docs))
-  elif eval_fraction <= 0:
-    stats['eval_source'] = 'none'
-    train, evals = pack(tokens, offsets), None
-    stats.update(n_train_docs=n_docs, n_eval_docs=0)
-  else:
-    if mode in ('docs', 'tail') and n_docs < 10:
-      logging.warning('only %d documents: splitting eval by rows instead of %r', n_docs, mode)
-      mode = 'rows'
-    stats['eval_source'] = f'split:{mode}'
-    if mode == 'rows':
-      packed = pack(tokens, offsets)
-      n_rows = len(packed['input_ids'])
-      if n_rows < 2:
-        raise ValueError(f'only {n_rows} packed row(s): too little text to hold out eval '
-                         'rows; add text, lower data.max_len, or set data.eval_fraction=0')
-      n_eval = min(n_rows - 1, max(1, math.ceil(eval_fraction * n_rows)))
-      train = _take_rows(packed, slice(0, n_rows - n_eval))
-      evals = _take_rows(packed, slice(n_rows - n_eval, n_rows))
-      stats.update(n_train_docs=n_docs, n_eval_docs=None)
-    else:
-      train_idx, eval_idx = split_documents(n_docs, eval_fraction, mode,
-                                            int(_get(data_cfg, 'split_seed')))
-      train = pack(*select_documents(tokens, offsets, train_idx))
-      evals = pack(*select_documents(tokens, offsets, eval_idx))
-      stats.update(n_train_docs=len(train_idx), n_eval_docs=len(eval_idx))
-
-  eval_max_rows = int(_get(data_cfg, 'eval_max_rows'))
-  if evals is not None and eval_max_rows > 0:
-    evals = _take_rows(evals, slice(0, eval_max_rows))
+      'style': style, 'max_len': spec.max_len, 'n_docs': store.n_docs,
+      'n_tokens': store.n_tokens, 'store_path': store.path,
+      'store_built': bool(store.info.get('built')), 'eval_max_rows': settings.eval_max_rows}
+  train, evals = _split(settings, spec, store, tokenizer, workdir, stats, process)
+  eval_arrays = evals.rows() if evals is not None else None
   stats.update(
-      n_train_rows=len(train['input_ids']),
-      n_eval_rows=0 if evals is None else len(evals['input_ids']),
-      pad_fraction=pad_fraction(train), eval_pad_fraction=pad_fraction(evals),
-      train_tokens=int(train['attention_mask'].sum()))
-  return train, evals, stats
+      n_train_rows=len(train), n_eval_rows=0 if evals is None else len(evals),
+      pad_fraction=train.pad_fraction(),
+      eval_pad_fraction=0.0 if evals is None else evals.pad_fraction(),
+      train_tokens=train.attended_tokens())
+  if evals is not None:
+    logging.info('eval: %d rows (%s; cap data.eval_max_rows=%s), %s held-out documents',
+                 len(evals), stats['eval_source'], settings.eval_max_rows or 'none',
+                 stats.get('n_eval_docs'))
+  return train, eval_arrays, stats
+
+
+def _split(settings, spec, store, tokenizer, workdir, stats, process):
+  """(train PackedRows, eval PackedRows or None); records the split in `stats`."""
+  cap = settings.eval_max_rows
+  everything = DocSequence(store, [[0, store.n_docs]])
+  eval_store = open_store(settings, tokenizer, workdir, 'eval', **process)
+  if eval_store is not None:
+    stats.update(eval_source='separate', n_train_docs=store.n_docs,
+                 n_eval_docs=eval_store.n_docs, eval_store_path=eval_store.path)
+    evals = packed_rows(DocSequence(eval_store, [[0, eval_store.n_docs]]), spec, cap)
+    return packed_rows(everything, spec), evals
+  if settings.eval_fraction <= 0:
+    stats.update(eval_source='none', n_train_docs=store.n_docs, n_eval_docs=0)
+    return packed_rows(everything, spec), None
+  mode = settings.eval_split_by
+  if mode in ('docs', 'tail') and store.n_docs < 10:
+    logging.warning('only %d documents: splitting eval by rows instead of %r', store.n_docs,
+                    mode)
+    mode = 'rows'
+  stats['eval_source'] = f'split:{mode}'
+  if mode == 'rows':
+    full = packed_rows(everything, spec)
+    n_rows = len(full)
+    if n_rows < 2:
+      raise ValueError(f'only {n_rows} packed row(s): too little text to hold out eval rows; '
+                       'add text, lower data.max_len, or set data.eval_fraction=0')
+    n_eval = min(n_rows - 1, max(1, math.ceil(settings.eval_fraction * n_rows)),
+                 cap if cap > 0 else n_rows)
+    stats.update(n_train_docs=store.n_docs, n_eval_docs=None)
+    return full.view(0, n_rows - n_eval), full.view(n_rows - n_eval, n_rows)
+  held = choose_eval_docs(store, settings.eval_fraction, mode, settings.split_seed,
+                          cap * spec.max_len if cap > 0 else 0)
+  stats.update(n_train_docs=store.n_docs - len(held), n_eval_docs=len(held))
+  return (packed_rows(DocSequence.complement(store, held), spec),
+          packed_rows(DocSequence.of(store, held), spec, cap))
+
+
+def prepare(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str,
+            **process) -> dict[str, Any]:
+  """Everything a training run over these settings reads, made ahead: the token store(s),
+  the row index and the eval split (a pod prepares once; every run then starts in
+  seconds). Returns the stats of build_lm_data."""
+  _, _, stats = build_lm_data(settings, tokenizer, workdir, model_type, **process)
+  return stats

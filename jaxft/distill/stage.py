@@ -211,7 +211,8 @@ def run(cfg, workdir: str) -> dict:
     if int(cfg.train.get('num_epochs', 0) or 0):
       cfg.train.num_steps = int(cfg.train.num_epochs) * steps_per_epoch
   else:
-    train_arrays, dev_arrays, stats = lm_data.build_lm_data(cfg.data, tokenizer, workdir, 'bert')
+    train_arrays, dev_arrays, stats = lm_data.build_lm_data(
+        lm_data.LmDataSettings.from_config(cfg.data), tokenizer, workdir, 'bert')
     info, num_labels, head, steps_per_epoch = None, None, 'mlm', 0
     test_arrays = None
 
@@ -313,7 +314,8 @@ def run(cfg, workdir: str) -> dict:
       es.mode = 'min' if info['main_metric'] == 'loss' else 'max'
   else:
     task = task_lib.mlm_task(smcfg, tokenizer, cfg.mlm, spec, teacher.model_def)
-  train_fields = {k: v for k, v in train_arrays.items() if k != 'word_ids'}
+  train_fields = train_arrays if kind == 'mlm' else {  # mlm: a row source over the store
+      k: v for k, v in train_arrays.items() if k != 'word_ids'}
   data = loop.Data(train_iter=loader_lib.make_loader(train_fields, global_batch_size=bs, seed=seed),
                    eval_batches=eval_batches, summarize=summarize,
                    steps_per_epoch=steps_per_epoch)

@@ -118,11 +118,11 @@ def run(cfg, workdir: str) -> dict:
   if len(tokenizer) > mcfg.vocab_size:
     raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but model.vocab_size='
                      f'{mcfg.vocab_size}')
-  train_arrays, eval_arrays, stats = lm_data.build_lm_data(cfg.data, tokenizer, workdir,
-                                                           mcfg.model_type)
+  train_arrays, eval_arrays, stats = lm_data.build_lm_data(
+      lm_data.LmDataSettings.from_config(cfg.data), tokenizer, workdir, mcfg.model_type)
   logging.info('data: %s', {k: v for k, v in stats.items() if 'path' not in k})
-  if len(train_arrays['input_ids']) < cfg.train.batch_size:
-    raise ValueError(f'only {len(train_arrays["input_ids"])} packed training rows for '
+  if len(train_arrays) < cfg.train.batch_size:
+    raise ValueError(f'only {len(train_arrays)} packed training rows for '
                      f'train.batch_size={cfg.train.batch_size}: add data or lower the batch size')
   tok_dir = os.path.join(workdir, 'tokenizer')
   if jax.process_index() == 0:
