@@ -274,6 +274,17 @@ class PackedRows:
   def __len__(self):
     return max(self.hi - self.lo, 0)
 
+  def __getstate__(self):  # a memory-mapped index travels as its path, not its contents
+    state = dict(self.__dict__)
+    if isinstance(self.starts, np.memmap):
+      state['starts'] = ('memmap', self.starts.filename)
+    return state
+
+  def __setstate__(self, state):
+    if isinstance(state['starts'], tuple):
+      state['starts'] = np.load(state['starts'][1], mmap_mode='r')
+    self.__dict__.update(state)
+
   def __getitem__(self, i):
     i = int(i)
     if not 0 <= i < len(self):

@@ -280,7 +280,8 @@ def build_lm_data(settings: LmDataSettings, tokenizer, workdir: str | None, mode
   stats: dict[str, Any] = {
       'style': style, 'max_len': spec.max_len, 'n_docs': store.n_docs,
       'n_tokens': store.n_tokens, 'store_path': store.path,
-      'store_built': bool(store.info.get('built')), 'eval_max_rows': settings.eval_max_rows}
+      'store_built': bool(store.info.get('built')), 'store_seconds': store.info['seconds'],
+      'store_bytes': store.nbytes, 'eval_max_rows': settings.eval_max_rows}
   train, evals = _split(settings, spec, store, tokenizer, workdir, stats, process)
   eval_arrays = evals.rows() if evals is not None else None
   stats.update(
