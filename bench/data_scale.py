@@ -8,7 +8,8 @@ For each size a corpus is written under --out/corpus-<MB>MB/ by repeating the so
 distinct id in front of every document copy, in files of 16 MB. Then, through the real
 `python -m jaxft.main` (configs/bert_mlm.py:tiny, bert-base-uncased WordPiece):
 
-  build    `--config.stage=prepare_data` into a fresh store with tokenize_num_proc = 1 and 2
+  build    `--config.stage=prepare_data` (store_shard_mb=--shard_mb, 8: 10 MB is 2 shards)
+           into a fresh store with tokenize_num_proc = 1 and 2
            (--procs; above --compare_max_mb only the last): seconds (the store's own open_or_build time), tokens/s, bytes on
            disk per token (shards + row index), the preparing process's peak RSS
   train    3 steps of pretrain_mlm on the built store, twice: compilation cache off (cold
@@ -46,7 +47,11 @@ def parse_args(argv=None):
   p.add_argument('--source', default='', help='text to repeat (default: shared, else bundled)')
   p.add_argument('--out', default='/tmp/jaxft-data-scale')
   p.add_argument('--steps', type=int, default=3)
+  p.add_argument('--shard_mb', type=int, default=8,
+                 help='data.store_shard_mb: small enough that 10 MB makes 2 shards')
   p.add_argument('--json', default='')
+  p.add_argument('--reuse', action='store_true',
+                 help='keep stores (and their build numbers) from an earlier run of --out')
   return p.parse_args(argv)
 
 
@@ -128,15 +133,24 @@ def dir_bytes(path: str) -> int:
 def bench_size(a, megabytes: int, docs: list[str], cache_dir: str) -> dict:
   corpus = make_corpus(a.out, megabytes, docs)
   row = {'MB': megabytes, 'corpus_bytes': dir_bytes(corpus)}
-  common = [f'--config={CONFIG}', f'--config.data.files={corpus}']
+  common = [f'--config={CONFIG}', f'--config.data.files={corpus}',
+            f'--config.data.store_shard_mb={a.shard_mb}']
   procs = [int(x) for x in a.procs.split(',') if x]
   for n in procs if megabytes <= a.compare_max_mb else procs[-1:]:
     store = os.path.join(a.out, f'store-{megabytes}MB-p{n}')
-    shutil.rmtree(store, ignore_errors=True)
-    r = run_main(common + ['--config.stage=prepare_data', f'--config.data.store_dir={store}',
-                           f'--config.data.tokenize_num_proc={n}'],
-                 os.path.join(a.out, f'prep-{megabytes}MB-p{n}'))
-    with open(os.path.join(a.out, f'prep-{megabytes}MB-p{n}', 'results.json')) as f:
+    prep = os.path.join(a.out, f'prep-{megabytes}MB-p{n}')
+    args = common + ['--config.stage=prepare_data', f'--config.data.store_dir={store}',
+                     f'--config.data.tokenize_num_proc={n}']
+    if a.reuse and os.path.exists(os.path.join(prep, 'results.json')):
+      run_main(args, prep + '-again')  # the store is reused; the split and index are redone
+    else:
+      shutil.rmtree(store, ignore_errors=True)
+      r = run_main(args, prep)
+      with open(os.path.join(prep, 'rss.json'), 'w') as f:
+        json.dump(r, f)
+    with open(os.path.join(prep, 'rss.json')) as f:
+      r = json.load(f)
+    with open(os.path.join(prep, 'results.json')) as f:
       stats = json.load(f)['data']
     row[f'build_s_p{n}'] = stats['store_seconds']
     row[f'tok_per_s_p{n}'] = stats['n_tokens'] / stats['store_seconds']
@@ -190,14 +204,16 @@ def main(argv=None):
   source = a.source or (SHARED if os.path.isdir(SHARED) else os.path.join(REPO, 'data/corpus'))
   docs = source_documents(source)
   cache_dir = os.path.join(a.out, 'jax_cache')
-  shutil.rmtree(cache_dir, ignore_errors=True)
+  if not a.reuse:
+    shutil.rmtree(cache_dir, ignore_errors=True)
   sizes = [int(s) for s in a.sizes.split(',') if s]
   procs = [int(x) for x in a.procs.split(',') if x]
   rows = []
   for i, mb in enumerate(sizes):
-    if i == 0:  # warm the compilation cache once: every size compiles the same programs
+    if i == 0 and not a.reuse:  # warm the compilation cache once: every size compiles the same programs
       corpus = make_corpus(a.out, mb, docs)
       run_main([f'--config={CONFIG}', f'--config.data.files={corpus}',
+                f'--config.data.store_shard_mb={a.shard_mb}',
                 f'--config.data.store_dir={os.path.join(a.out, "store-warmup")}',
                 f'--config.train.num_steps={a.steps}', '--config.train.eval_every=0',
                 '--config.checkpoint.every=0', '--config.export.hf=False',

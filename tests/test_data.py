@@ -361,6 +361,7 @@ def test_eval_split_is_capped_not_a_share_of_the_corpus(bert_tok, tmp_path, mode
   if mode != 'rows':  # 8 rows of 63 tokens: a handful of documents, not 2944
     assert 1 <= stats['n_eval_docs'] <= 8 * 64 // 2 + 1 and stats['n_eval_docs'] < 100
   assert stats['n_train_rows'] > 8000  # the rest trains
+  assert stats['train_tokens'] == train.rows()['attention_mask'].sum()
   assert (evals['attention_mask'][:-1] == 1).all()  # 'rows': the last row is the corpus's
 
 
@@ -371,7 +372,8 @@ def test_token_store_is_reused_across_packings(bert_tok, tmp_path, monkeypatch):
   workdir = tmp_path / 'work'
   _, _, stats = _build(cfg, bert_tok, str(workdir), 'bert')
   assert stats['store_built']
-  assert os.listdir(workdir / 'cache' / 'tokens') == [os.path.basename(stats['store_path'])]
+  stores = lambda: sorted(set(os.listdir(workdir / 'cache' / 'tokens')) - {'sha256.json'})
+  assert stores() == [os.path.basename(stats['store_path'])]
 
   calls = []
   cls = type(bert_tok)
@@ -390,8 +392,7 @@ def test_token_store_is_reused_across_packings(bert_tok, tmp_path, monkeypatch):
   corpus.write_text(corpus.read_text() + '\n\nA brand new closing paragraph.\n')
   _, _, stats3 = _build(cfg, bert_tok, str(workdir), 'bert')
   assert stats3['store_built'] and calls and stats3['store_path'] != stats['store_path']
-  assert sorted(os.listdir(workdir / 'cache' / 'tokens')) == sorted(
-      os.path.basename(s['store_path']) for s in (stats, stats3))
+  assert stores() == sorted(os.path.basename(s['store_path']) for s in (stats, stats3))
   assert not [f for _, _, fs in os.walk(workdir) for f in fs if f.endswith('.tmp')]
 
 
@@ -439,3 +440,32 @@ def test_loader_processes_over_the_store_assemble_the_single_process_batches(gpt
     got = [next(it) for it in parts]
     for k in want:
       np.testing.assert_array_equal(want[k], np.concatenate([g[k] for g in got]))
+
+
+def test_prepare_data_stage_from_the_command_line(tmp_path):
+  """The one-command recipe of docs/data.md, on a directory given on the command line."""
+  import subprocess
+  corpus = tmp_path / 'text'
+  corpus.mkdir()
+  for name in ('blake-poems.txt', 'shakespeare-hamlet.txt'):
+    (corpus / name).write_bytes((CORPUS / name).read_bytes())
+  repo = DATA.parent
+  env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  cmd = [sys.executable, '-m', 'jaxft.main', f'--config={repo / "configs/bert_mlm.py"}:tiny',
+         '--config.stage=prepare_data', f'--config.data.files={corpus}',
+         f'--config.data.store_dir={tmp_path / "tokens"}', f'--workdir={tmp_path / "prep"}']
+  proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / 'prep' / 'results.json').read_text())
+  assert results['data']['n_docs'] == 284 + 950 and results['data']['store_built']
+  assert results['store_dir'] == str(tmp_path / 'tokens')
+  assert (Path(results['data']['store_path']) / 'manifest.json').exists()
+  assert os.listdir(Path(results['data']['store_path']) / 'packed')  # the BERT row index
+  assert 'cap data.eval_max_rows=1024' in proc.stderr
+  # A bad data value is a one-line error naming the key (no traceback).
+  proc = subprocess.run(cmd[:-1] + ['--config.data.eval_split_by=random',
+                                    f'--workdir={tmp_path / "p2"}'],
+                        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert "error: data.eval_split_by='random'; allowed: ('docs', 'tail', 'rows')" in proc.stderr

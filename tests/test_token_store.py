@@ -94,8 +94,13 @@ def test_rows_from_the_store_equal_in_memory_packing_on_the_corpus(bert_tok, tmp
         np.testing.assert_array_equal(got[k], want[k], err_msg=f'{style} {max_len} {k}')
       assert rows.attended_tokens() == want['attention_mask'].sum()
       # A capped prefix (the eval rows) is the same rows too.
-      first = packing.packed_rows(seq, spec, max_rows=5).rows()
-      assert all((first[k] == want[k][:5]).all() for k in want)
+      first = packing.packed_rows(seq, spec, max_rows=5)
+      assert all((first.rows()[k] == want[k][:5]).all() for k in want)
+      assert first.attended_tokens() == want['attention_mask'][:5].sum()
+      middle = rows.view(3, len(rows) - 2)  # and any rows [lo, hi) of it
+      assert middle.attended_tokens() == want['attention_mask'][3:-2].sum()
+      assert rows.view(len(rows) - 4, len(rows)).attended_tokens() == (
+          want['attention_mask'][-4:].sum())
 
 
 def test_mlm_row_index_is_written_once_and_memory_mapped(reference, bert_tok):
@@ -181,7 +186,8 @@ def test_two_processes_build_one_store_like_one_process(reference, tmp_path):
   assert _checksums(root / reference.manifest['key']) == _checksums(reference.path)
 
 
-def test_damaged_shard_is_detected_and_rebuilt(reference, bert_tok, tmp_path, caplog):
+def test_damaged_shard_is_detected_and_rebuilt(reference, bert_tok, tmp_path, caplog,
+                                               monkeypatch):
   root = tmp_path / 'store'
   shutil.copytree(os.path.dirname(reference.path), root)
   path = root / reference.manifest['key']
@@ -194,6 +200,13 @@ def test_damaged_shard_is_detected_and_rebuilt(reference, bert_tok, tmp_path, ca
   assert 'shard 2 damaged' in caplog.text
   assert _checksums(path) == _checksums(reference.path)
   assert shard.read_bytes() != bytes(data) and store.doc_tokens(2000).size
+  # Hashes of unchanged files are remembered (root/sha256.json): opening again reads no file.
+  calls = []
+  monkeypatch.setattr(text, 'file_sha256', lambda p, *a: calls.append(p))
+  assert not token_store.open_or_build(text.Source(paths=PART), bert_tok, str(root),
+                                       _options()).info['built']
+  assert calls == []
+  monkeypatch.undo()
   # A truncated shard fails even the cheap size check.
   shard.write_bytes(bytes(data[:100]))
   store = token_store.open_or_build(text.Source(paths=PART), bert_tok, str(root),
@@ -211,3 +224,40 @@ def test_store_reads_documents_and_is_plain_arrow(reference, bert_tok):
   shard = datasets.Dataset.from_file(token_store.shard_path(reference.path, 0))
   assert shard.column_names == ['input_ids', 'stream_start']
   assert shard[3]['input_ids'] == reference.doc_tokens(3).tolist()
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.slow
+def test_pretraining_resumed_mid_epoch_from_the_store_logs_identical_losses(tmp_path):
+  """6 steps straight vs 3 steps, stop, resume to 6 (in the same workdir): the resumed
+  steps read the same rows from the store (the loader position is in the checkpoint) and
+  log bit-identical losses."""
+  import importlib.util
+  from jaxft.main import run_stage
+  spec = importlib.util.spec_from_file_location('_qs', REPO / 'configs' / 'quickstart.py')
+  qs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qs)
+
+  def config(steps):
+    c = qs.pretrain_config()
+    c.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                   max_position_embeddings=32, hidden_dropout=0.1)
+    c.data.update(files=str(CORPUS / 'blake-poems.txt'), max_len=32, eval_fraction=0.0,
+                  store_dir=str(tmp_path / 'tokens'))  # one store for both runs
+    c.train.update(num_steps=steps, batch_size=8, eval_every=0, log_every=1)
+    c.checkpoint.update(every=3, async_save=False)
+    c.export.hf = False
+    return c
+
+  def losses(workdir):
+    lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+    return {r['step']: r['train/loss'] for r in map(json.loads, lines) if 'train/loss' in r}
+
+  run_stage(config(6), str(tmp_path / 'straight'))
+  run_stage(config(3), str(tmp_path / 'resumed'))
+  run_stage(config(6), str(tmp_path / 'resumed'))
+  straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
+  assert sorted(straight) == sorted(resumed) == list(range(1, 7))
+  assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-identical
+  assert len(os.listdir(tmp_path / 'tokens')) == 1

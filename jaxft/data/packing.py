@@ -351,24 +351,22 @@ class PackedRows:
             'segment_ids': segment}
 
   def attended_tokens(self) -> int:
-    """Sum of attention_mask over these rows, from the index alone."""
-    if len(self) == 0:
+    """Sum of attention_mask over these rows, from two index entries (the index is never
+    read whole: its pages would count as resident memory)."""
+    n = len(self)
+    if n == 0:
       return 0
+    L = self.spec.max_len
     if self.spec.style == 'clm':
-      L = self.spec.max_len
       return min(self.hi * L, self.seq.length) - self.lo * L
-    total, body, step = 0, self.spec.max_len - 1, 1 << 20
-    for a in range(self.lo, self.hi, step):
-      b = min(a + step, self.hi)
-      ends = np.asarray(self.starts[a + 1:b + 1], np.int64)
-      if b == self.n_rows:  # the last row of the packing ends at the stream's end
-        ends = np.concatenate([ends, [self.seq.length]])
-      takes = ends - np.asarray(self.starts[a:b], np.int64)
-      closes = takes == body - 1
-      if b - 1 == self.tail:
-        closes[-1] = False
-      total += int(takes.sum() + closes.sum()) + (b - a)  # + [CLS] each
-    return total
+    end = self.seq.length if self.hi >= self.n_rows else int(self.starts[self.hi])
+    takes = end - int(self.starts[self.lo])  # stream items after the [CLS] of each row
+    with_tail = self.tail == self.hi - 1
+    regular = n - with_tail
+    tail_take = end - int(self.starts[self.hi - 1]) if with_tail else 0
+    # A regular row takes body - 1 items and a closing [SEP], or body items (a "hit").
+    hits = takes - tail_take - regular * (L - 2)
+    return n + takes + (regular - hits)
 
   def pad_fraction(self) -> float:
     n = len(self) * self.spec.max_len

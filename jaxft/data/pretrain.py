@@ -54,20 +54,21 @@ class LmDataSettings:
   # -- the text (jaxft.data.text)
   source: str = ''               # 'files' | 'hf' | 'tfds'; '' infers: hf_name -> hf,
                                  # tfds_name -> tfds, else files
-  files: str = ''                # a path, glob, directory or 'a,b' list of them
-                                 # (.txt .text .jsonl .ndjson .json .csv .tsv .parquet)
+  files: str | tuple = ''        # a path, glob, directory or 'a,b' list of them (or a
+                                 # tuple, in code) (.txt .text .jsonl .ndjson .json .csv .tsv
+                                 # .parquet)
   file_format: str = ''          # '' (by extension) | txt | jsonl | csv | tsv | parquet
   doc_split: str = 'blank_line'  # .txt: blank-line-separated blocks | 'line' (one per line)
   text_column: str = 'text'      # jsonl / csv / tsv / parquet / HF / TFDS text field
   hf_name: str = ''              # datasets.load_dataset(hf_name, hf_config, split=hf_split,
   hf_config: str = ''            #   data_files=hf_data_files, streaming=hf_streaming)
   hf_split: str = 'train'
-  hf_data_files: str = ''
+  hf_data_files: str | tuple = ''
   hf_streaming: bool = False
   tfds_name: str = ''            # tfds.data_source(tfds_name, split=tfds_split,
   tfds_split: str = 'train'      #   data_dir=tfds_data_dir)
   tfds_data_dir: str = ''
-  eval_files: str = ''           # an explicit eval source (else held out from the train one)
+  eval_files: str | tuple = ''   # an explicit eval source (else held out from the train one)
   hf_eval_split: str = ''
   tfds_eval_split: str = ''
   max_docs: int = 0              # only the first N documents (0 = all): quick runs
@@ -201,22 +202,44 @@ def pack_spec(tokenizer, style: str, max_len: int) -> PackSpec:
 def choose_eval_docs(store: token_store.TokenStore, fraction: float, mode: str, seed: int,
                      cap_items: int = 0) -> np.ndarray:
   """Held-out documents (sorted ids): at most `fraction` of them, and with cap_items > 0
-  only as many as hold cap_items stream items. 'docs': a seeded random choice; 'tail': the
-  last ones. Memory and time grow with the number held out, not with the corpus."""
+  only as many as hold cap_items stream items. 'docs': distinct seeded random ones; 'tail':
+  the last ones. Candidates are drawn 1024 at a time until there are enough, so time and
+  memory grow with the number held out, not with the corpus."""
   n = store.n_docs
   k = min(n - 1, max(1, round(fraction * n)))
-  if cap_items > 0:
-    k = min(k, cap_items // 2 + 1)  # a non-empty document is at least 2 stream items
   if mode == 'tail':
-    chosen = np.arange(n - 1, n - 1 - k, -1, dtype=np.int64)
+    batches = (np.arange(hi - 1, max(hi - 1024, 0) - 1, -1, dtype=np.int64)
+               for hi in range(n, 0, -1024))
   elif mode == 'docs':
-    chosen = np.random.default_rng(seed).choice(n, size=k, replace=False).astype(np.int64)
+    batches = _distinct_random(n, seed)
   else:
     raise ValueError(f"unknown document split {mode!r}")
-  if cap_items > 0:
-    enough = np.searchsorted(np.cumsum(store.stream_lengths(chosen)), cap_items) + 1
-    chosen = chosen[:enough]
-  return np.sort(chosen)
+  chosen, items = [], 0
+  for batch in batches:
+    batch = batch[:k - len(chosen)]
+    if cap_items > 0:
+      filled = items + np.cumsum(store.stream_lengths(batch))
+      stop = int(np.searchsorted(filled, cap_items))
+      if stop < len(batch):  # this one fills the cap
+        chosen.append(batch[:stop + 1])
+        break
+      items = int(filled[-1]) if len(filled) else items
+    chosen.append(batch)
+    if sum(map(len, chosen)) >= k:
+      break
+  return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def _distinct_random(n: int, seed: int, size: int = 1024):
+  """Batches of distinct document ids in a seeded random order (without an O(n) permutation)."""
+  rng, seen = np.random.default_rng(seed), set()
+  while len(seen) < n:
+    batch = []
+    for d in rng.integers(0, n, size).tolist():
+      if d not in seen:
+        seen.add(d)
+        batch.append(d)
+    yield np.asarray(batch, np.int64)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -245,13 +268,15 @@ def build_options(settings: LmDataSettings, desc: str, process_index: int | None
 
 
 def open_store(settings: LmDataSettings, tokenizer, workdir: str | None, split: str = 'train',
-               **process) -> token_store.TokenStore | None:
-  """The token store of the train (or separate eval) source, built first if missing."""
+               process_index: int | None = None,
+               process_count: int | None = None) -> token_store.TokenStore | None:
+  """The token store of the train (or separate eval) source, built first if missing;
+  processes (default: jax's) share the tokenizing."""
   source = settings.text_source(split)
   if source is None:
     return None
-  store = token_store.open_or_build(source, tokenizer, store_root(settings, workdir),
-                                    build_options(settings, f'tokenize {split}', **process))
+  options = build_options(settings, f'tokenize {split}', process_index, process_count)
+  store = token_store.open_or_build(source, tokenizer, store_root(settings, workdir), options)
   if store.n_docs == 0:
     raise ValueError(f'the {split} source of data ({source.describe()}) has no non-empty '
                      'documents')
@@ -262,8 +287,9 @@ def open_store(settings: LmDataSettings, tokenizer, workdir: str | None, split: 
   return store
 
 
-def build_lm_data(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str,
-                  **process) -> tuple[PackedRows, dict[str, np.ndarray] | None, dict[str, Any]]:
+def build_lm_data(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str, *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  ) -> tuple[PackedRows, dict[str, np.ndarray] | None, dict[str, Any]]:
   """(train rows, eval arrays or None, stats) for MLM ('bert') or CLM ('gpt2').
 
   Train rows are a `PackedRows` data source over the token store (len(), row i -> dict of
@@ -272,11 +298,12 @@ def build_lm_data(settings: LmDataSettings, tokenizer, workdir: str | None, mode
   (capped by data.eval_max_rows) are arrays [N, max_len] of the same keys. Eval comes
   from `data.eval_files` / `hf_eval_split` / `tfds_eval_split` when set, else is held out
   of the train source (`data.eval_split_by`); None when data.eval_fraction is 0.
-  `process`: process_index / process_count (default: jax's) share the tokenizing.
+  process_index / process_count (default: jax's) share the tokenizing between hosts.
   """
   style = lm_style(model_type)
   spec = pack_spec(tokenizer, style, settings.max_len)
-  store = open_store(settings, tokenizer, workdir, 'train', **process)
+  process = (process_index, process_count)
+  store = open_store(settings, tokenizer, workdir, 'train', *process)
   stats: dict[str, Any] = {
       'style': style, 'max_len': spec.max_len, 'n_docs': store.n_docs,
       'n_tokens': store.n_tokens, 'store_path': store.path,
@@ -300,7 +327,7 @@ def _split(settings, spec, store, tokenizer, workdir, stats, process):
   """(train PackedRows, eval PackedRows or None); records the split in `stats`."""
   cap = settings.eval_max_rows
   everything = DocSequence(store, [[0, store.n_docs]])
-  eval_store = open_store(settings, tokenizer, workdir, 'eval', **process)
+  eval_store = open_store(settings, tokenizer, workdir, 'eval', *process)
   if eval_store is not None:
     stats.update(eval_source='separate', n_train_docs=store.n_docs,
                  n_eval_docs=eval_store.n_docs, eval_store_path=eval_store.path)
@@ -332,10 +359,11 @@ def _split(settings, spec, store, tokenizer, workdir, stats, process):
           packed_rows(DocSequence.of(store, held), spec, cap))
 
 
-def prepare(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str,
-            **process) -> dict[str, Any]:
+def prepare(settings: LmDataSettings, tokenizer, workdir: str | None, model_type: str, *,
+            process_index: int | None = None, process_count: int | None = None) -> dict[str, Any]:
   """Everything a training run over these settings reads, made ahead: the token store(s),
   the row index and the eval split (a pod prepares once; every run then starts in
   seconds). Returns the stats of build_lm_data."""
-  _, _, stats = build_lm_data(settings, tokenizer, workdir, model_type, **process)
+  _, _, stats = build_lm_data(settings, tokenizer, workdir, model_type,
+                              process_index=process_index, process_count=process_count)
   return stats

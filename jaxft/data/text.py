@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import threading
 from typing import Iterator, Sequence
 
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.json': 'jsonl',
@@ -183,21 +184,22 @@ def _first_char(path: str) -> str:
   return head[:1].decode('ascii', 'replace')
 
 
-def fingerprint(source: Source, mode: str = 'content') -> str:
+def fingerprint(source: Source, mode: str = 'content', sha256=None) -> str:
   """Hash of what decides the documents: the source settings and its data. mode
-  'content' hashes every input file's bytes (safe when files are edited or copied);
-  'stat' their path, size and modification time (for corpora too big to re-read at every
-  start). HF datasets contribute their own fingerprint (streamed ones: their name,
-  config, split and data files), TFDS sources their name, split and length."""
+  'content' hashes every input file's bytes (safe when files are edited or copied;
+  `sha256(path)` may remember hashes of unchanged files); 'stat' their path, size and
+  modification time. HF datasets contribute their own fingerprint (streamed ones: their
+  name, config, split and data files), TFDS sources their name, split and length."""
   if mode not in ('content', 'stat'):
     raise ValueError(f"data.store_key must be 'content' or 'stat', got {mode!r}")
+  sha256 = sha256 or file_sha256
   desc = dataclasses.asdict(source)
   desc.pop('key')
   if source.kind == 'files':
-    desc['files'] = _files_fingerprint(expand_paths(source.paths, source.key), mode)
+    desc['files'] = _files_fingerprint(expand_paths(source.paths, source.key), mode, sha256)
   elif source.kind == 'hf':
     local = [p for pattern in source.hf_data_files for p in sorted(glob.glob(pattern))]
-    desc['data_files'] = _files_fingerprint(local, mode) if local else None
+    desc['data_files'] = _files_fingerprint(local, mode, sha256) if local else None
     if not source.hf_streaming:
       desc['hf_fingerprint'] = getattr(hf_dataset(source), '_fingerprint', None)
   else:
@@ -205,7 +207,7 @@ def fingerprint(source: Source, mode: str = 'content') -> str:
   return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 
-def _files_fingerprint(paths: list[str], mode: str) -> list:
+def _files_fingerprint(paths: list[str], mode: str, sha256) -> list:
   if mode == 'stat':
     out = []
     for p in paths:
@@ -213,7 +215,7 @@ def _files_fingerprint(paths: list[str], mode: str) -> list:
       out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     return out
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-    return list(pool.map(file_sha256, paths))  # hashlib releases the GIL on big blocks
+    return list(pool.map(sha256, paths))  # hashlib releases the GIL on big blocks
 
 
 def file_sha256(path: str, block: int = 1 << 22) -> str:
@@ -222,6 +224,59 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
     while chunk := f.read(block):
       h.update(chunk)
   return h.hexdigest()
+
+
+class HashCache:
+  """file_sha256 that remembers each file's hash by (size, mtime_ns, inode) in a JSON file:
+  a restart re-reads only the files that changed. (A change that keeps a file's size and
+  modification time, like bit rot, goes unnoticed until the file is written again.)"""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.entries = _read_json_dict(path)
+    self.lock = threading.Lock()
+    self.changed = False
+
+  def __call__(self, file: str) -> str:
+    st = os.stat(file)
+    key, stamp = os.path.abspath(file), [st.st_size, st.st_mtime_ns, st.st_ino]
+    with self.lock:
+      known = self.entries.get(key)
+    if known and known[:3] == stamp:
+      return known[3]
+    digest = file_sha256(file)
+    with self.lock:
+      self.entries[key] = stamp + [digest]
+      self.changed = True
+    return digest
+
+  def remember(self, file: str, digest: str) -> None:
+    """Record a hash just computed elsewhere (a shard's writer) for the file as it is now."""
+    st = os.stat(file)
+    with self.lock:
+      self.entries[os.path.abspath(file)] = [st.st_size, st.st_mtime_ns, st.st_ino, digest]
+      self.changed = True
+
+  def save(self) -> None:
+    """Merged with what other processes saved meanwhile; a temp file, then a rename."""
+    if not self.changed:
+      return
+    os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+    entries = {**_read_json_dict(self.path), **self.entries}
+    tmp = f'{self.path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(entries, f)
+    os.replace(tmp, self.path)
+    self.changed = False
+
+
+def _read_json_dict(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else {}
+  except (OSError, ValueError):
+    return {}
 
 
 # ----------------------------------------------------------------------------- reading

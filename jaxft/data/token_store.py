@@ -16,6 +16,11 @@ over it (jaxft.data.packing). Layout of `<root>/<key>/`:
   locks/00000.lock    flock()ed by the process building that shard
   manifest.json       written once every shard is complete: the store is ready
   packed/             row indexes of packed views
+and `<root>/sha256.json`: hashes of input files and shards, remembered by size, mtime and
+inode (text.HashCache), so that opening a store re-reads only files that changed.
+
+Reading: document offsets are zero-copy views of the memory-mapped file; token ids are read
+with pread (TokenValues), so rows read at random never map the store into the process.
 
 Building is safe to interrupt and to share: every file appears by an atomic rename, a killed
 build resumes with the shards it completed, a shard whose bytes no longer match its sha256
@@ -37,6 +42,7 @@ import multiprocessing
 import os
 import queue as queue_lib
 import socket
+import threading
 import time
 from typing import Iterator
 
@@ -74,16 +80,43 @@ def store_key(source_fingerprint: str, tokenizer_fp: str, shard_bytes: int) -> s
 
 # ----------------------------------------------------------------------------- reading
 
+class TokenValues:
+  """A shard's token ids, read with pread: the page cache serves them, and nothing is
+  mapped into the process. (Read through a memory map, each random row would map a whole
+  page-cache folio, ~350 KB measured here, into the process's resident memory, which would
+  then grow to the size of the store as training reads it.)"""
+
+  def __init__(self, path: str, offset: int, size: int):
+    self.path, self.offset, self.size = path, offset, size
+    self._fd = os.open(path, os.O_RDONLY)
+
+  def __len__(self):
+    return self.size
+
+  def __del__(self):
+    fd = getattr(self, '_fd', None)
+    if fd is not None:
+      os.close(fd)
+
+  def read(self, lo: int, hi: int) -> np.ndarray:
+    """Token ids [lo, hi) as an int32 array."""
+    if not 0 <= lo <= hi <= self.size:
+      raise IndexError(f'tokens [{lo}, {hi}) of {self.size} in {self.path}')
+    data = os.pread(self._fd, (hi - lo) * 4, self.offset + lo * 4)
+    return np.frombuffer(data, np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardArrays:
-  """One shard, memory-mapped: document d is values[offsets[d]:offsets[d+1]]."""
+  """One shard: document d is values.read(offsets[d], offsets[d+1]); offsets and
+  stream_start are zero-copy views of the memory-mapped Arrow file (12 bytes a document)."""
   offsets: np.ndarray       # int32 [docs + 1]
-  values: np.ndarray        # int32 [tokens]
+  values: TokenValues       # int32 [tokens], read on demand
   stream_start: np.ndarray  # int64 [docs]
 
 
 class TokenStore:
-  """A complete store, read-only. Documents are numbered 0..n_docs-1 across shards; the
+  """A complete store, read-only (at most _OPEN_SHARDS shards open at a time). Documents are numbered 0..n_docs-1 across shards; the
   *stream* is the documents in order, each non-empty one followed by one separator (whose
   id the packer chooses), numbered 0..stream_len-1."""
 
@@ -99,24 +132,31 @@ class TokenStore:
     self.stream_len = int(self.stream_starts[-1])
     self.nbytes = int(sum(s['bytes'] for s in shards))
     self._open: collections.OrderedDict[int, ShardArrays] = collections.OrderedDict()
+    self._lock = threading.Lock()  # the LRU of open shards, if a loader reads from threads
 
   def __getstate__(self):  # picklable for loader worker processes: they map shards again
-    return {**self.__dict__, '_open': collections.OrderedDict()}
+    state = dict(self.__dict__)
+    del state['_open'], state['_lock']
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _open=collections.OrderedDict(), _lock=threading.Lock())
 
   @property
   def n_shards(self) -> int:
     return len(self.manifest['shards'])
 
   def shard(self, i: int) -> ShardArrays:
-    arrays = self._open.get(i)
-    if arrays is None:
-      arrays = read_shard(shard_path(self.path, i))
-      self._open[i] = arrays
-      if len(self._open) > _OPEN_SHARDS:
-        self._open.popitem(last=False)
-    else:
-      self._open.move_to_end(i)
-    return arrays
+    with self._lock:
+      arrays = self._open.get(i)
+      if arrays is None:
+        arrays = read_shard(shard_path(self.path, i))
+        self._open[i] = arrays
+        if len(self._open) > _OPEN_SHARDS:
+          self._open.popitem(last=False)
+      else:
+        self._open.move_to_end(i)
+      return arrays
 
   def _locate(self, d: int) -> tuple[int, int]:
     s = int(np.searchsorted(self.doc_starts, d, 'right')) - 1
@@ -127,7 +167,7 @@ class TokenStore:
       raise IndexError(f'document {d} of {self.n_docs} in {self.path}')
     s, local = self._locate(d)
     sh = self.shard(s)
-    return sh.values[sh.offsets[local]:sh.offsets[local + 1]]
+    return sh.values.read(int(sh.offsets[local]), int(sh.offsets[local + 1]))
 
   def stream_positions(self, docs) -> np.ndarray:
     """Where each document starts in the stream (n_docs -> stream_len)."""
@@ -170,7 +210,9 @@ class TokenStore:
       start = sh.offsets[d].astype(np.int64)
       length = sh.offsets[d + 1] - start
       is_sep = rel >= length
-      toks.append(np.where(is_sep, 0, sh.values[start + np.minimum(rel, length - 1)]))
+      idx = start + np.minimum(rel, length - 1)  # non-decreasing: one contiguous read
+      lo = int(idx[0])
+      toks.append(np.where(is_sep, 0, sh.values.read(lo, int(idx[-1]) + 1)[idx - lo]))
       seps.append(is_sep)
       pos, n = pos + k, n - k
     if len(toks) == 1:
@@ -200,11 +242,19 @@ def shard_path(store_path: str, i: int, suffix: str = '.arrow') -> str:
 
 
 def read_shard(path: str) -> ShardArrays:
-  """The shard's arrays as zero-copy views of the memory-mapped Arrow file."""
+  """The shard's offsets and stream starts as zero-copy views of the memory-mapped Arrow
+  file, and its token ids as a pread reader at their place in the file."""
+  import mmap
+
   import pyarrow as pa
-  batch = pa.ipc.open_stream(pa.memory_map(path, 'r')).read_next_batch()
+  with open(path, 'rb') as f:
+    mapped = pa.py_buffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+  batch = pa.ipc.open_stream(pa.BufferReader(mapped)).read_next_batch()
   ids = batch.column('input_ids')
-  return ShardArrays(offsets=ids.offsets.to_numpy(), values=ids.values.to_numpy(),
+  values = ids.values
+  data = values.buffers()[1]
+  offset = data.address - mapped.address + values.offset * 4
+  return ShardArrays(offsets=ids.offsets.to_numpy(), values=TokenValues(path, offset, len(values)),
                      stream_start=batch.column('stream_start').to_numpy())
 
 
@@ -231,22 +281,25 @@ def open_or_build(source: text_lib.Source, tokenizer, root: str,
   if options.verify not in ('checksum', 'size'):
     raise ValueError(f"data.store_verify must be 'checksum' or 'size', got {options.verify!r}")
   t0 = time.time()
-  key = store_key(text_lib.fingerprint(source, options.key_mode),
+  hashes = text_lib.HashCache(os.path.join(os.fspath(root), 'sha256.json'))
+  key = store_key(text_lib.fingerprint(source, options.key_mode, hashes),
                   tokenizer_fingerprint(tokenizer), options.shard_bytes)
   path = os.path.join(os.fspath(root), key)
   manifest = _read_json(os.path.join(path, 'manifest.json'))
   if manifest is not None and manifest.get('version') == STORE_VERSION:
-    damaged = [i for i, s in enumerate(manifest['shards'])
-               if not _intact(path, i, s, options.verify)]
-    if not damaged:
+    intact = all(_intact(path, i, s, options.verify, hashes)
+                 for i, s in enumerate(manifest['shards']))
+    hashes.save()
+    if intact:
       return TokenStore(path, manifest, {'built': False, 'seconds': time.time() - t0})
-    logging.warning('token store %s: shard(s) %s damaged or missing; rebuilding them', path,
-                    damaged)
   os.makedirs(os.path.join(path, 'shards'), exist_ok=True)
   os.makedirs(os.path.join(path, 'locks'), exist_ok=True)
   plan = _plan(path, source, tokenizer, options.shard_bytes)
-  stats = _build_shards(path, plan, source, tokenizer, options)
+  stats = _build_shards(path, plan, source, tokenizer, options, hashes)
   infos = [_read_json(shard_path(path, i, '.json')) for i in range(len(plan))]
+  for i, info in enumerate(infos):  # hashed by their writers as they wrote them
+    hashes.remember(shard_path(path, i), info['sha256'])
+  hashes.save()
   manifest = {'version': STORE_VERSION, 'key': key, 'source': source.describe(),
               'tokenizer': getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__,
               'shards': infos}
@@ -266,7 +319,9 @@ def _plan(path: str, source, tokenizer, shard_bytes: int) -> list[list[text_lib.
   return [[text_lib.Piece(**p) for p in s] for s in stored['shards']]
 
 
-def _intact(path: str, i: int, info: dict | None, verify: str) -> bool:
+def _intact(path: str, i: int, info: dict | None, verify: str, sha256=None) -> bool:
+  """Shard i matches its .json: its size, and with verify='checksum' its sha256
+  (`sha256`: a text.HashCache, which re-reads only files changed since they were hashed)."""
   if not info:
     return False
   data = shard_path(path, i)
@@ -275,7 +330,7 @@ def _intact(path: str, i: int, info: dict | None, verify: str) -> bool:
       return False
   except OSError:
     return False
-  return verify == 'size' or text_lib.file_sha256(data) == info['sha256']
+  return verify == 'size' or (sha256 or text_lib.file_sha256)(data) == info['sha256']
 
 
 _BYTES_PER_WORKER = 16 << 20  # automatic worker count: less input is faster in-process
@@ -290,12 +345,12 @@ def _num_workers(options: BuildOptions, pending: int, pending_bytes: int) -> int
   return max(1, min(cores or 1, pending, pending_bytes // _BYTES_PER_WORKER))
 
 
-def _build_shards(path, plan, source, tokenizer, options: BuildOptions) -> dict:
+def _build_shards(path, plan, source, tokenizer, options: BuildOptions, hashes) -> dict:
   """Builds every shard that is not complete, in parallel, claiming each with a lock."""
   pending = []
   for i in range(len(plan)):
     info = _read_json(shard_path(path, i, '.json'))
-    if not _intact(path, i, info, options.verify):
+    if not _intact(path, i, info, options.verify, hashes):
       if info is not None:
         _discard_damaged(path, i, options.verify)
       pending.append(i)
