@@ -5,8 +5,8 @@
     drops it when the process dies, even by SIGKILL, so a crash never leaves a stale lock);
     a second process fails at once with the holder's pid, host and start time;
   * a config check: when the workdir already holds a run (`config.json`), its stage,
-    architecture (`model.*` except runtime-only keys), `init_from` and `data.task` must
-    equal the new config's. A mismatch is refused, naming each differing key, unless
+    `init_from`, `teacher`, `data.task` and, when the architecture comes from the config
+    (no init_from / teacher), `model.*` except runtime keys must equal the new config's. A mismatch is refused, naming each differing key, unless
     `overwrite=True`: the old run's files are then moved to `workdir/overwritten-<time>/`
     (kept, not deleted). A matching config resumes as usual (overwrite changes nothing).
   * a stage that only reads the workdir (init_from=workdir, or `predict` without init_from)
@@ -24,12 +24,14 @@ import os
 import socket
 import time
 
+import jax
 from absl import logging
 
+from jaxft import distributed
+
+from jaxft.models.config import RUNTIME_FIELDS
+
 LOCK_NAME = '.jaxft.lock'
-# model.* keys that change how a run trains or runs, not what its checkpoints hold.
-RUNTIME_MODEL_KEYS = ('hidden_dropout', 'attention_dropout', 'classifier_dropout', 'dtype',
-                      'remat', 'initializer_range')
 # What a previous run leaves in its workdir (moved aside on overwrite; cache/ is kept: it is
 # keyed by content).
 RUN_FILES = ('config.json', 'checkpoints', 'checkpoints.damaged', 'best', 'best.damaged',
@@ -115,12 +117,16 @@ def differences(saved: dict, cfg) -> list[str]:
   out = []
   if saved.get('stage') != new.get('stage'):
     out.append(f'stage: {saved.get("stage")!r} -> {new.get("stage")!r}')
-  old_m, new_m = saved.get('model') or {}, new.get('model') or {}
-  for k in sorted(set(old_m) | set(new_m)):
-    if k not in RUNTIME_MODEL_KEYS and old_m.get(k) != new_m.get(k):
-      out.append(f'model.{k}: {old_m.get(k)!r} -> {new_m.get(k)!r}')
-  if _norm(saved.get('init_from') or '') != _norm(new.get('init_from') or ''):
-    out.append(f'init_from: {saved.get("init_from")!r} -> {new.get("init_from")!r}')
+  for key in ('init_from', 'teacher'):
+    if _norm(saved.get(key) or '') != _norm(new.get(key) or ''):
+      out.append(f'{key}: {saved.get(key)!r} -> {new.get(key)!r}')
+  # With init_from or a teacher the architecture comes from there (config.json records the
+  # model built), so the model keys of the two configs need not agree.
+  if not (new.get('init_from') or new.get('teacher')):
+    old_m, new_m = saved.get('model') or {}, new.get('model') or {}
+    for k in sorted(set(old_m) | set(new_m)):
+      if k not in RUNTIME_FIELDS and old_m.get(k) != new_m.get(k):
+        out.append(f'model.{k}: {old_m.get(k)!r} -> {new_m.get(k)!r}')
   old_t = (saved.get('data') or {}).get('task')
   new_t = (new.get('data') or {}).get('task')
   if old_t != new_t and old_t is not None and new_t is not None:
@@ -168,7 +174,6 @@ def check(cfg, workdir: str) -> bool:
 
 def guard(cfg, workdir: str) -> tuple[WorkdirLock | None, bool]:
   """(lock held for the run or None, write_config); raises WorkdirError on every process."""
-  import jax
   lock, write, error = None, True, ''
   if jax.process_index() == 0:
     try:
@@ -180,7 +185,6 @@ def guard(cfg, workdir: str) -> tuple[WorkdirLock | None, bool]:
         lock = None
       error = str(e)
   if jax.process_count() > 1:  # through the coordination service: no device collective
-    from jaxft import distributed
     verdict = distributed.allgather_json({'error': error, 'write': write})[0]
     if verdict['error'] and not error:
       error = f'process 0 refused the workdir {workdir}: {verdict["error"]}'

@@ -13,9 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (BadRows, apply_balance,
-                               check_truncation, hf_load, hf_column, hf_split_name, normalize_split,
-                               pad_id, setting, split_file, too_long_rows, wants_token_types)
+from jaxft.data.splits import (BadRows, TaskData, apply_balance, check_truncation, hf_column,
+                               hf_load, hf_split_name, normalize_split, pad_id, split_file,
+                               too_long_rows, wants_token_types)
 
 # ----------------------------------------------------------------------------- presets
 
@@ -83,17 +83,30 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
              'sentence1', 'sentence2'),
 ]}
 
-# Config keys read by `load_cls_split` / `load_ner_split` and their defaults. None means
-# "from the GLUE preset, else the reader's own default" (see each key's use).
-CLS_DATA_DEFAULTS = dict(
-    task=None, source='files', path=None, train_file=None, dev_file=None, test_file=None,
-    format='auto', text_column=None, text_pair_column=None, label_column=None, labels=None,
-    is_regression=None, has_header=None, column_names=None, max_len=128,
-    truncation='truncate', on_bad_row='error', class_balance='none', seed=0,
-    hf_path='glue', hf_name=None, hf_data_files=None, hf_cache_dir=None, hf_kwargs=None)
+@dataclasses.dataclass(frozen=True)
+class ClsData(TaskData):
+  """The `data` section of sentence(-pair) classification / regression. With a GLUE `task`
+  the columns, labels, files and metrics come from its preset; '' / () = unset."""
+  task: str = ''                  # a GLUE task name (presets), '' for a custom task
+  format: str = 'auto'            # auto (by extension) | tsv | csv | jsonl | parquet
+  text_column: str = ''
+  text_pair_column: str = ''
+  label_column: str = ''          # default 'label'
+  labels: tuple[str, ...] = ()    # raw label values in class order; () = sorted from train
+  is_regression: bool = False
+  has_header: bool = True
+  column_names: tuple[str, ...] = ()  # names of a headerless file's columns
+
+  def __post_init__(self):
+    super().__post_init__()
+    get_glue_task(self.task)
+    labels = self.labels.split(',') if isinstance(self.labels, str) else self.labels or ()
+    object.__setattr__(self, 'labels', tuple(str(x).strip() for x in labels))
+    object.__setattr__(self, 'column_names', tuple(self.column_names or ()))
+
 
 def get_glue_task(name: str | None) -> GlueTask | None:
-  if name is None:
+  if not name:
     return None
   key = name.lower().replace('-', '')
   if key not in GLUE_TASKS:
@@ -441,12 +454,10 @@ def encode_cls(examples: ClsExamples, tokenizer, *, max_len: int,
 
 # ---------------------------------------------------------------- classification: entry
 
-def cls_settings(cfg):
-  task = get_glue_task(setting(cfg, 'task'))
-  source = setting(cfg, 'source', 'files')
-  if source not in ('files', 'hf'):
-    raise ValueError(f"data.source must be 'files' or 'hf', got {source!r}")
-  hf = source == 'hf'
+def cls_settings(data: ClsData) -> dict:
+  """Columns, labels and format of a task: the data section over its GLUE preset."""
+  task = get_glue_task(data.task)
+  hf = data.source == 'hf'
   if hf:
     text_d = task.hf_text_column if task else 'sentence'
     pair_d = task.hf_text_pair_column if task else None
@@ -455,24 +466,21 @@ def cls_settings(cfg):
     text_d = task.text_column if task else None
     pair_d = task.text_pair_column if task else None
     label_d = task.label_column if task else None
+  preset_labels = (list(task.label_values) or None) if task else None
   s = dict(
       task=task, hf=hf,
-      text_column=setting(cfg, 'text_column', text_d),
-      text_pair_column=setting(cfg, 'text_pair_column', pair_d),
-      label_column=setting(cfg, 'label_column', label_d),
-      is_regression=bool(setting(cfg, 'is_regression', task.is_regression if task else False)),
-      labels=setting(cfg, 'labels', (list(task.label_values) or None) if task else None),
-      on_bad_row=setting(cfg, 'on_bad_row', 'error'))
+      text_column=data.text_column or text_d,
+      text_pair_column=data.text_pair_column or pair_d,
+      label_column=data.label_column or label_d or 'label',
+      is_regression=bool(data.is_regression or (task.is_regression if task else False)),
+      labels=list(data.labels) or preset_labels,
+      on_bad_row=data.on_bad_row)
   if s['text_column'] is None:
     raise ValueError('data.text_column is not set (and data.task is not a GLUE task)')
-  if s['label_column'] is None:
-    s['label_column'] = 'label'
-  if s['labels'] is not None:
-    s['labels'] = [str(x) for x in s['labels']]
   return s
 
 
-def read_cls_split(cfg, s: dict, split: str, labels, require_labels: bool):
+def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: bool):
   """(examples, stats, hf_label_names or None) for one split under settings `s`."""
   task = s['task']
   common = dict(text_column=s['text_column'], text_pair_column=s['text_pair_column'],
@@ -480,24 +488,21 @@ def read_cls_split(cfg, s: dict, split: str, labels, require_labels: bool):
                 is_regression=s['is_regression'], on_bad_row=s['on_bad_row'],
                 require_labels=require_labels)
   if s['hf']:
-    split_name = hf_split_name(cfg, split, task.hf_splits if task else None)
-    ds, where = hf_load(cfg, split_name, 'glue', task.name if task else None)
+    split_name = hf_split_name(data, split, task.hf_splits if task else None)
+    ds, where = hf_load(data, split_name, 'glue', task.name if task else None)
     return read_cls_hf(ds, name=where, **common)
   default_files = dict(task.files) if task else {}
-  path = split_file(cfg, split, default_files,
-                     (task.dir_name, task.name) if task else ())
-  column_names = setting(cfg, 'column_names')
-  has_header = setting(cfg, 'has_header')
-  if column_names is None and task and split in task.headerless and has_header is None:
+  path = split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+  column_names = data.column_names or None
+  if column_names is None and task and split in task.headerless and data.has_header:
     column_names = task.headerless[split]
-  has_header = True if has_header is None else bool(has_header)
-  ex, stats = read_cls_file(path, fmt=setting(cfg, 'format', 'auto'), has_header=has_header,
+  ex, stats = read_cls_file(path, fmt=data.format, has_header=data.has_header,
                             column_names=column_names, **common)
   stats['file'] = str(path)
   return ex, stats, None
 
 
-def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
+def load_cls_split(data: ClsData, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
   """Reads and tokenizes one split of a sentence(-pair) classification task.
 
   Returns (arrays, info): arrays as in `encode_cls` (+ `weights` for the train split
@@ -506,21 +511,20 @@ def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarra
   n_examples, sources ('file:line' per row) and stats.
   """
   split = normalize_split(split)
-  s = cls_settings(data_cfg)
+  s = cls_settings(data)
   task = s['task']
   labels = s['labels']
   if labels is None and not s['is_regression']:
     # The label list must be the same for every split: derive it from train
     # (an HF ClassLabel column brings its own names and ids instead).
-    train_ex, _, train_names = read_cls_split(data_cfg, s, 'train', None, True)
+    train_ex, _, train_names = read_cls_split(data, s, 'train', None, True)
     if train_names is None:
       labels = sort_labels(train_ex.labels)
       logging.info('label set derived from the train split: %s', labels)
-  ex, stats, hf_names = read_cls_split(data_cfg, s, split, labels,
-                                        require_labels=not split.startswith('test'))
-  arrays, enc_stats = encode_cls(ex, tokenizer, max_len=int(setting(data_cfg, 'max_len', 128)),
-                                 truncation=setting(data_cfg, 'truncation', 'truncate'),
-                                 is_regression=s['is_regression'])
+  ex, stats, hf_names = read_cls_split(data, s, split, labels,
+                                       require_labels=not split.startswith('test'))
+  arrays, enc_stats = encode_cls(ex, tokenizer, max_len=int(data.max_len),
+                                 truncation=data.truncation, is_regression=s['is_regression'])
   keep = enc_stats.pop('keep')
   stats.update(enc_stats)
   stats['n_examples'] = int(len(keep))
@@ -533,7 +537,7 @@ def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarra
     label_names = (list(task.label_names) if task and labels == list(task.label_values)
                    else list(labels))
   num_labels = 1 if s['is_regression'] else len(label_values)
-  arrays = apply_balance(data_cfg, arrays, num_labels, split, stats)
+  arrays = apply_balance(data, arrays, num_labels, split, stats)
   if 'labels' in arrays and not s['is_regression'] and arrays['labels'].size:
     stats['label_counts'] = np.bincount(arrays['labels'], minlength=num_labels).tolist()
   if task:

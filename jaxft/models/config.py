@@ -30,22 +30,28 @@ def to_dtype(name: Any):
   return _DTYPES[name]
 
 
+# How a model runs, not what its checkpoint holds: a stage takes these from its own config
+# when the architecture comes from init_from, and they may change between restarts of a run.
+RUNTIME_FIELDS = ('hidden_dropout', 'attention_dropout', 'classifier_dropout', 'dtype',
+                  'param_dtype', 'remat')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  model_type: str = 'bert'
-  vocab_size: int = 30522
+  model_type: str = 'bert'        # bert | gpt2 (the config key is model.type)
+  vocab_size: int = 30522         # in a config, 0 = the tokenizer's size
   hidden_size: int = 768
   num_layers: int = 12
   num_heads: int = 12
-  intermediate_size: int = 3072
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
+  intermediate_size: int = 3072   # the MLP's inner width
+  max_position_embeddings: int = 512  # the longest input (data.max_len <= this)
+  type_vocab_size: int = 2        # BERT segment types; 0 for GPT-2
   layer_norm_eps: float = 1e-12
-  hidden_act: str = 'gelu'
-  hidden_dropout: float = 0.1
-  attention_dropout: float = 0.1
-  classifier_dropout: float = 0.1
-  initializer_range: float = 0.02
+  hidden_act: str = 'gelu'        # gelu | gelu_new | relu | ...
+  hidden_dropout: float = 0.1     # on embeddings and every residual branch
+  attention_dropout: float = 0.1  # on the attention probabilities
+  classifier_dropout: float = 0.1  # before a task head
+  initializer_range: float = 0.02  # std of the normal initializer
   pad_token_id: int = 0
   dtype: Any = jnp.float32        # compute dtype of matmul inputs and activations
   param_dtype: Any = jnp.float32  # storage dtype of parameters (master weights)
@@ -69,6 +75,10 @@ class ModelConfig:
   def replace(self, **kw) -> 'ModelConfig':
     return dataclasses.replace(self, **kw)
 
+  def with_runtime_of(self, other: 'ModelConfig') -> 'ModelConfig':
+    """This architecture, run as `other` says (dropout, dtypes, remat)."""
+    return self.replace(**{k: getattr(other, k) for k in RUNTIME_FIELDS})
+
   @classmethod
   def from_config_dict(cls, d) -> 'ModelConfig':
     """From the `model` section of a ConfigDict (key `type` -> model_type)."""
@@ -80,6 +90,12 @@ class ModelConfig:
     if unknown:
       raise ValueError(f'unknown model config key(s) {unknown}; allowed: {sorted(fields)}')
     return cls(**d)
+
+  @classmethod
+  def section_defaults(cls) -> dict:
+    """The `model` config section at its defaults; vocab_size 0 = the tokenizer's size."""
+    d = cls().to_dict()
+    return {'type': d.pop('model_type'), **d, 'vocab_size': 0}
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)

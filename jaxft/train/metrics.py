@@ -208,3 +208,25 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     return []
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str:
+  """workdir/results.json, written atomically by process 0: a stage's last output, so its
+  presence says the stage finished (host values; numpy scalars and arrays converted)."""
+  import jax
+  path = Path(workdir) / 'results.json'
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(results, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+  return str(path)
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)

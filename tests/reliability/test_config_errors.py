@@ -9,6 +9,7 @@ import pytest
 
 from jaxft import config as config_lib
 from jaxft import main as main_lib
+from jaxft import stages
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def stub_stage(monkeypatch):
-  from jaxft.train import pretrain
+  from jaxft.stages import pretrain
   calls = []
-  monkeypatch.setattr(pretrain, 'run', lambda cfg, wd: calls.append(wd))
+  monkeypatch.setattr(pretrain, 'run', lambda settings, wd: calls.append(wd))
   return calls
 
 
@@ -55,7 +56,7 @@ CASES = {
         'data.max_len=64 exceeds model.max_position_embeddings=16'),
     'stage that does not exist': (_with(stage='pretrain_mlmm'),
                                   "stage='pretrain_mlmm' does not exist (did you mean "
-                                  "'pretrain_mlm'?); stages: ("),
+                                  "'pretrain_mlm'?); stages: ["),
     'unknown nonfinite policy': (_with(train__nonfinite='ignore'),
                                  "train.nonfinite='ignore'; allowed: 'skip', 'halt', 'rollback'"),
 }
@@ -98,7 +99,7 @@ def test_every_bundled_config_validates():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for v in variants:
-      config_lib.validate(mod.get_config(v))
+      stages.validate(mod.get_config(v))
 
 
 CLI = {
@@ -133,6 +134,6 @@ def test_max_len_is_checked_against_the_init_from_model_not_the_config_default()
   model.* defaults in the config must not veto data.max_len."""
   c = _with(data={'max_len': 64})
   with pytest.raises(config_lib.ConfigError, match='exceeds model.max_position_embeddings=16'):
-    config_lib.validate(c)
+    stages.validate(c)
   c.init_from = '/some/checkpoint'
-  config_lib.validate(c)  # no error: the stage compares with the checkpoint's table
+  stages.validate(c)  # no error: the stage compares with the checkpoint's table

@@ -211,7 +211,7 @@ def test_init_from_a_workdir_verifies_param_checksums(tmp_path):
   """init_from reads another run's checkpoint outside the resume path: a parameter that
   no longer matches its saved fingerprint is refused, not silently loaded."""
   import json
-  from jaxft.train import init as init_lib
+  from jaxft import sources as init_lib
   ref = tiny.reference()
   wd = tiny.copy_workdir(ref['workdir'], str(tmp_path / 'w'))
   params = init_lib.read_workdir_params(wd, 'latest')  # intact: loads
