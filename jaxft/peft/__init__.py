@@ -8,6 +8,10 @@ params stay a pure nested dict, PEFT params carry logical axes and shard on any 
 
   python -m jaxft.main --config configs/finetune_cls.py:sst2 --config.peft.method=lora ...
 
+After training, `load_trained` rebuilds the model exactly as evaluated (what predict runs)
+and `export_peft` writes every form the method allows: a merged plain model, a Hugging Face
+`peft` adapter, and jaxft's own PEFT checkpoint with its base (`export.py`, `hf_peft.py`).
+
 See docs/peft.md.
 """
 from __future__ import annotations
@@ -22,8 +26,10 @@ from flax import nnx
 
 from jaxft.models import flat_params
 from jaxft.peft.checkpoint import (apply_lora_checkpoint, checkpoint_dir, is_peft_name,
-                                   load_checkpoint, load_into, merged_params, save_checkpoint)
+                                   load_checkpoint, load_into, merged_params, path_name,
+                                   save_checkpoint, strip_peft, write_checkpoint)
 from jaxft.peft.config import ADAPTER_TARGETS, LORA_TARGETS, METHODS, PeftConfig
+from jaxft.peft.export import EXPORT_MANIFEST, export_peft, load_export, load_trained, trained_def
 from jaxft.peft.modules import PeftDense, PeftModel, inject, layernorm_paths
 
 # Task heads created fresh for fine-tuning: trained alongside the PEFT params by default.
@@ -50,10 +56,6 @@ def _host_kernel(name: str) -> str | None:
   """The base kernel a PEFT tensor belongs to (its freeze flag is inherited)."""
   m = re.match(r'^(.*)\.(lora_a|lora_b|adapter\..*)$', name)
   return f'{m.group(1)}.kernel' if m else None
-
-
-def _name(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
 def trainable_mask(pcfg: PeftConfig, model, abstract_params, base_trainable=None,
@@ -83,7 +85,7 @@ def trainable_mask(pcfg: PeftConfig, model, abstract_params, base_trainable=None
     return bool(base.get(host, True)) if host else True
 
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: selected(_name(path)) and allowed(_name(path)), abstract_params)
+      lambda path, _: selected(path_name(path)) and allowed(path_name(path)), abstract_params)
 
 
 def count(params, trainable=None) -> dict[str, int]:
@@ -113,16 +115,11 @@ def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[s
   everything). `trainable`: finetune's freeze mask over the base tree, or None. `fresh`:
   dotted names init_from did not provide (trained when peft.train_fresh).
   """
-  from jaxft.train.state import ModelDef
   pcfg = PeftConfig.from_config(cfg)
   if not pcfg.enabled:
     return None
-  base_build = model_def.build
-
-  def build():
-    return inject(base_build(), pcfg)
-
-  new_def = ModelDef.create(build)
+  new_def = trained_def(pcfg, model_def)
+  build = new_def.build
   model = nnx.merge(new_def.graphdef, new_def.abstract_state)
   if 'prompt' in pcfg.methods:
     max_len = int(cfg.get('data', {}).get('max_len', 0) or 0) if 'data' in cfg else 0
@@ -142,7 +139,7 @@ def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[s
       word = next(flat[n] for n in _WORD_EMBEDDINGS if n in flat)
       flat['prompt'] = _vocab_prompt(word, pcfg.prompt_length, pcfg.seed).astype(
           flat['prompt'].dtype)
-    params = jax.tree_util.tree_map_with_path(lambda path, _: flat[_name(path)],
+    params = jax.tree_util.tree_map_with_path(lambda path, _: flat[path_name(path)],
                                               new_def.abstract_params)
 
   c = count(new_def.abstract_params, mask)
@@ -163,4 +160,6 @@ def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[s
 __all__ = ['PeftConfig', 'METHODS', 'LORA_TARGETS', 'ADAPTER_TARGETS', 'PeftDense', 'PeftModel',
            'inject', 'setup', 'trainable_mask', 'count', 'merged_params', 'exportable',
            'enabled', 'config', 'save_checkpoint', 'load_checkpoint', 'apply_lora_checkpoint',
-           'load_into', 'checkpoint_dir', 'is_peft_name']
+           'load_into', 'checkpoint_dir', 'is_peft_name', 'write_checkpoint', 'strip_peft',
+           'trained_def', 'load_trained', 'load_export', 'export_peft', 'EXPORT_MANIFEST',
+           'path_name']

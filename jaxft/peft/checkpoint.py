@@ -39,6 +39,19 @@ def _lora_delta(a, b, scale: float, dtype):
                                axes=1)).astype(dtype)
 
 
+def strip_peft(tree):
+  """The nested param dict without its PEFT tensors (LoRA pairs, adapters, the prompt): the
+  base model's tree, with whatever else trained (head, biases) at its trained values."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: strip_peft(v) for k, v in tree.items() if str(k) not in PEFT_KEYS}
+
+
+def path_name(path) -> str:
+  """The dotted name of a jax tree path (the names `flat_params` gives)."""
+  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def _merge_tree(tree, scale: float):
   """Nested dict: fold every {kernel, lora_a, lora_b} into kernel, drop the LoRA leaves."""
   if not isinstance(tree, dict):
@@ -73,6 +86,12 @@ def checkpoint_dir(workdir: str, pcfg: PeftConfig) -> str:
 def save_checkpoint(cfg, params, trainable, workdir: str, *, extra: dict | None = None) -> str:
   """Write the trainable tensors (PEFT params + whatever else trained, e.g. the task head)
   with their config to workdir/<method>/; returns the directory. Process 0 writes."""
+  return write_checkpoint(cfg, params, trainable, checkpoint_dir(workdir, PeftConfig.from_config(
+      cfg)), extra=extra)
+
+
+def write_checkpoint(cfg, params, trainable, out: str, *, extra: dict | None = None) -> str:
+  """save_checkpoint into the directory `out` itself (export_peft puts one in export/)."""
   from safetensors.numpy import save_file
 
   from jaxft.train.state import to_host
@@ -81,7 +100,6 @@ def save_checkpoint(cfg, params, trainable, workdir: str, *, extra: dict | None 
   mask = flat_params(trainable) if trainable is not None else {n: True for n in flat}
   keep = {n: x for n, x in flat.items() if bool(mask[n])}
   host = to_host(keep)
-  out = checkpoint_dir(workdir, pcfg)
   if jax.process_index() != 0:
     return out
   os.makedirs(out, exist_ok=True)
