@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxft import partitioning
+from jaxft import partitioning, peft
 from jaxft.data import classification
 from jaxft.data import ner
 from jaxft.data.tokenizer import load_tokenizer
@@ -110,9 +110,8 @@ def run(cfg, workdir: str) -> dict:
   head = 'cls' if kind == 'cls' else 'token_cls'
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
   model_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
-  params, report = init_lib.load_init(src, model_def, which=cfg.predict.get('checkpoint', 'best'))
-  if report['missing']:
-    raise ValueError(f'{src}: checkpoint lacks parameters {report["missing"][:5]}...')
+  model_def, params = peft.load_trained(trained_cfg, model_def, init_lib.read_workdir_params(
+      src, cfg.predict.get('checkpoint', 'best')), where=src)
   data_cfg = {k: (None if isinstance(v, str) and not v else v)
               for k, v in trained_cfg.get('data', {}).items()}
   arrays, ex = load_inputs(cfg.predict.input, kind, data_cfg, tokenizer, labels)
