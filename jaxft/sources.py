@@ -21,6 +21,7 @@ from jaxft import checkpointing
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import hf
 from jaxft.models.config import ModelConfig
+from jaxft.peft import PeftConfig, load_trained
 from jaxft.trees import flat_params, unflatten_like
 
 LABELS = 'labels.json'
@@ -244,3 +245,18 @@ def record_model(workdir: str, mcfg: ModelConfig) -> None:
   with open(tmp, 'w') as f:
     json.dump(saved, f, indent=2)
   os.replace(tmp, path)
+
+
+def peft_of(path: str) -> PeftConfig:
+  """The PEFT settings a jaxft workdir trained with (none for a plain run or an HF dir)."""
+  if not is_jaxft_workdir(path):
+    return PeftConfig()
+  saved = workdir_config(path)
+  return PeftConfig.from_section(saved.get('peft') or {}, seed=int(saved.get('seed', 0) or 0))
+
+
+def trained_model(path: str, base_def, which: str = 'best'):
+  """(model_def, host params): the model a fine-tuned workdir evaluated, exactly: the base
+  definition after the run's PEFT changes with every checkpointed tensor (LoRA, adapters,
+  prompts included); nothing dropped, nothing freshly initialised."""
+  return load_trained(peft_of(path), base_def, read_workdir_params(path, which), where=path)

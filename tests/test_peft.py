@@ -259,6 +259,44 @@ def test_lora_checkpoint_is_small_and_reapplies(runs, tmp_path):
                                   else flat_params(r['p0'])[n])
 
 
+@pytest.mark.parametrize('method', ['lora', 'adapter', 'bitfit', 'prompt'])
+def test_load_trained_is_the_model_that_was_evaluated(runs, method):
+  """What predict loads: the run's checkpointed params (flat, as a checkpoint reader gives
+  them) with the run's config (as config.json holds it) -> the very definition and params
+  that trained, so the logits are bit-identical (same program, same arrays). Loading into
+  the base definition instead, as predict did, leaves the PEFT tensors unused."""
+  r = runs[method]
+  saved_cfg = PeftConfig.from_dict(json.loads(json.dumps(r['cfg'].to_dict())))
+  ckpt = {n: np.asarray(x) for n, x in flat_params(r['p1']).items()}
+  model_def, params = peft.load_trained(saved_cfg, base_def(), ckpt, where='workdir')
+  assert flat_params(model_def.abstract_params).keys() == ckpt.keys()
+  for n, x in flat_params(params).items():
+    np.testing.assert_array_equal(x, ckpt[n], err_msg=n)
+  batch = batches()[0]
+  np.testing.assert_array_equal(forward(model_def)(params, batch),
+                                forward(r['def'])(r['p1'], batch))
+  dropped = set(ckpt) - set(flat_params(base_def().abstract_params))
+  assert bool(dropped) == (method != 'bitfit')
+
+
+def test_load_trained_refuses_a_checkpoint_that_is_not_the_model(runs):
+  lora = {n: np.asarray(x) for n, x in flat_params(runs['lora']['p1']).items()}
+  cfg = runs['lora']['cfg']
+  partial = {n: x for n, x in lora.items() if n != 'bert.layers.1.attn.value.lora_b'}
+  with pytest.raises(ValueError, match=r"wd: .*missing \['bert.layers.1.attn.value.lora_b'\]"):
+    peft.load_trained(cfg, base_def(), partial, where='wd')
+  with pytest.raises(ValueError, match=r'peft.method=adapter.*not in the model \[.*lora_a'):
+    peft.load_trained(cfg_for('adapter'), base_def(), lora, where='wd')
+  with pytest.raises(ValueError, match=r'peft.method=none.*not in the model \[.*lora_a'):
+    peft.load_trained(PeftConfig(), base_def(), lora, where='wd')  # a run without peft
+  bad = {**lora, 'classifier.kernel': np.zeros((H, C + 1), np.float32)}
+  with pytest.raises(ValueError, match=r'wd: classifier.kernel has shape \(64, 3\)'):
+    peft.load_trained(cfg, base_def(), bad, where='wd')
+  full = {n: x for n, x in lora.items() if not peft.is_peft_name(n)}  # a plain fine-tune
+  model_def, _ = peft.load_trained(PeftConfig(), base_def(), full, where='wd')
+  assert model_def is base_def()
+
+
 @pytest.mark.parametrize('method', ['lora', 'adapter'])
 def test_trains_on_2x2x2_mesh_with_single_device_losses(runs, method):
   r8 = train(method, (2, 2, 2))

@@ -573,6 +573,39 @@ def from_pretrained(path: str, head: str | None = None, num_labels: int | None =
 # ----------------------------------------------------------------------------- export
 
 
+def _export_name(e: Entry, base: str) -> str:
+  return e.hf if e.root else base + e.hf
+
+
+@dataclasses.dataclass(frozen=True)
+class HfSlot:
+  """Where one jaxft tensor lives in the exported HF model."""
+  name: str    # full HF tensor name, e.g. 'bert.encoder.layer.0.attention.self.query.weight'
+  kind: str    # conversion kind (LIN, CONV, QKV_W, ...)
+  n_in: int    # leading contracted dims of our kernel
+  part: int    # index among a fused tensor's parts (GPT-2 c_attn: 0 q, 1 k, 2 v), else 0
+
+  @property
+  def module(self) -> str:
+    return self.name.rsplit('.', 1)[0]
+
+
+def hf_slots(names, head: str) -> dict[str, HfSlot]:
+  """{jaxft dotted name: HfSlot} for the plain-model `names` (an iterable of dotted names or
+  a param tree) exported as the HF architecture of `head`: the same table `save_hf` uses,
+  so PEFT exports name modules exactly as the exported base model does."""
+  flat = (dict.fromkeys(names) if isinstance(names, (list, tuple, set, frozenset))
+          else _flatten(_pure(names))[0])
+  mt, prefix, num_layers, _ = _describe(flat)
+  base = _PREFIXES[mt] if head != 'none' else ''
+  out = {}
+  for e in TABLES[mt](num_layers, prefix):
+    if all(o in flat for o in e.ours):
+      for i, o in enumerate(e.ours):
+        out[o] = HfSlot(_export_name(e, base), e.kind, e.n_in, i)
+  return out
+
+
 def to_hf_state_dict(model_or_params, head: str) -> dict[str, np.ndarray]:
   """{HF name: contiguous fp32 array} for the HF architecture of `head`, tied copies included."""
   flat, _, _ = _flatten(_pure(model_or_params))
@@ -587,7 +620,7 @@ def to_hf_state_dict(model_or_params, head: str) -> dict[str, np.ndarray]:
     if not all(o in flat for o in e.ours):
       continue
     arrs = [np.asarray(jax.device_get(flat[o]), dtype=np.float32) for o in e.ours]
-    out[e.hf if e.root else base + e.hf] = np.ascontiguousarray(_to_hf(arrs, e.kind, e.n_in))
+    out[_export_name(e, base)] = np.ascontiguousarray(_to_hf(arrs, e.kind, e.n_in))
     used.update(e.ours)
   left = sorted(set(flat) - used)
   if left:
@@ -687,5 +720,5 @@ def save_hf(model_or_params, cfg: ModelConfig, out_dir: str, head: str, tokenize
 
 __all__ = ['load_hf_config', 'load_hf_labels', 'read_hf_config', 'read_hf_weights',
            'read_raw_hf_weights', 'load_hf_into', 'from_pretrained', 'save_hf',
-           'to_hf_state_dict', 'hf_config_dict', 'LoadReport', 'bert_table', 'gpt2_table',
-           'SUPPORTED_MODEL_TYPES']
+           'to_hf_state_dict', 'hf_config_dict', 'hf_slots', 'HfSlot', 'LoadReport', 'bert_table',
+           'gpt2_table', 'SUPPORTED_MODEL_TYPES']

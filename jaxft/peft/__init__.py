@@ -8,6 +8,10 @@ params stay a pure nested dict, PEFT params carry logical axes and shard on any 
 
   python -m jaxft.main --config configs/finetune_cls.py:sst2 --config.peft.method=lora ...
 
+After training, `load_trained` rebuilds the model exactly as evaluated (what predict runs)
+and `export_peft` writes every form the method allows: a merged plain model, a Hugging Face
+`peft` adapter, and jaxft's own PEFT checkpoint with its base (`export.py`, `hf_peft.py`).
+
 See docs/peft.md.
 """
 from __future__ import annotations
@@ -21,8 +25,10 @@ from absl import logging
 from flax import nnx
 
 from jaxft.peft.checkpoint import (apply_lora_checkpoint, checkpoint_dir, is_peft_name,
-                                   load_checkpoint, load_into, merged_params, save_checkpoint)
+                                   load_checkpoint, load_into, merged_params, save_checkpoint,
+                                   strip_peft, write_checkpoint)
 from jaxft.peft.config import ADAPTER_TARGETS, LORA_TARGETS, METHODS, PeftConfig
+from jaxft.peft.export import EXPORT_MANIFEST, export_peft, load_export, load_trained, trained_def
 from jaxft.peft.modules import PeftDense, PeftModel, inject, layernorm_paths
 from jaxft.train.state import ModelDef
 from jaxft.trees import dotted, flat_params
@@ -101,12 +107,8 @@ def setup(pcfg: PeftConfig, model_def, init_params=None, trainable=None, *,
   """
   if not pcfg.enabled:
     return None
-  base_build = model_def.build
-
-  def build():
-    return inject(base_build(), pcfg)
-
-  new_def = ModelDef.create(build)
+  new_def = trained_def(pcfg, model_def)
+  build = new_def.build
   model = nnx.merge(new_def.graphdef, new_def.abstract_state)
   if 'prompt' in pcfg.methods:
     limit = model.cfg.max_position_embeddings
@@ -146,4 +148,5 @@ def setup(pcfg: PeftConfig, model_def, init_params=None, trainable=None, *,
 __all__ = ['PeftConfig', 'METHODS', 'LORA_TARGETS', 'ADAPTER_TARGETS', 'PeftDense', 'PeftModel',
            'inject', 'setup', 'trainable_mask', 'count', 'merged_params', 'save_checkpoint',
            'load_checkpoint', 'apply_lora_checkpoint', 'load_into', 'checkpoint_dir',
-           'is_peft_name']
+           'is_peft_name', 'strip_peft', 'write_checkpoint', 'EXPORT_MANIFEST', 'export_peft',
+           'load_export', 'load_trained', 'trained_def']

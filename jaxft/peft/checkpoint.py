@@ -42,6 +42,14 @@ def _lora_delta(a, b, scale: float, dtype):
                                axes=1)).astype(dtype)
 
 
+def strip_peft(tree):
+  """The nested param dict without its PEFT tensors (LoRA pairs, adapters, the prompt): the
+  base model's tree, with whatever else trained (head, biases) at its trained values."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: strip_peft(v) for k, v in tree.items() if str(k) not in PEFT_KEYS}
+
+
 def _merge_tree(tree, scale: float):
   """Nested dict: fold every {kernel, lora_a, lora_b} into kernel, drop the LoRA leaves."""
   if not isinstance(tree, dict):
@@ -76,11 +84,16 @@ def save_checkpoint(pcfg: PeftConfig, params, trainable, workdir: str, *,
                     extra: dict | None = None) -> str:
   """Write the trainable tensors (PEFT params + whatever else trained, e.g. the task head)
   with their config to workdir/<method>/; returns the directory. Process 0 writes."""
+  return write_checkpoint(pcfg, params, trainable, checkpoint_dir(workdir, pcfg), extra=extra)
+
+
+def write_checkpoint(pcfg: PeftConfig, params, trainable, out: str, *,
+                     extra: dict | None = None) -> str:
+  """save_checkpoint into the directory `out` itself (export_peft puts one in export/)."""
   flat = flat_params(params)
   mask = flat_params(trainable) if trainable is not None else {n: True for n in flat}
   keep = {n: x for n, x in flat.items() if bool(mask[n])}
   host = to_host(keep)
-  out = checkpoint_dir(workdir, pcfg)
   if jax.process_index() != 0:
     return out
   os.makedirs(out, exist_ok=True)

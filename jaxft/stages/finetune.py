@@ -9,6 +9,7 @@ scores the best parameters on the test split when it has labels.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import logging
 
@@ -124,8 +125,9 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
 
 
 def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names) -> None:
-  """The PEFT tensors alone (a PEFT run) and a Hugging Face directory where the method can
-  be merged into a plain model."""
+  """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
+  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export)."""
+  id2label = dict(enumerate(label_names)) if label_names else None
   if s.peft.enabled:
     out = peft_lib.save_checkpoint(s.peft, params, trainable, workdir,
                                    extra={'init_from': s.init_from, 'head': s.head,
@@ -133,12 +135,9 @@ def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_name
     logging.info('saved the PEFT weights to %s', out)
   if not s.export.hf:
     return
-  if s.peft.enabled and not s.peft.mergeable:
-    logging.warning('peft.method=%s cannot be merged into a plain Hugging Face model: no '
-                    'export/ (the PEFT weights are in %s)', '+'.join(s.peft.methods),
-                    peft_lib.checkpoint_dir(workdir, s.peft))
-    return
   if s.peft.enabled:
-    params = peft_lib.merged_params(s.peft, params)
-  export_hf(params, mcfg, s.head, workdir, tokenizer,
-            id2label=dict(enumerate(label_names)) if label_names else None)
+    peft_lib.export_peft(s.peft, params, trainable, mcfg, s.head,
+                         os.path.join(workdir, 'export'), tokenizer=tokenizer, id2label=id2label,
+                         extra={'init_from': s.init_from, 'labels': label_names})
+  else:
+    export_hf(params, mcfg, s.head, workdir, tokenizer, id2label=id2label)

@@ -162,10 +162,8 @@ def run(s: Settings, workdir: str) -> dict:
   mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
   head = 'cls' if kind == 'cls' else 'token_cls'
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
-  model_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
-  params, report = sources.load_init(src, model_def, which=s.predict.checkpoint)
-  if report['missing']:
-    raise ValueError(f'{src}: checkpoint lacks parameters {report["missing"][:5]}...')
+  base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
+  model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
