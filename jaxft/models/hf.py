@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxft.models import HEADS, abstract_model, build_model
 from jaxft.models.config import ModelConfig
+from jaxft.trees import dotted
 
 SUPPORTED_MODEL_TYPES = ('bert', 'gpt2')
 
@@ -344,13 +345,9 @@ def _pure(model_or_params):
   return model_or_params
 
 
-def _key_str(k) -> str:
-  return str(getattr(k, 'key', getattr(k, 'idx', k)))
-
-
 def _flatten(tree) -> tuple[dict[str, Any], list[str], Any]:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  names = ['.'.join(_key_str(k) for k in path) for path, _ in leaves]
+  names = [dotted(path) for path, _ in leaves]
   return dict(zip(names, (x for _, x in leaves))), names, treedef
 
 

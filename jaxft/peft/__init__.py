@@ -30,7 +30,6 @@ from jaxft.peft.checkpoint import (apply_lora_checkpoint, checkpoint_dir, is_pef
 from jaxft.peft.config import ADAPTER_TARGETS, LORA_TARGETS, METHODS, PeftConfig
 from jaxft.peft.export import EXPORT_MANIFEST, export_peft, load_export, load_trained, trained_def
 from jaxft.peft.modules import PeftDense, PeftModel, inject, layernorm_paths
-from jaxft.train.state import ModelDef
 from jaxft.trees import dotted, flat_params
 
 # Task heads created fresh for fine-tuning: trained alongside the PEFT params by default.

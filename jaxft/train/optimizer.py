@@ -11,7 +11,7 @@ import optax
 from absl import logging
 
 from jaxft.models import is_embedding, layer_index
-from jaxft.trees import map_named
+from jaxft.trees import map_named, path_keys
 
 SCHEDULES = ('linear', 'cosine', 'constant')
 
@@ -123,7 +123,7 @@ def decay_mask(params) -> Any:
   A bias is never decayed, whatever its rank: attention q/k/v biases are [heads, kv].
   """
   def f(path, x):
-    last = str(getattr(path[-1], 'key', getattr(path[-1], 'name', path[-1]))) if path else ''
+    last = path_keys(path)[-1] if path else ''
     return x.ndim >= 2 and not last.endswith('bias')
 
   return jax.tree_util.tree_map_with_path(f, params)

@@ -210,7 +210,6 @@ def crash_run(root: str, num_steps: int = 60, kills=('startup', 'mid-save', 'ste
               min_cut: int = 1, max_extra: int = 4, cache_dir: str | None = None,
               reference: str | None = None) -> Outcome:
   """The uninterrupted reference, then the killed-and-restarted job; compare both."""
-  import numpy as np
   rng = random.Random(seed)
   cache_dir = cache_dir or os.path.join(root, 'jax-cache')
   os.makedirs(root, exist_ok=True)

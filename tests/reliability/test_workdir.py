@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from jaxft import config as config_lib
 from jaxft import main as main_lib
 from jaxft import workdir as workdir_lib
 import tiny
