@@ -32,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxft import files
+
 
 class NoIntactCheckpoint(RuntimeError):
   pass
@@ -46,8 +48,6 @@ class CheckpointWriteError(RuntimeError):
 
 
 CHECKSUM_ALGO = 'u32-weighted-sum-v1'
-_NO_SPACE = ('No space left on device', 'Disk quota exceeded', 'File too large',
-             "os_error_code='28'", "os_error_code='122'", "os_error_code='27'")
 
 
 def _leaf_checksum(x):
@@ -128,18 +128,6 @@ def verify_items(meta: dict, data_state: dict) -> None:
 def _path_str(path) -> str:
   """'params.bert.layers.0.attn.kernel': the same for a tuple index and a dict key."""
   return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
-
-
-def _is_no_space(e: BaseException) -> bool:
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
-      return True
-    if any(m in str(e) for m in _NO_SPACE):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
 
 
 class Checkpointer:
@@ -259,7 +247,7 @@ class Checkpointer:
     self.manager.reload()
 
   def _raise_write_error(self, e: BaseException, step: int):
-    if not _is_no_space(e):
+    if not files.is_no_space(e):
       raise e
     self._writing = None
     # The partial `<step>.orbax-checkpoint-tmp*` folder is left alone (Orbax threads may still
@@ -269,7 +257,7 @@ class Checkpointer:
     except Exception:  # noqa: BLE001
       pass
     intact = [s for s in self.steps() if s != step]
-    reason = next((m for m in _NO_SPACE[:3] if m in str(e)), None) or str(e).splitlines()[0][:200]
+    reason = files.write_problem(e)
     resume = (f'rerun the same command to resume from step {intact[-1]}' if intact
               else 'rerun the same command (no earlier checkpoint: it starts over)')
     raise CheckpointWriteError(

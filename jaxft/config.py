@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from jaxft import files
 from jaxft.models.config import ModelConfig
 
 
@@ -235,12 +236,7 @@ def check_mesh(cfg, num_devices: int) -> None:
 
 
 def save_config(cfg, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(cfg.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
 
 
 def load_workdir_config(workdir: str) -> dict | None:

@@ -166,7 +166,8 @@ def _parse_flags(argv):
 
 
 _USER_ERRORS = {'jaxft.config': ('ConfigError',), 'jaxft.workdir': ('WorkdirError',),
-                'jaxft.checkpointing': ('NoIntactCheckpoint', 'CheckpointWriteError')}
+                'jaxft.checkpointing': ('NoIntactCheckpoint', 'CheckpointWriteError'),
+                'jaxft.files': ('OutputWriteError',)}
 
 
 def _user_error(e: BaseException) -> int | None:

@@ -372,6 +372,61 @@ def test_save_hf_refuses_wrong_head_or_config(tmp_path):
     hf.save_hf(model, BERT_CFG.replace(num_layers=3), str(tmp_path / 'x'), 'token_cls')
 
 
+def test_exported_tokenizer_limit_is_the_models_positions(tmp_path):
+  """The tokenizer (model_max_length=512) exported with a 32-position model says 32, so a
+  `transformers` pipeline truncates a long input instead of indexing past the position
+  table; workdir/tokenizer (save_tokenizer) says the same; the tokenizer object is unchanged."""
+  from jaxft.data.tokenizer import load_tokenizer, save_tokenizer
+  qs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    'data/tokenizers/quickstart-wordpiece')
+  tok = load_tokenizer(qs)
+  assert tok.model_max_length == 512
+  cfg = ModelConfig(vocab_size=len(tok), hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=32, max_position_embeddings=32)
+  out = str(tmp_path / 'export')
+  hf.save_hf(build_model(cfg, 'cls', num_labels=2), cfg, out, 'cls', tokenizer=tok)
+  assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == 32
+  clf = transformers.pipeline('text-classification', model=out, device='cpu')
+  long_text = ' '.join(['the film was good and the actors were great'] * 40)
+  (res,) = clf(long_text, truncation=True)
+  assert res['label'] in ('LABEL_0', 'LABEL_1') and 0.0 <= res['score'] <= 1.0
+  save_tokenizer(tok, str(tmp_path / 'tokenizer'), max_length=32)
+  assert load_tokenizer(str(tmp_path / 'tokenizer')).model_max_length == 32
+  save_tokenizer(tok, str(tmp_path / 'long'), max_length=4096)  # the tokenizer's is lower
+  assert load_tokenizer(str(tmp_path / 'long')).model_max_length == 512
+  assert tok.model_max_length == 512
+
+
+def test_export_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A crash while writing the export (here: model.safetensors half written) leaves the
+  previous export as it was, or no export at all, never a new config.json beside old or
+  partial weights; the partial copy is removed."""
+  import safetensors.numpy
+  out = str(tmp_path / 'export')
+  hf.save_hf(build_model(BERT_CFG, 'cls', num_labels=3, seed=0), BERT_CFG, out, 'cls')
+  before = {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)}
+  real = safetensors.numpy.save_file
+
+  def torn(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+    raise RuntimeError('killed mid-export')
+
+  monkeypatch.setattr(safetensors.numpy, 'save_file', torn)
+  new = build_model(BERT_CFG, 'cls', num_labels=2, seed=1)
+  with pytest.raises(RuntimeError, match='killed mid-export'):
+    hf.save_hf(new, BERT_CFG, out, 'cls')
+  assert {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)} == before
+  with pytest.raises(RuntimeError, match='killed mid-export'):
+    hf.save_hf(new, BERT_CFG, str(tmp_path / 'first'), 'cls')
+  assert sorted(os.listdir(tmp_path)) == ['export']  # no partial copy, no 'first'
+  monkeypatch.setattr(safetensors.numpy, 'save_file', real)
+  hf.save_hf(new, BERT_CFG, out, 'cls')  # a later export replaces the old one whole
+  assert json.load(open(os.path.join(out, 'config.json')))['num_labels'] == 2
+  assert sorted(os.listdir(tmp_path)) == ['export']
+
+
 # ----------------------------------------------------------------------------- generation
 
 

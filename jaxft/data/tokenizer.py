@@ -152,6 +152,27 @@ def _finish(tok):
   return tok
 
 
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike, max_length: int | None = None):
+  """`save_pretrained(out_dir)`, recording the model's real input limit.
+
+  `max_length` (the model's position count) caps `model_max_length` in the saved
+  tokenizer_config.json: a `transformers` pipeline then truncates where the model's
+  positions end instead of indexing past them. The tokenizer object is not changed.
+  """
+  out_dir = os.fspath(out_dir)
+  tokenizer.save_pretrained(out_dir)
+  if not max_length:
+    return
+  path = os.path.join(out_dir, 'tokenizer_config.json')
+  with open(path, encoding='utf-8') as f:
+    conf = json.load(f)
+  own = conf.get('model_max_length') or getattr(tokenizer, 'model_max_length', None)
+  conf['model_max_length'] = int(min(own, max_length) if own else max_length)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(conf, f, indent=2, ensure_ascii=False)
+    f.write('\n')
+
+
 def _expand(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
   if isinstance(files, (str, os.PathLike)):
     files = [files]

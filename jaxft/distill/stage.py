@@ -26,6 +26,7 @@ from jaxft import config as config_lib
 from jaxft import partitioning
 from jaxft.data import loader as loader_lib
 from jaxft.data import pretrain as lm_data
+from jaxft.data.tokenizer import save_tokenizer
 from jaxft.distill import init as init_distill
 from jaxft.distill import task as task_lib
 from jaxft.distill import teacher as teacher_lib
@@ -253,7 +254,7 @@ def run(cfg, workdir: str) -> dict:
 
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+    save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'), smcfg.max_position_embeddings)
     if kind == 'cls':
       with open(os.path.join(workdir, 'labels.json'), 'w') as f:
         json.dump({'kind': 'cls', 'label_names': info['label_names'],

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import files
+from jaxft.data.tokenizer import save_tokenizer
 from jaxft.models import HEADS, abstract_model, build_model
 from jaxft.models.config import ModelConfig
 
@@ -660,7 +662,10 @@ def save_hf(model_or_params, cfg: ModelConfig, out_dir: str, head: str, tokenize
             id2label: Mapping[int, str] | None = None) -> str:
   """Write an HF model directory (config.json, model.safetensors, tokenizer) -> out_dir.
 
-  The result opens with `transformers.AutoModelFor*.from_pretrained(out_dir)`.
+  The result opens with `transformers.AutoModelFor*.from_pretrained(out_dir)`; the
+  tokenizer's model_max_length is capped at the model's positions. Written to a hidden
+  sibling directory and renamed into place: a crash or a full disk leaves the previous
+  export (or none), never a mix; a full or read-only disk raises files.OutputWriteError.
   """
   from safetensors.numpy import save_file
   sd = to_hf_state_dict(model_or_params, head)
@@ -675,13 +680,13 @@ def save_hf(model_or_params, cfg: ModelConfig, out_dir: str, head: str, tokenize
     conf['transformers_version'] = transformers.__version__
   except ImportError:
     pass
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(conf, f, indent=2, sort_keys=True)
-    f.write('\n')
-  save_file(sd, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
+  with files.AtomicDir(out_dir, 'the Hugging Face export') as tmp:
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(conf, f, indent=2, sort_keys=True)
+      f.write('\n')
+    save_file(sd, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    if tokenizer is not None:
+      save_tokenizer(tokenizer, tmp, max_length=cfg.max_position_embeddings)
   return out_dir
 
 

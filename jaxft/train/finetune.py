@@ -25,7 +25,7 @@ from jaxft.data import loader as loader_lib
 from jaxft.data import classification
 from jaxft.data import ner
 from jaxft.data import splits
-from jaxft.data.tokenizer import load_tokenizer
+from jaxft.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.train import init as init_lib
@@ -282,7 +282,7 @@ def run(cfg, workdir: str) -> dict:
                  cfg.train.num_steps)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+    save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'), mcfg.max_position_embeddings)
     with open(os.path.join(workdir, 'labels.json'), 'w') as f:
       json.dump({'kind': kind, 'label_names': label_names, 'label_values': info.get(
           'label_values', label_names), 'is_regression': info.get('is_regression', False),

@@ -14,7 +14,7 @@ from jaxft import config as config_lib
 from jaxft.data import loader as loader_lib
 from jaxft.data import masking
 from jaxft.data import pretrain as lm_data
-from jaxft.data.tokenizer import load_tokenizer
+from jaxft.data.tokenizer import load_tokenizer, save_tokenizer
 from jaxft.models import build_model
 from jaxft.train import init as init_lib
 from jaxft.train import loop
@@ -126,7 +126,7 @@ def run(cfg, workdir: str) -> dict:
                      f'train.batch_size={cfg.train.batch_size}: add data or lower the batch size')
   tok_dir = os.path.join(workdir, 'tokenizer')
   if jax.process_index() == 0:
-    tokenizer.save_pretrained(tok_dir)
+    save_tokenizer(tokenizer, tok_dir, mcfg.max_position_embeddings)
 
   head = 'mlm' if kind == 'mlm' else 'clm'
   model_def = ModelDef.create(lambda: build_model(mcfg, head, seed=int(cfg.seed)))
