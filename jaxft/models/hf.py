@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import files
-from jaxft.data.tokenizer import save_tokenizer
+from jaxft.data.tokenizer import refuse_remote_code, save_tokenizer
 from jaxft.models import HEADS, abstract_model, build_model
 from jaxft.models.config import ModelConfig
 
@@ -136,10 +136,14 @@ TABLES = {'bert': bert_table, 'gpt2': gpt2_table}
 
 
 def read_hf_config(path: str) -> dict:
-  """config.json as a dict (parsed as JSON only; nothing from the directory is run)."""
+  """config.json as a dict (parsed as JSON only; nothing from the directory is run).
+
+  A config with an `auto_map` is refused: its model is code shipped in the directory, which
+  jaxft never runs, and its own BERT / GPT-2 would silently be another model."""
   fn = os.path.join(path, 'config.json')
   if not os.path.isfile(fn):
     raise FileNotFoundError(f'{fn}: no config.json; is {path!r} a Hugging Face model directory?')
+  refuse_remote_code(fn, 'model')
   with open(fn) as f:
     return json.load(f)
 
