@@ -427,6 +427,67 @@ def test_export_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ['export']
 
 
+@pytest.mark.parametrize('cfg,key,value,why', [
+    (BERT_CFG, 'vocab_size', 10**12, 'an integer in 1..'),
+    (BERT_CFG, 'num_hidden_layers', -2, 'an integer in 1..'),
+    (BERT_CFG, 'hidden_size', 0, 'an integer in 1..'),
+    (BERT_CFG, 'num_attention_heads', 2.5, 'an integer in 1..'),
+    (BERT_CFG, 'max_position_embeddings', True, 'an integer in 1..'),
+    (BERT_CFG, 'intermediate_size', '64', 'an integer in 1..'),
+    (BERT_CFG, 'layer_norm_eps', -1.0, 'a number in (0, 1)'),
+    (BERT_CFG, 'hidden_dropout_prob', 1.5, 'a number in [0, 1)'),
+    (BERT_CFG, 'num_attention_heads', 5, 'hidden_size=32 is not divisible'),
+    (BERT_CFG, 'pad_token_id', 100, 'outside the vocabulary'),
+    (GPT2_CFG, 'n_layer', -1, 'an integer in 1..'),
+    (GPT2_CFG, 'n_positions', 2**40, 'an integer in 1..'),
+    (GPT2_CFG, 'n_embd', 2**20, 'parameters'),
+])
+def test_absurd_hf_config_is_refused_naming_file_and_key(tmp_path, cfg, key, value, why):
+  """A config.json with impossible or absurd sizes (vocab 10^12 would be allocated by the
+  stage that builds the model from it) is refused before anything is built."""
+  d = str(tmp_path / 'hf')
+  head = 'cls' if cfg.model_type == 'bert' else 'clm'
+  hf.save_hf(_random_jaxft(cfg, head, 2 if head == 'cls' else None), cfg, d, head)
+  conf = json.load(open(os.path.join(d, 'config.json')))
+  conf[key] = value
+  json.dump(conf, open(os.path.join(d, 'config.json'), 'w'))
+  for load in (hf.load_hf_config, hf.from_pretrained):
+    with pytest.raises(ValueError) as e:
+      load(d)
+    msg = str(e.value)
+    assert msg.startswith(f'{d}/config.json: ') and f'{key}={value!r}' in msg, msg
+    assert why in msg, msg
+
+
+def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path):
+  """int64 (or bool) weights would be cast to floats silently: refused, naming the file
+  and the tensor; float64 / float16 are converted (a float is a float); int64 buffers that
+  are not weights (position_ids) stay ignored."""
+  from safetensors.numpy import load_file, save_file
+  d = str(tmp_path / 'hf')
+  model = _random_jaxft(BERT_CFG, 'cls', 2)
+  hf.save_hf(model, BERT_CFG, d, 'cls')
+  st = os.path.join(d, 'model.safetensors')
+  sd = load_file(st)
+  name = 'bert.encoder.layer.1.attention.self.query.weight'
+  sd['bert.embeddings.position_ids'] = np.arange(POS, dtype=np.int64)[None]
+  sd['bert.pooler.dense.bias'] = sd['bert.pooler.dense.bias'].astype(np.float64)
+  save_file(sd, st)
+  loaded, report = hf.from_pretrained(d)
+  assert 'bert.embeddings.position_ids' in report.ignored
+  assert np.array_equal(flat_params(loaded)['bert.pooler.bias'],
+                        flat_params(model)['bert.pooler.bias'])
+  for dtype in (np.int64, np.bool_):
+    sd[name] = (sd[name] * 100).astype(dtype)
+    save_file(sd, st)
+    with pytest.raises(ValueError, match=f'{st}: tensor {name!r} has dtype '
+                                         f'{np.dtype(dtype).name}, not floating point'):
+      hf.from_pretrained(d)
+    with pytest.raises(ValueError, match=f'{st}: tensor {name!r} has dtype'):
+      hf.load_hf_into(build_model(BERT_CFG, 'cls', num_labels=2), d)
+    sd[name] = sd['bert.encoder.layer.0.attention.self.query.weight']
+
+
 # ----------------------------------------------------------------------------- generation
 
 
