@@ -169,13 +169,14 @@ def _column_index(header: Sequence[str], column: str | int | None, where: str,
   return list(header).index(column)
 
 
-_FORMATS = ('tsv', 'csv', 'jsonl')
+_FORMATS = ('tsv', 'csv', 'jsonl', 'parquet')
 
 
 def _file_format(path: Path, fmt: str) -> str:
   if fmt != 'auto':
     if fmt not in _FORMATS:
-      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv' or 'jsonl', got {fmt!r}")
+      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv', 'jsonl' or 'parquet', "
+                       f"got {fmt!r}")
     return fmt
   suffix = path.suffix.lower()
   if suffix in ('.tsv', '.txt'):
@@ -184,6 +185,8 @@ def _file_format(path: Path, fmt: str) -> str:
     return 'csv'
   if suffix in ('.jsonl', '.json', '.ndjson'):
     return 'jsonl'
+  if suffix in ('.parquet', '.pq'):
+    return 'parquet'
   raise ValueError(f'{path}: cannot tell the format from the extension; set data.format')
 
 
@@ -212,7 +215,7 @@ class _Collector:
     self.sources.append(where)
 
   def add_record(self, where, row: Mapping, has_labels: bool):
-    """A row as {column: value} (JSONL): missing keys are a bad row."""
+    """A row as {column: value} (JSONL, Parquet): missing keys are a bad row."""
     missing = [c for c in (self.text_column, self.text_pair_column,
                            self.label_column if has_labels else None)
                if c is not None and c not in row]
@@ -230,13 +233,13 @@ def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
                   fmt: str = 'auto', has_header: bool = True,
                   column_names: Sequence[str] | None = None, on_bad_row: str = 'error',
                   require_labels: bool = True) -> tuple[ClsExamples, dict]:
-  """Reads a TSV/CSV/JSONL classification file into examples and stats.
+  """Reads a TSV/CSV/JSONL/Parquet classification file into examples and stats.
 
   `labels` (raw label strings) maps labels to class ids; without it labels stay raw
   strings (used to derive a label list). A missing label column yields `labels=None`
   unless `require_labels`. Headerless files take `column_names` or integer columns.
-  Rows are named 'file:line' (1-based, header included). Bytes that are not UTF-8 make a
-  bad row.
+  Rows are named 'file:line' (1-based, header included), Parquet rows 'file[row i]'
+  (0-based, as in pandas and `datasets`). Bytes that are not UTF-8 make a bad row.
   """
   path = Path(path)
   fmt = _file_format(path, fmt)
@@ -246,6 +249,8 @@ def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
   has_labels = label_column is not None
   if fmt == 'jsonl':
     has_labels = _read_jsonl(path, c, has_labels, require_labels)
+  elif fmt == 'parquet':
+    has_labels = _read_parquet(path, c, has_labels, require_labels)
   else:
     has_labels = _read_delimited(path, fmt, c, has_labels, require_labels, has_header,
                                  column_names)
@@ -285,6 +290,35 @@ def _read_jsonl(path: Path, c: _Collector, has_labels: bool, require_labels: boo
         logging.info('%s: no %r key; reading without labels', path, c.label_column)
       first = False
       c.add_record(where, row, has_labels)
+  return has_labels
+
+
+def _read_parquet(path: Path, c: _Collector, has_labels: bool, require_labels: bool) -> bool:
+  """A Parquet file (pyarrow) into `c`: columns checked against the schema, rows named
+  'file[row i]'; returns whether the file has labels."""
+  import pyarrow.parquet as pq
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid and friends)
+    raise ValueError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from e
+  columns = pf.schema_arrow.names
+  for key, col in (('data.text_column', c.text_column),
+                   ('data.text_pair_column', c.text_pair_column)):
+    if col is not None and col not in columns:
+      raise ValueError(f'{path}: {key}={col!r} is not a column; columns are {columns}')
+  if has_labels and c.label_column not in columns:
+    if require_labels:
+      raise ValueError(f'{path}: data.label_column={c.label_column!r} is not a column; '
+                       f'columns are {columns}')
+    has_labels = False
+    logging.info('%s: no %r column; reading without labels', path, c.label_column)
+  wanted = [col for col in (c.text_column, c.text_pair_column,
+                            c.label_column if has_labels else None) if col is not None]
+  table = pf.read(columns=list(dict.fromkeys(wanted)))
+  values = {col: table.column(col).to_pylist() for col in table.column_names}
+  for i in range(table.num_rows):
+    c.n_rows += 1
+    c.add_record(f'{path}[row {i}]', {col: v[i] for col, v in values.items()}, has_labels)
   return has_labels
 
 
