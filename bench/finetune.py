@@ -215,7 +215,7 @@ def run_torch(task: str, model_dir: str, train: dict, dev: dict, info: dict, rec
   num_labels = info['num_labels']
   auto = AutoModelForSequenceClassification if task == 'sst2' else \
       AutoModelForTokenClassification
-  model = auto.from_pretrained(model_dir, num_labels=num_labels,
+  model = auto.from_pretrained(model_dir, num_labels=num_labels, trust_remote_code=False,
                                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
   decay = [p for p in model.parameters() if p.ndim >= 2]  # jaxft: matrices only
   no_decay = [p for p in model.parameters() if p.ndim < 2]

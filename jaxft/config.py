@@ -17,6 +17,7 @@ import typing
 
 import ml_collections
 
+from jaxft import files
 from jaxft.data.masking import MaskingSettings
 from jaxft.export import ExportSettings
 from jaxft.models.config import ModelConfig
@@ -179,12 +180,7 @@ def check_sections(cfg, known) -> None:
 
 
 def save_config(cfg, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(cfg.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  files.atomic_write(os.path.join(workdir, 'config.json'), cfg.to_json_best_effort(indent=2))
 
 
 # ----------------------------------------------------------------------------- describing

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxft import checkpointing, distributed, stages
+from jaxft import checkpointing, distributed, files, stages
 from jaxft.config import ConfigError
 from jaxft.workdir import WorkdirError
 
@@ -117,7 +117,7 @@ def _parse_flags(argv):
 # Errors that are the user's to fix, reported in one line: (kinds, exit code).
 _USER_ERRORS = (((ConfigError,), 2),
                 ((WorkdirError, checkpointing.NoIntactCheckpoint,
-                  checkpointing.CheckpointWriteError), 1))
+                  checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
 
 
 def _user_error(e: BaseException) -> int | None:

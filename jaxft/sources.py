@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 
 from jaxft import checkpointing
+from jaxft.data import tokenizer as data_tokenizer
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import hf
 from jaxft.models.config import ModelConfig
@@ -69,11 +70,12 @@ def tokenizer_of(path: str, fallback: str = ''):
   return load_tokenizer(fallback)
 
 
-def save_tokenizer(tokenizer, workdir: str) -> None:
-  """workdir/tokenizer: a run's outputs carry the tokenizer its weights were trained with."""
+def save_tokenizer(tokenizer, workdir: str, max_length: int | None = None) -> None:
+  """workdir/tokenizer: a run's outputs carry the tokenizer its weights were trained with,
+  recording the model's real input limit (`max_length`: its position count)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tokenizer.save_pretrained(os.path.join(workdir, 'tokenizer'))
+    data_tokenizer.save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'), max_length)
 
 
 # ----------------------------------------------------------------------------- model, labels

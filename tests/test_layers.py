@@ -11,7 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / 'jaxft'
 # Bottom to top. A module may import its own layer and the ones below.
 LAYERS = (
     ('jaxft.trees', 'jaxft.partitioning', 'jaxft.checkpointing', 'jaxft.distributed',
-     'jaxft.compilation_cache'),
+     'jaxft.files', 'jaxft.compilation_cache'),
     ('jaxft.models', 'jaxft.data'),
     ('jaxft.train',),
     ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.sources', 'jaxft.workdir',

@@ -255,6 +255,84 @@ def test_csv_and_jsonl_with_config_columns(tmp_path, bert_tok):
   assert info['stats']['n_blank_lines'] == 1
 
 
+@pytest.mark.parametrize('name,content', [
+    ('train.tsv', b'sentence\tlabel\ngood film\t1\ncaf\xe9 noir\t0\nbad film\t0\n'),
+    ('train.csv', b'sentence,label\ngood film,1\n"caf\xe9 noir",0\nbad film,0\n'),
+    ('train.jsonl', b'{"sentence": "good film", "label": 1}\n{"sentence": "caf\xe9 noir", '
+                    b'"label": 0}\n\n{"sentence": "bad film", "label": 0}\n'),
+])
+def test_non_utf8_bytes_name_file_line_and_byte(tmp_path, bert_tok, name, content):
+  """A Latin-1 byte in a UTF-8 file: one error naming file, line and byte (no bare
+  UnicodeDecodeError); on_bad_row='skip' skips that row and counts it."""
+  (tmp_path / name).write_bytes(content)
+  line = 2 if name.endswith('.jsonl') else 3
+  cfg = {'path': str(tmp_path), 'train_file': name, 'text_column': 'sentence',
+         'label_column': 'label', 'labels': ['0', '1']}
+  with pytest.raises(ValueError, match=rf'{tmp_path}/{name}:{line}: invalid UTF-8 byte 0xe9 '):
+    classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+                                               'train')
+  assert arrays['labels'].tolist() == [1, 0]
+  assert info['stats']['skipped'] == {'bad_encoding': 1}
+  assert info['texts'] == ['good film', 'bad film']
+
+
+def test_non_utf8_header_is_an_error_even_when_skipping(tmp_path, bert_tok):
+  (tmp_path / 'train.tsv').write_bytes(b'sent\xe9nce\tlabel\ngood\t1\n')
+  with pytest.raises(ValueError, match=r'train\.tsv:1: invalid UTF-8 byte 0xe9 '):
+    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path),
+                                   'on_bad_row': 'skip'}, bert_tok, 'train')
+
+
+def test_parquet_task_files(tmp_path, bert_tok):
+  """Parquet train/dev/test files: the same column and label checks as TSV, rows named
+  'file[row i]' in errors, and the same arrays as the TSV they were made from."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({'sentence': ['good film', 'awful', None, 'fine'],
+                           'label': [1, 0, 1, 7]}), tmp_path / 'train.parquet')
+  pq.write_table(pa.table({'sentence': ['great'], 'label': [1]}), tmp_path / 'dev.parquet')
+  pq.write_table(pa.table({'idx': [0], 'sentence': ['unlabelled']}), tmp_path / 'test.parquet')
+  cfg = {'task': 'sst2', 'path': str(tmp_path), 'train_file': 'train.parquet',
+         'dev_file': 'dev.parquet', 'test_file': 'test.parquet'}
+  train = tmp_path / 'train.parquet'
+  with pytest.raises(ValueError, match=rf'{train}\[row 2\]: empty text in column .sentence.'):
+    classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+                                               'train')
+  assert arrays['labels'].tolist() == [1, 0]
+  assert info['sources'] == [f'{train}[row 0]', f'{train}[row 1]']
+  assert info['stats']['skipped'] == {'empty_text': 1, 'bad_label': 1}
+  dev, _ = classification.load_cls_split(cfg, bert_tok, 'dev')
+  assert dev['labels'].tolist() == [1]
+  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
+  assert 'labels' not in test and not tinfo['has_labels'] and len(test['input_ids']) == 1
+  with pytest.raises(ValueError, match=rf"{train}: data.text_column='text' is not a column; "
+                                       r"columns are \['sentence', 'label'\]"):
+    classification.load_cls_split({**cfg, 'text_column': 'text'}, bert_tok, 'train')
+  with pytest.raises(ValueError, match=rf'{tmp_path / "bad.parquet"}: not a readable Parquet'):
+    _write(tmp_path / 'bad.parquet', 'sentence\tlabel\n')
+    classification.load_cls_split({**cfg, 'train_file': 'bad.parquet'}, bert_tok, 'train')
+
+  # The bundled SST-2 slice as Parquet (a custom task: labels derived from train) gives
+  # exactly the arrays of the TSV it was made from.
+  import csv
+  rows = list(csv.reader(open(SST2 / 'train.tsv', encoding='utf-8'), delimiter='\t',
+                         quoting=csv.QUOTE_NONE))[:65]
+  _write(tmp_path / 'sst.tsv', ''.join('\t'.join(r) + '\n' for r in rows))
+  pq.write_table(pa.table({'sentence': [r[0] for r in rows[1:]],
+                           'label': [int(r[1]) for r in rows[1:]]}), tmp_path / 'sst.parquet')
+  custom = {'path': str(tmp_path), 'text_column': 'sentence', 'label_column': 'label'}
+  a_tsv, i_tsv = classification.load_cls_split({**custom, 'train_file': 'sst.tsv'}, bert_tok,
+                                               'train')
+  a_pq, i_pq = classification.load_cls_split({**custom, 'train_file': 'sst.parquet'}, bert_tok,
+                                             'train')
+  assert i_pq['label_names'] == i_tsv['label_names'] == ['0', '1']
+  assert a_pq.keys() == a_tsv.keys() and len(a_pq['labels']) == 64
+  for k in a_tsv:
+    assert np.array_equal(a_pq[k], a_tsv[k]), k
+
+
 # ------------------------------------------------------------------ HF datasets path
 
 def test_hf_path_with_local_files(tmp_path, bert_tok):
@@ -386,6 +464,16 @@ def test_conll_bad_sentences(tmp_path):
         labels=NER_LABELS)
   with pytest.raises(ValueError, match=r'b3\.txt:2: expected 4 columns, got 3'):
     ner.read_conll(_write(tmp_path / 'b3.txt', 'a B C O\nb C O\n'))
+
+
+def test_conll_non_utf8_bytes_name_file_line_and_byte(tmp_path):
+  path = tmp_path / 'train.txt'
+  path.write_bytes(b'Peter NNP B-NP B-PER\n\nM\xfcnchen NNP B-NP B-LOC\nis VBZ B-VP O\n\n'
+                   b'Rome NNP B-NP B-LOC\n')
+  with pytest.raises(ValueError, match=rf'{path}:3: invalid UTF-8 byte 0xfc at character 2'):
+    ner.read_conll(path)
+  ex, stats = ner.read_conll(path, on_bad_row='skip')
+  assert ex.words == [['Peter'], ['Rome']] and stats['skipped'] == {'bad_encoding': 1}
 
 
 def test_subtoken_alignment_hand_checked(bert_tok):

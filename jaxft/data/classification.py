@@ -13,9 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (BadRows, TaskData, apply_balance, check_truncation, hf_column,
-                               hf_load, hf_split_name, normalize_split, pad_id, split_file,
-                               too_long_rows, wants_token_types)
+from jaxft.data.splits import (BadRows, TaskData, apply_balance, bad_bytes, check_truncation,
+                               hf_column, hf_load, hf_split_name, normalize_split, open_text,
+                               pad_id, split_file, too_long_rows, wants_token_types)
 
 # ----------------------------------------------------------------------------- presets
 
@@ -182,10 +182,14 @@ def _column_index(header: Sequence[str], column: str | int | None, where: str,
   return list(header).index(column)
 
 
+_FORMATS = ('tsv', 'csv', 'jsonl', 'parquet')
+
+
 def _file_format(path: Path, fmt: str) -> str:
   if fmt != 'auto':
-    if fmt not in ('tsv', 'csv', 'jsonl'):
-      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv' or 'jsonl', got {fmt!r}")
+    if fmt not in _FORMATS:
+      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv', 'jsonl' or 'parquet', "
+                       f"got {fmt!r}")
     return fmt
   suffix = path.suffix.lower()
   if suffix in ('.tsv', '.txt'):
@@ -194,7 +198,45 @@ def _file_format(path: Path, fmt: str) -> str:
     return 'csv'
   if suffix in ('.jsonl', '.json', '.ndjson'):
     return 'jsonl'
+  if suffix in ('.parquet', '.pq'):
+    return 'parquet'
   raise ValueError(f'{path}: cannot tell the format from the extension; set data.format')
+
+
+class _Collector:
+  """Rows -> examples: empty texts and bad labels go to the bad-row policy."""
+
+  def __init__(self, text_column, text_pair_column, label_column, mapper, bad: BadRows):
+    self.text_column, self.text_pair_column = text_column, text_pair_column
+    self.label_column, self.mapper, self.bad = label_column, mapper, bad
+    self.texts, self.pairs, self.ys, self.sources = [], [], [], []
+    self.n_rows = self.n_blank = 0
+
+  def add(self, where, text, pair, raw_label, has_labels: bool):
+    if text is None or not str(text).strip():
+      return self.bad(where, 'empty_text', f'empty text in column {self.text_column!r}')
+    if self.text_pair_column is not None and (pair is None or not str(pair).strip()):
+      return self.bad(where, 'empty_text', f'empty text in column {self.text_pair_column!r}')
+    y = None
+    if has_labels:
+      y, why = self.mapper(raw_label)
+      if why is not None:
+        return self.bad(where, 'bad_label', f'{why} (column {self.label_column!r})')
+    self.texts.append(str(text).strip())
+    self.pairs.append(None if self.text_pair_column is None else str(pair).strip())
+    self.ys.append(y)
+    self.sources.append(where)
+
+  def add_record(self, where, row: Mapping, has_labels: bool):
+    """A row as {column: value} (JSONL, Parquet): missing keys are a bad row."""
+    missing = [c for c in (self.text_column, self.text_pair_column,
+                           self.label_column if has_labels else None)
+               if c is not None and c not in row]
+    if missing:
+      return self.bad(where, 'bad_row', f'missing key(s) {missing}')
+    self.add(where, row[self.text_column],
+             None if self.text_pair_column is None else row[self.text_pair_column],
+             row[self.label_column] if has_labels else None, has_labels)
 
 
 def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
@@ -204,127 +246,160 @@ def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
                   fmt: str = 'auto', has_header: bool = True,
                   column_names: Sequence[str] | None = None, on_bad_row: str = 'error',
                   require_labels: bool = True) -> tuple[ClsExamples, dict]:
-  """Reads a TSV/CSV/JSONL classification file into examples and stats.
+  """Reads a TSV/CSV/JSONL/Parquet classification file into examples and stats.
 
   `labels` (raw label strings) maps labels to class ids; without it labels stay raw
   strings (used to derive a label list). A missing label column yields `labels=None`
   unless `require_labels`. Headerless files take `column_names` or integer columns.
+  Rows are named 'file:line' (1-based, header included), Parquet rows 'file[row i]'
+  (0-based, as in pandas and `datasets`). Bytes that are not UTF-8 make a bad row.
   """
   path = Path(path)
   fmt = _file_format(path, fmt)
   bad = BadRows(on_bad_row)
-  mapper = _LabelMapper(labels, is_regression)
-  texts, pairs, ys, sources = [], [], [], []
-  n_rows = n_blank = 0
+  c = _Collector(text_column, text_pair_column, label_column,
+                 _LabelMapper(labels, is_regression), bad)
   has_labels = label_column is not None
-
-  def add(where, text, pair, raw_label):
-    if text is None or not str(text).strip():
-      return bad(where, 'empty_text', f'empty text in column {text_column!r}')
-    if text_pair_column is not None and (pair is None or not str(pair).strip()):
-      return bad(where, 'empty_text', f'empty text in column {text_pair_column!r}')
-    y = None
-    if has_labels:
-      y, why = mapper(raw_label)
-      if why is not None:
-        return bad(where, 'bad_label', f'{why} (column {label_column!r})')
-    texts.append(str(text).strip())
-    pairs.append(None if text_pair_column is None else str(pair).strip())
-    ys.append(y)
-    sources.append(where)
-
   if fmt == 'jsonl':
-    with open(path, encoding='utf-8-sig') as f:
-      first = True
-      for lineno, line in enumerate(f, 1):
-        where = f'{path}:{lineno}'
-        if not line.strip():
-          n_blank += 1
-          continue
-        n_rows += 1
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          bad(where, 'bad_row', f'invalid JSON ({e.msg})')
-          continue
-        if not isinstance(row, dict):
-          bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
-          continue
-        if first and has_labels and label_column not in row and not require_labels:
-          has_labels = False  # an unlabeled (test) file
-          logging.info('%s: no %r key; reading without labels', path, label_column)
-        first = False
-        missing = [c for c in (text_column, text_pair_column,
-                               label_column if has_labels else None)
-                   if c is not None and c not in row]
-        if missing:
-          bad(where, 'bad_row', f'missing key(s) {missing}')
-          continue
-        add(where, row[text_column],
-            None if text_pair_column is None else row[text_pair_column],
-            row[label_column] if has_labels else None)
+    has_labels = _read_jsonl(path, c, has_labels, require_labels)
+  elif fmt == 'parquet':
+    has_labels = _read_parquet(path, c, has_labels, require_labels)
   else:
-    kwargs = (dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv' else
-              dict(delimiter=','))
-    with open(path, encoding='utf-8-sig', newline='') as f:
-      reader = csv.reader(f, **kwargs)
-      if column_names is not None:
-        header = list(column_names)
-      elif has_header:
-        try:
-          header = [h.strip() for h in next(reader)]
-        except StopIteration:
-          raise ValueError(f'{path}:1: empty file, expected a header row') from None
-      else:
-        header = None
-      where0 = f'{path}:1' if header is not None and column_names is None else str(path)
-      if header is None:  # integer columns only
-        for key, col in (('text_column', text_column), ('label_column', label_column)):
-          if col is not None and not isinstance(col, (int, np.integer)):
-            raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
-        ncols = None
-      else:
-        ncols = len(header)
-      ti = pi = li = None
-      if header is not None:
-        ti = _column_index(header, text_column, where0, 'data.text_column')
-        pi = _column_index(header, text_pair_column, where0, 'data.text_pair_column')
-        if has_labels and label_column not in header and not isinstance(label_column, int):
-          if require_labels:
-            _column_index(header, label_column, where0, 'data.label_column')  # raises
-          has_labels = False
-          logging.info('%s: no %r column; reading without labels', path, label_column)
-        li = _column_index(header, label_column, where0, 'data.label_column') \
-            if has_labels else None
-      else:
-        ti, pi, li = text_column, text_pair_column, label_column
-      for row in reader:
-        where = f'{path}:{reader.line_num}'
-        if not row or (len(row) == 1 and not row[0].strip() and ncols != 1):
-          n_blank += 1
-          continue
-        n_rows += 1
-        if ncols is None:
-          ncols = len(row)  # headerless without names: the first row sets the width
-          for key, col in (('text_column', ti), ('text_pair_column', pi),
-                           ('label_column', li)):
-            if col is not None and not -ncols <= col < ncols:
-              raise ValueError(f'{where}: data.{key}={col} is out of range for '
-                               f'{ncols} columns')
-        if len(row) != ncols:
-          bad(where, 'bad_columns', f'expected {ncols} columns, got {len(row)}'
-              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
-          continue
-        add(where, row[ti], None if pi is None else row[pi],
-            row[li] if has_labels else None)
-  stats = {'n_rows': n_rows, 'n_examples': len(texts), 'n_blank_lines': n_blank,
+    has_labels = _read_delimited(path, fmt, c, has_labels, require_labels, has_header,
+                                 column_names)
+  stats = {'n_rows': c.n_rows, 'n_examples': len(c.texts), 'n_blank_lines': c.n_blank,
            **bad.stats()}
   if bad.counts:
     logging.warning('%s: skipped %d bad rows %s', path, stats['n_skipped'], dict(bad.counts))
-  examples = ClsExamples(texts, pairs if text_pair_column is not None else None,
-                         ys if has_labels else None, sources)
+  examples = ClsExamples(c.texts, c.pairs if text_pair_column is not None else None,
+                         c.ys if has_labels else None, c.sources)
   return examples, stats
 
+
+def _read_jsonl(path: Path, c: _Collector, has_labels: bool, require_labels: bool) -> bool:
+  """One JSON object per line into `c`; returns whether the file has labels."""
+  first = True
+  with open_text(path) as f:
+    for lineno, line in enumerate(f, 1):
+      where = f'{path}:{lineno}'
+      if not line.strip():
+        c.n_blank += 1
+        continue
+      c.n_rows += 1
+      why = bad_bytes(line)
+      if why is not None:
+        c.bad(where, 'bad_encoding', why)
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        c.bad(where, 'bad_row', f'invalid JSON ({e.msg})')
+        continue
+      if not isinstance(row, dict):
+        c.bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
+        continue
+      if first and has_labels and c.label_column not in row and not require_labels:
+        has_labels = False  # an unlabeled (test) file
+        logging.info('%s: no %r key; reading without labels', path, c.label_column)
+      first = False
+      c.add_record(where, row, has_labels)
+  return has_labels
+
+
+def _read_parquet(path: Path, c: _Collector, has_labels: bool, require_labels: bool) -> bool:
+  """A Parquet file (pyarrow) into `c`: columns checked against the schema, rows named
+  'file[row i]'; returns whether the file has labels."""
+  import pyarrow.parquet as pq
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid and friends)
+    raise ValueError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from e
+  columns = pf.schema_arrow.names
+  for key, col in (('data.text_column', c.text_column),
+                   ('data.text_pair_column', c.text_pair_column)):
+    if col is not None and col not in columns:
+      raise ValueError(f'{path}: {key}={col!r} is not a column; columns are {columns}')
+  if has_labels and c.label_column not in columns:
+    if require_labels:
+      raise ValueError(f'{path}: data.label_column={c.label_column!r} is not a column; '
+                       f'columns are {columns}')
+    has_labels = False
+    logging.info('%s: no %r column; reading without labels', path, c.label_column)
+  wanted = [col for col in (c.text_column, c.text_pair_column,
+                            c.label_column if has_labels else None) if col is not None]
+  table = pf.read(columns=list(dict.fromkeys(wanted)))
+  values = {col: table.column(col).to_pylist() for col in table.column_names}
+  for i in range(table.num_rows):
+    c.n_rows += 1
+    c.add_record(f'{path}[row {i}]', {col: v[i] for col, v in values.items()}, has_labels)
+  return has_labels
+
+
+def _read_delimited(path: Path, fmt: str, c: _Collector, has_labels: bool,
+                    require_labels: bool, has_header: bool, column_names) -> bool:
+  """A TSV (no quoting) or CSV file into `c`; returns whether the file has labels."""
+  kwargs = (dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv' else
+            dict(delimiter=','))
+  with open_text(path, newline='') as f:
+    reader = csv.reader(f, **kwargs)
+    header = list(column_names) if column_names is not None else (
+        _read_header(path, reader) if has_header else None)
+    ncols, (ti, pi, li), has_labels = _columns(path, header, column_names is None, c,
+                                               has_labels, require_labels)
+    for row in reader:
+      where = f'{path}:{reader.line_num}'
+      if not row or (len(row) == 1 and not row[0].strip() and ncols != 1):
+        c.n_blank += 1
+        continue
+      c.n_rows += 1
+      if ncols is None:
+        ncols = len(row)  # headerless without names: the first row sets the width
+        for key, col in (('text_column', ti), ('text_pair_column', pi), ('label_column', li)):
+          if col is not None and not -ncols <= col < ncols:
+            raise ValueError(f'{where}: data.{key}={col} is out of range for {ncols} columns')
+      why = next((w for w in map(bad_bytes, row) if w is not None), None)
+      if why is not None:
+        c.bad(where, 'bad_encoding', why)
+        continue
+      if len(row) != ncols:
+        c.bad(where, 'bad_columns', f'expected {ncols} columns, got {len(row)}'
+              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
+        continue
+      c.add(where, row[ti], None if pi is None else row[pi],
+            row[li] if has_labels else None, has_labels)
+  return has_labels
+
+
+def _read_header(path: Path, reader) -> list[str]:
+  try:
+    header = [h.strip() for h in next(reader)]
+  except StopIteration:
+    raise ValueError(f'{path}:1: empty file, expected a header row') from None
+  why = next((w for w in map(bad_bytes, header) if w is not None), None)
+  if why is not None:
+    raise ValueError(f'{path}:1: {why}')  # a header is not a row that can be skipped
+  return header
+
+
+def _columns(path: Path, header, from_file: bool, c: _Collector, has_labels: bool,
+             require_labels: bool):
+  """(ncols or None, (text, pair, label) column indices, has_labels) of a delimited file."""
+  where0 = f'{path}:1' if header is not None and from_file else str(path)
+  if header is None:  # integer columns only
+    for key, col in (('text_column', c.text_column), ('label_column', c.label_column)):
+      if col is not None and not isinstance(col, (int, np.integer)):
+        raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
+    return None, (c.text_column, c.text_pair_column, c.label_column), has_labels
+  ti = _column_index(header, c.text_column, where0, 'data.text_column')
+  pi = _column_index(header, c.text_pair_column, where0, 'data.text_pair_column')
+  if has_labels and c.label_column not in header and not isinstance(c.label_column, int):
+    if require_labels:
+      _column_index(header, c.label_column, where0, 'data.label_column')  # raises
+    has_labels = False
+    logging.info('%s: no %r column; reading without labels', path, c.label_column)
+  li = _column_index(header, c.label_column, where0, 'data.label_column') if has_labels \
+      else None
+  return len(header), (ti, pi, li), has_labels
 
 
 def read_cls_hf(dataset, *, text_column: str, text_pair_column: str | None = None,

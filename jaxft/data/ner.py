@@ -11,9 +11,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (IGNORE_INDEX, BadRows, TaskData, apply_balance,
+from jaxft.data.splits import (IGNORE_INDEX, BadRows, TaskData, apply_balance, bad_bytes,
                                check_truncation, hf_column, hf_load, hf_split_name,
-                               normalize_split, pad_id, split_file, too_long_rows,
+                               normalize_split, open_text, pad_id, split_file, too_long_rows,
                                wants_token_types)
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,8 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
   """Reads a CoNLL-2003 style file: one `token ... tag` line per word, blank-line
   separated sentences, `-DOCSTART-` lines ignored. Tags are validated under
   `tag_scheme` and returned as IOB2. A file with one column is read without tags
-  (allowed unless `require_tags`).
+  (allowed unless `require_tags`). A line with bytes that are not UTF-8 makes its sentence
+  a bad row (named by file, line and byte).
   """
   path = Path(path)
   tag_error([], tag_scheme)  # validates the scheme name
@@ -162,7 +163,7 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
         sources.append(f'{path}:{cur_lines[0]}')
     cur_words, cur_tags, cur_lines, cur_bad = [], [], [], None
 
-  with open(path, encoding='utf-8') as f:
+  with open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       parts = line.split()
       if not parts:
@@ -172,6 +173,9 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
         flush()
         n_docstart += 1
         continue
+      why = bad_bytes(line)
+      if why is not None and cur_bad is None:
+        cur_bad = (lineno, 'bad_encoding', why)
       if ncols is None:
         ncols = len(parts)
         if ncols == 1 and require_tags:

@@ -11,6 +11,7 @@ import collections
 import csv
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,6 +56,44 @@ class BadRows:
 
   def stats(self) -> dict:
     return {'n_skipped': int(sum(self.counts.values())), 'skipped': dict(self.counts)}
+
+
+# ---------------------------------------------------------------------- text files
+
+_UNDECODABLE = re.compile('[\udc80-\udcff]')
+
+
+def open_text(path, newline: str | None = None):
+  """A UTF-8 text file (a BOM is dropped) whose undecodable bytes are kept as lone
+  surrogates (Python's surrogateescape) instead of stopping the read with a bare
+  UnicodeDecodeError: `bad_bytes` then names each one, and the row can be skipped."""
+  return open(path, encoding='utf-8-sig', errors='surrogateescape', newline=newline)
+
+
+def bad_bytes(text: str) -> str | None:
+  """'invalid UTF-8 byte 0xe9 at character 4 (...)' for the first byte of `text` that was
+  not UTF-8 (read through `open_text`), else None."""
+  m = _UNDECODABLE.search(text)
+  if m is None:
+    return None
+  return (f'invalid UTF-8 byte 0x{ord(m.group()) - 0xdc00:02x} at character {m.start() + 1} '
+          f'(the file is not UTF-8: convert it, e.g. iconv -f latin1 -t utf-8)')
+
+
+def read_text_lines(path, on_bad_row: str = 'error') -> tuple[list[tuple[str, str]], dict]:
+  """([('file:line', text)] of the non-blank lines of a plain text file, stats); lines with
+  bytes that are not UTF-8 raise naming file, line and byte, or are skipped and counted."""
+  bad = BadRows(on_bad_row)
+  rows = []
+  with open_text(path) as f:
+    for lineno, line in enumerate(f, 1):
+      text = line.rstrip('\n')
+      why = bad_bytes(text)
+      if why is not None:
+        bad(f'{path}:{lineno}', 'bad_encoding', why)
+      elif text.strip():
+        rows.append((f'{path}:{lineno}', text))
+  return rows, bad.stats()
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -277,7 +277,7 @@ def distill(s: Settings, workdir: str) -> Distilled:
   sdef = student_lib.student_def(smcfg, head, num_labels, s.loop.seed,
                                  teacher.mcfg.hidden_size if needs_proj else None)
   init_params, init_report = student_init(s, mode, teacher, sdef, smcfg)
-  sources.save_tokenizer(tokenizer, workdir)
+  sources.save_tokenizer(tokenizer, workdir, smcfg.max_position_embeddings)
   if info:
     sources.save_labels(workdir, 'cls', info, smcfg)
   sources.record_model(workdir, smcfg)

@@ -84,7 +84,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   train, per_epoch = resolve_steps(s.loop.train, len(train_arrays['input_ids']))
   settings = dataclasses.replace(
       s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
-  sources.save_tokenizer(tokenizer, workdir)
+  sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
   sources.save_labels(workdir, s.kind, info, mcfg)
   sources.record_model(workdir, mcfg)
 

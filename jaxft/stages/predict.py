@@ -27,7 +27,7 @@ from jaxft import config as config_lib
 from jaxft import partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.data.splits import MissingSplitError
+from jaxft.data.splits import MissingSplitError, read_text_lines
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.objectives.outputs import outputs
@@ -87,12 +87,6 @@ def trained_data(src: str, kind: str):
   return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
 
 
-def _read_txt(path: str):
-  with open(path, encoding='utf-8') as f:
-    lines = [(i + 1, ln.rstrip('\n')) for i, ln in enumerate(f)]
-  return [(f'{path}:{i}', t) for i, t in lines if t.strip()]
-
-
 def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
   """(arrays, examples-info) for a split name or a file."""
   # Every row once, in file order (resampling would reorder the rows under their sources).
@@ -123,7 +117,7 @@ def _split_inputs(split: str, kind: str, data, tokenizer):
 
 
 def _txt_inputs(path: str, kind: str, data, tokenizer, labels: dict):
-  rows = _read_txt(path)
+  rows, _ = read_text_lines(path, data.on_bad_row)
   if kind == 'cls':
     ex = classification.ClsExamples([t for _, t in rows], None, None, [s for s, _ in rows])
     arrays, st = classification.encode_cls(ex, tokenizer, max_len=data.max_len,

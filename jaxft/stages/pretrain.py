@@ -73,7 +73,7 @@ def run(s: Settings, workdir: str) -> dict:
   if len(train_arrays['input_ids']) < bs:
     raise ValueError(f'only {len(train_arrays["input_ids"])} packed training rows for '
                      f'train.batch_size={bs}: add data or lower the batch size')
-  sources.save_tokenizer(tokenizer, workdir)
+  sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
 
   head = s.kind
   model_def = ModelDef.create(lambda: build_model(mcfg, head, seed=s.loop.seed))

@@ -88,6 +88,38 @@ def test_second_process_via_the_cli_gets_one_line(tmp_path):
   assert 'Traceback' not in r.stderr
 
 
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path, stub_stages):
+  """The lock is on the workdir directory itself: deleting .jaxft.lock (a cleanup script,
+  rm -rf of dot files) while a run holds it does not let a second run in."""
+  wd = str(tmp_path / 'w')
+  holder = _hold_lock(wd)
+  try:
+    os.remove(os.path.join(wd, workdir_lib.LOCK_NAME))
+    with pytest.raises(workdir_lib.WorkdirError, match=f'{wd} is in use by another jaxft run'):
+      main_lib.run_stage(_cfg(), wd)
+    assert not stub_stages and not os.path.exists(f'{wd}/config.json')
+  finally:
+    holder.kill()
+    holder.wait()
+  main_lib.run_stage(_cfg(), wd)
+  assert stub_stages == [('pretrain_mlm', wd)]
+
+
+def test_read_only_workdir_is_one_line_naming_the_path(read_only_dir, stub_stages):
+  root, make_read_only = read_only_dir
+  fresh, existing = os.path.join(root, 'fresh'), os.path.join(root, 'run')
+  main_lib.run_stage(_cfg(), existing)  # a finished run, then the disk turns read-only
+  make_read_only()
+  for wd in (fresh, existing):
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+      main_lib.run_stage(_cfg(), wd)
+    msg = str(e.value)
+    assert msg.startswith(f'cannot write to the workdir {wd}: '), msg
+    assert ('Read-only file system' in msg or 'Permission denied' in msg), msg
+    assert 'use a writable --workdir' in msg and '\n' not in msg, msg
+  assert stub_stages == [('pretrain_mlm', existing)]
+
+
 def test_different_run_is_refused_before_anything_is_written(tmp_path, stub_stages):
   wd = str(tmp_path / 'w')
   main_lib.run_stage(_cfg(), wd)
