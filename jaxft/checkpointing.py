@@ -43,6 +43,11 @@ class CorruptCheckpoint(RuntimeError):
   """A step restored without error but its arrays do not match the saved fingerprints."""
 
 
+class StateMismatch(RuntimeError):
+  """The checkpoints hold a train state of another structure than this run builds (a changed
+  optimizer, PEFT or freezing setup): not damage, a different configuration."""
+
+
 class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (disk full, quota, file size limit)."""
 
@@ -221,6 +226,30 @@ class Checkpointer:
         f'no intact checkpoint in {self.directory}: ' +
         '; '.join(f'step {s}: {m}' for s, m in errors) +
         ' (set checkpoint.allow_fresh_start=True to start from scratch anyway)')
+
+  def saved_structure(self, step: int) -> dict[str, tuple]:
+    """{dotted path: (shape, dtype)} of the state `step` holds, from its metadata (no array
+    is read)."""
+    tree = self.manager.item_metadata(step)['state']
+    tree = getattr(tree, 'tree', tree)
+    return {dotted(p): (tuple(m.shape), str(m.dtype))
+            for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def restore_subset(self, abstract_subset, step: int):
+    """(state subset, data_state, meta) of `step`: only the leaves of `abstract_subset` (e.g.
+    the params of a state whose optimizer part changed), checked against their checksums."""
+    item = os.path.join(self.directory, str(step), 'state')
+    state = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=abstract_subset, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subset)))
+    rest = self.manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    meta, data_state = dict(rest['meta'] or {}), dict(rest['data'] or {})
+    verify_items(meta, data_state)
+    verify_checksums(state, meta.get('checksums'), partial=True)
+    meta.pop('checksums', None)
+    meta.pop('digest', None)
+    return state, data_state, meta
 
   def _quarantine(self, steps: list[int]):
     """Move damaged steps to `<dir>.damaged/` (kept for inspection) so that a resumed run

@@ -116,7 +116,7 @@ def _parse_flags(argv):
 
 # Errors that are the user's to fix, reported in one line: (kinds, exit code).
 _USER_ERRORS = (((ConfigError,), 2),
-                ((WorkdirError, checkpointing.NoIntactCheckpoint,
+                ((WorkdirError, checkpointing.NoIntactCheckpoint, checkpointing.StateMismatch,
                   checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
 
 

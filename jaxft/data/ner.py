@@ -283,6 +283,46 @@ def read_ner_hf(dataset, *, tokens_column: str = 'tokens', tags_column: str = 'n
 
 # ------------------------------------------------------------------------ NER: encode
 
+def _aligned_rows(examples: NerExamples, rows, ids_list, wid_list, tt_list, label_names,
+                  max_len: int, pad: int) -> dict[str, np.ndarray]:
+  """[len(rows), max_len] arrays of the kept sentences: ids, mask, (types), word ids and
+  each word's label on its first sub-token (-100 elsewhere)."""
+  m = len(rows)
+  label_index = {t: i for i, t in enumerate(label_names)}
+  input_ids = np.full((m, max_len), pad, np.int32)
+  attention_mask = np.zeros((m, max_len), np.int32)
+  word_ids = np.full((m, max_len), -1, np.int32)
+  token_type_ids = np.zeros((m, max_len), np.int32) if tt_list is not None else None
+  labeled = examples.tags is not None
+  labels = np.full((m, max_len), IGNORE_INDEX, np.int32) if labeled else None
+  for r, i in enumerate(rows):
+    ids, wids = ids_list[i], wid_list[i]
+    input_ids[r, :len(ids)] = ids
+    attention_mask[r, :len(ids)] = 1
+    if token_type_ids is not None:
+      token_type_ids[r, :len(ids)] = tt_list[i]
+    prev = None
+    for j, w in enumerate(wids):
+      if w is None:
+        prev = None
+        continue
+      word_ids[r, j] = w
+      if labeled and w != prev:
+        tag = examples.tags[i][w]
+        if tag not in label_index:
+          raise ValueError(f'{examples.sources[i]}: tag {tag!r} (word {w}) is not in the '
+                           f'label list {list(label_names)}')
+        labels[r, j] = label_index[tag]
+      prev = w
+  arrays = {'input_ids': input_ids, 'attention_mask': attention_mask}
+  if token_type_ids is not None:
+    arrays['token_type_ids'] = token_type_ids
+  if labeled:
+    arrays['labels'] = labels
+  arrays['word_ids'] = word_ids
+  return arrays
+
+
 def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
                max_len: int, truncation: str = 'truncate'
                ) -> tuple[dict[str, np.ndarray], dict]:
@@ -302,7 +342,6 @@ def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
   tt = wants_token_types(tokenizer)
   kw = dict(is_split_into_words=True, add_special_tokens=True, return_attention_mask=False,
             return_token_type_ids=tt)
-  label_index = {t: i for i, t in enumerate(label_names)}
   n = len(examples)
 
   def tokenize(words_list, **extra):
@@ -342,38 +381,8 @@ def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
         tt_list[i] = enc2['token_type_ids'][j]
       n_words_cut += len(before - {w for w in wid_list[i] if w is not None})
   rows = np.flatnonzero(keep)
-  m = len(rows)
-  input_ids = np.full((m, max_len), pad_id(tokenizer), np.int32)
-  attention_mask = np.zeros((m, max_len), np.int32)
-  word_ids = np.full((m, max_len), -1, np.int32)
-  token_type_ids = np.zeros((m, max_len), np.int32) if tt else None
-  labeled = examples.tags is not None
-  labels = np.full((m, max_len), IGNORE_INDEX, np.int32) if labeled else None
-  for r, i in enumerate(rows):
-    ids, wids = ids_list[i], wid_list[i]
-    input_ids[r, :len(ids)] = ids
-    attention_mask[r, :len(ids)] = 1
-    if tt:
-      token_type_ids[r, :len(ids)] = tt_list[i]
-    prev = None
-    for j, w in enumerate(wids):
-      if w is None:
-        prev = None
-        continue
-      word_ids[r, j] = w
-      if labeled and w != prev:
-        tag = examples.tags[i][w]
-        if tag not in label_index:
-          raise ValueError(f'{examples.sources[i]}: tag {tag!r} (word {w}) is not in the '
-                           f'label list {list(label_names)}')
-        labels[r, j] = label_index[tag]
-      prev = w
-  arrays = {'input_ids': input_ids, 'attention_mask': attention_mask}
-  if tt:
-    arrays['token_type_ids'] = token_type_ids
-  if labeled:
-    arrays['labels'] = labels
-  arrays['word_ids'] = word_ids
+  arrays = _aligned_rows(examples, rows, ids_list, wid_list, tt_list if tt else None,
+                         label_names, max_len, pad_id(tokenizer))
   stats = {'keep': rows, 'n_truncated': len(too_long) if truncation == 'truncate' else 0,
            'n_words_truncated': n_words_cut,
            'n_too_long_skipped': len(too_long) if truncation == 'skip' else 0,

@@ -148,7 +148,8 @@ class _BertClassifier(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.bert = BertModel(cfg, add_pooler=self.FEATURE == 'pooled', rngs=rngs)
+    self.feature = self.FEATURE  # an instance attribute: PEFT re-hangs the module's own ones
+    self.bert = BertModel(cfg, add_pooler=self.feature == 'pooled', rngs=rngs)
     self.dropout = Dropout(cfg.classifier_dropout)
     self.classifier = classifier_head(cfg, num_labels, rngs)
 
@@ -156,7 +157,7 @@ class _BertClassifier(nnx.Module):
                rngs=None, **kw):
     out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                     rngs=rngs, **kw)
-    x = self.dropout(out[self.FEATURE], deterministic=deterministic, rngs=rngs)
+    x = self.dropout(out[self.feature], deterministic=deterministic, rngs=rngs)
     out['logits'] = self.classifier(x).astype(jnp.float32)
     return out
 

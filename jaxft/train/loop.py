@@ -32,6 +32,7 @@ from jaxft.train import state as state_lib
 from jaxft.train import step as step_lib
 from jaxft.train.metrics import MetricsWriter
 from jaxft.train.optimizer import OptimizerSettings
+from jaxft.trees import dotted
 
 NONFINITE_POLICIES = ('skip', 'halt', 'rollback')
 
@@ -87,6 +88,7 @@ class CheckpointSettings:
   keep_best: int = 1           # best checkpoints kept (by the early-stopping metric)
   async_save: bool = True
   allow_fresh_start: bool = False  # start over when every checkpoint is damaged
+  reset_optimizer: bool = False  # resume the params of a run whose optimizer setup changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +317,11 @@ def _setup(settings, workdir, model_def, objective, data, init_params, trainable
 
 
 def _restore(run: _Run):
+  latest = run.ckpt.latest_step()
+  if latest is not None:
+    changed = _structure_change(run.ckpt.saved_structure(latest), run.abstract)
+    if changed:
+      return _restore_params_only(run, latest, changed)
   try:
     restored = run.ckpt.restore(run.abstract)
   except checkpointing.NoIntactCheckpoint:
@@ -335,6 +342,42 @@ def _restore(run: _Run):
   run.finished = run.stopped_early or run.step >= run.settings.train.num_steps
   logging.info('resumed from %s at step %d%s', run.ckpt.directory, run.step,
                ' (the run had ended: only its outputs are finished)' if run.finished else '')
+
+
+def _structure_change(saved: dict, abstract) -> dict[str, str]:
+  """{path: 'saved ..., built ...'} of what differs between a checkpoint's state and the one
+  this run builds (checked before a restore: a changed setup is not damage)."""
+  built = {dotted(p): (tuple(x.shape), str(x.dtype))
+           for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  return {k: f'saved {saved.get(k, "absent")}, built {built.get(k, "absent")}'
+          for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k)}
+
+
+def _restore_params_only(run: _Run, step: int, changed: dict[str, str]):
+  """checkpoint.reset_optimizer: the params (and step, rng) of `step` with a fresh optimizer
+  state; otherwise a StateMismatch saying what changed and what the options are."""
+  where = f'{run.ckpt.directory}/{step}'
+  params_differ = any(k.startswith('params.') for k in changed)
+  what = f'{len(changed)} entries differ, e.g. ' + '; '.join(
+      f'{k}: {v}' for k, v in list(changed.items())[:3])
+  if params_differ or not run.settings.checkpoint.reset_optimizer:
+    raise checkpointing.StateMismatch(
+        f'{where} holds a train state of another structure than this config builds ({what}). '
+        'A changed optimizer.clip_norm / weight_decay, peft.*, finetune.freeze_* or '
+        'model.param_dtype does this. Rerun with the settings the run started with'
+        + ('' if params_differ else ', or set checkpoint.reset_optimizer=True to continue from '
+           'its parameters with a fresh optimizer state (the Adam moments start over)')
+        + ', or use a new --workdir (init_from the old one to start from its weights)')
+  keep = ('params', 'step', 'rng', 'skipped')
+  subset, data_state, meta = run.ckpt.restore_subset({k: run.abstract[k] for k in keep}, step)
+  run.state = {**run.state, **subset}
+  run.step = step
+  if data_state.get('train') and hasattr(run.data.train_iter, 'set_state'):
+    run.data.train_iter.set_state(data_state['train'])
+  run.stopper.load(meta.get('early_stopping', {}))
+  run.history = list(meta.get('history', []))
+  logging.warning('resumed the parameters of %s with a fresh optimizer state '
+                  '(checkpoint.reset_optimizer): %s', where, what)
 
 
 def _steps(run: _Run, hooks: tuple[Hook, ...]):

@@ -264,3 +264,25 @@ def test_train_never_resumes_at_a_damaged_data_position(tmp_path, caplog):
   assert tiny.same_tree(res['state'], ref['state'])
   losses = tiny.logged(wd)
   assert {s: losses[s] for s in (7, 8)} == {s: ref['losses'][s] for s in (7, 8)}
+
+
+def test_a_changed_optimizer_setup_is_named_not_called_damage(tmp_path):
+  """optimizer.clip_norm 1.0 -> 0.0 changes the optimizer-state tree: the restart says what
+  changed and what the options are (it was reported as damage on every step, then
+  NoIntactCheckpoint suggesting a fresh start); checkpoint.reset_optimizer=True continues
+  from the saved parameters with fresh Adam moments."""
+  from jaxft import checkpointing
+  wd = str(tmp_path / 'w')
+  tiny.train(wd, tiny.config(8))
+  cfg = tiny.config(12)
+  cfg.optimizer.clip_norm = 0.0
+  with pytest.raises(checkpointing.StateMismatch) as e:
+    tiny.train(wd, cfg)
+  msg = str(e.value)
+  assert 'holds a train state of another structure than this config builds' in msg, msg
+  assert 'opt_state.' in msg and 'checkpoint.reset_optimizer=True' in msg, msg
+  assert sorted(os.listdir(f'{wd}/checkpoints')) == ['4', '6', '8']  # nothing quarantined
+  cfg.checkpoint.reset_optimizer = True
+  res = tiny.train(wd, cfg)
+  assert res['step'] == 12
+  assert tiny.logged(wd)[9] != tiny.logged(wd)[8]  # trained on from step 8
