@@ -229,11 +229,18 @@ class Checkpointer:
 
   def saved_structure(self, step: int) -> dict[str, tuple]:
     """{dotted path: (shape, dtype)} of the state `step` holds, from its metadata (no array
-    is read)."""
-    tree = self.manager.item_metadata(step)['state']
-    tree = getattr(tree, 'tree', tree)
-    return {dotted(p): (tuple(m.shape), str(m.dtype))
-            for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    is read); {} when the metadata cannot be read (damage: restore() deals with it)."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+      meta = ckptr.metadata(os.path.join(self.directory, str(step), 'state'))
+      tree = getattr(meta, 'item_metadata', meta)
+      tree = getattr(tree, 'tree', tree)
+      return {dotted(p): (tuple(m.shape), str(m.dtype))
+              for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    except Exception:  # noqa: BLE001  (missing / damaged metadata)
+      return {}
+    finally:
+      ckptr.close()
 
   def restore_subset(self, abstract_subset, step: int):
     """(state subset, data_state, meta) of `step`: only the leaves of `abstract_subset` (e.g.

@@ -37,10 +37,15 @@ def run_stage(cfg, workdir: str) -> dict:
 
 
 class _QuietLibraries:
-  """Keep INFO logs for jaxft; libraries (Orbax writes ~30 lines per save) log WARNING+ only."""
+  """Keep INFO logs for jaxft; libraries (Orbax writes ~30 lines per save) log WARNING+ only,
+  without Orbax's warnings about what jaxft does on purpose (reading one item's metadata, a
+  read-only manager over best/)."""
+  NOISE = ('_CHECKPOINT_METADATA', 'read_only', 'could not be restored. Please provide')
 
   def filter(self, record):
-    return record.levelno >= 30 or '/jaxft/' in record.pathname
+    if '/jaxft/' in record.pathname:
+      return True
+    return record.levelno >= 30 and not any(n in str(record.msg) for n in self.NOISE)
 
 
 def quiet_library_logs():

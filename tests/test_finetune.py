@@ -289,9 +289,10 @@ def test_finished_run_restarted_only_finishes_its_outputs(monkeypatch, tmp_path)
   assert snapshot() == before and (wd / 'export' / 'config.json').exists()
 
 
-def test_explicit_num_steps_wins_over_the_presets_epochs(tmp_path, monkeypatch, caplog):
+def test_explicit_num_steps_wins_over_the_presets_epochs(tmp_path, monkeypatch, caplog, capsys):
   """--config.train.num_steps=N on a preset that trains by epochs runs N steps (it used to
-  run num_epochs x steps per epoch), and the log says why."""
+  run num_epochs x steps per epoch), and the log says why. The end of the stage prints
+  where its outputs are."""
   calls = []
   stub_train(monkeypatch, calls)
   c = cls_config()
@@ -300,6 +301,9 @@ def test_explicit_num_steps_wins_over_the_presets_epochs(tmp_path, monkeypatch, 
   with caplog.at_level(py_logging.INFO):
     run_stage(c, str(tmp_path / 'w'))
   assert calls[0]['settings'].train.num_steps == 60
+  out = capsys.readouterr().out
+  assert f"finetune_cls done: {tmp_path / 'w'}" in out
+  assert f"results              {tmp_path / 'w' / 'results.json'}" in out
   assert 'train.num_steps=60 is set: 60 steps (train.num_epochs=3 is ignored' in caplog.text
   c.train.update(num_steps=0, num_epochs=1)
   run_stage(c, str(tmp_path / 'w2'))

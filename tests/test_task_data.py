@@ -269,8 +269,8 @@ def test_non_utf8_bytes_name_file_line_and_byte(tmp_path, bert_tok, name, conten
   cfg = {'path': str(tmp_path), 'train_file': name, 'text_column': 'sentence',
          'label_column': 'label', 'labels': ['0', '1']}
   with pytest.raises(ValueError, match=rf'{tmp_path}/{name}:{line}: invalid UTF-8 byte 0xe9 '):
-    classification.load_cls_split(cfg, bert_tok, 'train')
-  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+    load_cls(cfg, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'on_bad_row': 'skip'}, bert_tok,
                                                'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['stats']['skipped'] == {'bad_encoding': 1}
@@ -280,7 +280,7 @@ def test_non_utf8_bytes_name_file_line_and_byte(tmp_path, bert_tok, name, conten
 def test_non_utf8_header_is_an_error_even_when_skipping(tmp_path, bert_tok):
   (tmp_path / 'train.tsv').write_bytes(b'sent\xe9nce\tlabel\ngood\t1\n')
   with pytest.raises(ValueError, match=r'train\.tsv:1: invalid UTF-8 byte 0xe9 '):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path),
+    load_cls({'task': 'sst2', 'path': str(tmp_path),
                                    'on_bad_row': 'skip'}, bert_tok, 'train')
 
 
@@ -297,22 +297,22 @@ def test_parquet_task_files(tmp_path, bert_tok):
          'dev_file': 'dev.parquet', 'test_file': 'test.parquet'}
   train = tmp_path / 'train.parquet'
   with pytest.raises(ValueError, match=rf'{train}\[row 2\]: empty text in column .sentence.'):
-    classification.load_cls_split(cfg, bert_tok, 'train')
-  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+    load_cls(cfg, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'on_bad_row': 'skip'}, bert_tok,
                                                'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['sources'] == [f'{train}[row 0]', f'{train}[row 1]']
   assert info['stats']['skipped'] == {'empty_text': 1, 'bad_label': 1}
-  dev, _ = classification.load_cls_split(cfg, bert_tok, 'dev')
+  dev, _ = load_cls(cfg, bert_tok, 'dev')
   assert dev['labels'].tolist() == [1]
-  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
+  test, tinfo = load_cls(cfg, bert_tok, 'test')
   assert 'labels' not in test and not tinfo['has_labels'] and len(test['input_ids']) == 1
   with pytest.raises(ValueError, match=rf"{train}: data.text_column='text' is not a column; "
                                        r"columns are \['sentence', 'label'\]"):
-    classification.load_cls_split({**cfg, 'text_column': 'text'}, bert_tok, 'train')
+    load_cls({**cfg, 'text_column': 'text'}, bert_tok, 'train')
   with pytest.raises(ValueError, match=rf'{tmp_path / "bad.parquet"}: not a readable Parquet'):
     _write(tmp_path / 'bad.parquet', 'sentence\tlabel\n')
-    classification.load_cls_split({**cfg, 'train_file': 'bad.parquet'}, bert_tok, 'train')
+    load_cls({**cfg, 'train_file': 'bad.parquet'}, bert_tok, 'train')
 
   # The bundled SST-2 slice as Parquet (a custom task: labels derived from train) gives
   # exactly the arrays of the TSV it was made from.
@@ -323,9 +323,9 @@ def test_parquet_task_files(tmp_path, bert_tok):
   pq.write_table(pa.table({'sentence': [r[0] for r in rows[1:]],
                            'label': [int(r[1]) for r in rows[1:]]}), tmp_path / 'sst.parquet')
   custom = {'path': str(tmp_path), 'text_column': 'sentence', 'label_column': 'label'}
-  a_tsv, i_tsv = classification.load_cls_split({**custom, 'train_file': 'sst.tsv'}, bert_tok,
+  a_tsv, i_tsv = load_cls({**custom, 'train_file': 'sst.tsv'}, bert_tok,
                                                'train')
-  a_pq, i_pq = classification.load_cls_split({**custom, 'train_file': 'sst.parquet'}, bert_tok,
+  a_pq, i_pq = load_cls({**custom, 'train_file': 'sst.parquet'}, bert_tok,
                                              'train')
   assert i_pq['label_names'] == i_tsv['label_names'] == ['0', '1']
   assert a_pq.keys() == a_tsv.keys() and len(a_pq['labels']) == 64

@@ -318,10 +318,10 @@ def _setup(settings, workdir, model_def, objective, data, init_params, trainable
 
 def _restore(run: _Run):
   latest = run.ckpt.latest_step()
-  if latest is not None:
-    changed = _structure_change(run.ckpt.saved_structure(latest), run.abstract)
-    if changed:
-      return _restore_params_only(run, latest, changed)
+  saved = run.ckpt.saved_structure(latest) if latest is not None else {}
+  changed = _structure_change(saved, run.abstract) if saved else {}
+  if changed:
+    return _restore_params_only(run, latest, changed)
   try:
     restored = run.ckpt.restore(run.abstract)
   except checkpointing.NoIntactCheckpoint:
