@@ -462,3 +462,37 @@ def test_progress_counts_finished_steps_not_dispatched_ones():
   bar.reset_to(2)  # a rollback
   assert bar.bar.n == 2
   bar.close()
+
+
+# ----------------------------------------------------------------------------- dtype auto
+
+def test_auto_dtype_follows_the_hardware():
+  """model.dtype='auto': bf16 compute where the device has bf16 units, fp32 elsewhere."""
+  from jaxft.models.config import bf16_hardware
+  zen4 = {'avx512f', 'avx512_bf16', 'avx2'}
+  xeon_without = {'avx512f', 'avx512_vnni', 'avx2'}  # family 6 model 207 as CI met it
+  zen3 = {'avx2', 'fma'}
+  sapphire = {'avx512f', 'amx_bf16', 'amx_tile'}
+  assert bf16_hardware('cpu', flags=zen4) == (True, 'CPU with avx512_bf16')
+  assert bf16_hardware('cpu', flags=sapphire)[0]
+  assert bf16_hardware('cpu', flags=xeon_without)[0] is False
+  assert bf16_hardware('cpu', flags=zen3) == (False, 'CPU without avx512_bf16/amx_bf16')
+  assert bf16_hardware('tpu') == (True, 'TPU')
+  assert bf16_hardware('gpu', compute_capability='9.0')[0]  # H100
+  assert not bf16_hardware('gpu', compute_capability='7.0')[0]  # V100
+
+
+def test_auto_dtype_resolves_in_the_model_config(monkeypatch):
+  from jaxft.models import config as model_config
+  for forced, want in (('bfloat16', jnp.bfloat16), ('float32', jnp.float32)):
+    monkeypatch.setenv(model_config.AUTO_ENV, forced)
+    model_config.auto_dtype.cache_clear()
+    assert ModelConfig(dtype='auto').dtype == want
+  monkeypatch.delenv(model_config.AUTO_ENV)
+  monkeypatch.setattr(model_config, 'cpu_flags', lambda: {'avx512_bf16'})
+  model_config.auto_dtype.cache_clear()
+  assert model_config.auto_dtype() == ('bfloat16', 'CPU with avx512_bf16')
+  monkeypatch.setattr(model_config, 'cpu_flags', lambda: {'avx2'})
+  model_config.auto_dtype.cache_clear()
+  assert model_config.auto_dtype()[0] == 'float32'
+  model_config.auto_dtype.cache_clear()
