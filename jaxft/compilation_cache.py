@@ -26,6 +26,8 @@ def configured_dir(cfg) -> str:
   if 'compilation_cache_dir' not in cfg and cfg.get('stage') == 'pipeline' and cfg.pipeline:
     cfg = cfg[cfg.pipeline[0]]
   value = cfg.get('compilation_cache_dir', None)
+  if value is not None and not isinstance(value, str):
+    return ''  # off; the stage's config check names the key (jaxft.config.check_sections)
   return DEFAULT_DIR if value is None else value
 
 

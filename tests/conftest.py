@@ -5,7 +5,27 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# model.dtype='auto' (the configs' default) is bf16 on CPUs with avx512_bf16 / AMX and fp32
+# elsewhere: the suite compares numbers across runs, so it runs fp32 on every CPU kind
+# (tests/test_engine.py checks the resolution itself with mocked CPU flags).
+os.environ.setdefault('JAXFT_AUTO_DTYPE', 'float32')
+# Many tests compile the same tiny programs (in this process, in xdist workers and in the
+# `python -m jaxft.main` processes they start): one persistent compilation cache for the
+# whole run, inherited through the environment, compiles each once. Fresh per run, so a run
+# never reads what another version wrote; multi-process tests take it out of their children.
+_OWN_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile
+  _OWN_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='jaxft-test-jax-cache-')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):  # the run's owner, not a worker
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -1,5 +1,10 @@
 """The token store: packing from it equals in-memory packing; builds resume after a kill,
-share work between processes, detect damaged shards; the files are plain Arrow."""
+share work between processes, detect damaged shards; the files are plain Arrow.
+
+Kept cheap for CI: one store of three books (12 shards) built once per module, and at most
+one child process per test (a child costs seconds: it imports transformers and torch).
+Training resumed mid-epoch from the store is covered by tests/test_resume.py (the quickstart
+pretraining reads its corpus through the store)."""
 import json
 import os
 import shutil
@@ -64,14 +69,13 @@ def _subset(tokens, offsets, docs):
   return np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])])
 
 
-def test_rows_from_the_store_equal_in_memory_packing_on_the_corpus(bert_tok, tmp_path):
-  """The whole bundled corpus: the same rows and masks as pack_mlm and pack_clm (packing
-  reads token ids only: one tokenizer serves both), for every document and for a held-out
-  split of them."""
-  source = text.Source(paths=(str(CORPUS),))
-  store = token_store.open_or_build(source, bert_tok, str(tmp_path), _options(shard_bytes=200_000))
-  tokens, offsets = _in_memory(bert_tok, text.load_documents(source))
-  assert store.n_docs == 5888 and store.n_tokens == len(tokens) == 546410
+def test_rows_from_the_store_equal_in_memory_packing_on_the_corpus(reference, bert_tok):
+  """Three books of the bundled corpus in 12 shards: the same rows and masks as pack_mlm and
+  pack_clm (packing reads token ids only: one tokenizer serves both), for every document and
+  for a held-out split of them."""
+  store = reference
+  tokens, offsets = _in_memory(bert_tok, text.load_documents(text.Source(paths=PART)))
+  assert store.n_docs == 2266 and store.n_tokens == len(tokens) == 155365
   held = np.sort(np.random.default_rng(0).choice(store.n_docs, 100, replace=False))
   kept = np.setdiff1d(np.arange(store.n_docs), held)
   cases = [(packing.DocSequence(store, [[0, store.n_docs]]), (tokens, offsets), 128),
@@ -108,7 +112,8 @@ def test_mlm_row_index_is_written_once_and_memory_mapped(reference, bert_tok):
   seq = packing.DocSequence(reference, [[0, reference.n_docs]])
   rows = packing.packed_rows(seq, spec)
   assert isinstance(rows.starts, np.memmap) and rows.starts.dtype == np.int64
-  index = [f for f in os.listdir(os.path.join(reference.path, 'packed')) if f.endswith('.npy')]
+  index = [f for f in os.listdir(os.path.join(reference.path, 'packed'))
+           if f.startswith('mlm-L64-') and f.endswith('.npy')]
   assert index == [f'mlm-L64-{seq.key()}.npy']
   assert os.path.getsize(os.path.join(reference.path, 'packed', index[0])) == 128 + 8 * len(rows)
 
@@ -116,12 +121,17 @@ def test_mlm_row_index_is_written_once_and_memory_mapped(reference, bert_tok):
 # ----------------------------------------------------------------------------- building
 
 _CHILD = '''
-import json, sys, time
+import json, os, sys, time
 from jaxft.data import text, token_store
 from jaxft.data.tokenizer import load_tokenizer
 
 def main():
   root, index, count, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+  tokenizer = load_tokenizer({tokenizer!r})
+  if len(sys.argv) > 5:  # a start barrier: ready once imported, build when told to
+    open(sys.argv[5] + '.ready', 'w').close()
+    while not os.path.exists(sys.argv[5] + '.go'):
+      time.sleep(0.05)
   write = token_store._write_shard
   def slow_write(*args):  # slow shards: room to kill the build or to share it
     out = write(*args)
@@ -129,7 +139,7 @@ def main():
     return out
   token_store._write_shard = slow_write
   store = token_store.open_or_build(
-      text.Source(paths={paths!r}), load_tokenizer({tokenizer!r}), root,
+      text.Source(paths={paths!r}), tokenizer, root,
       token_store.BuildOptions(num_proc=1, shard_bytes={shard_bytes}, show_progress=False,
                                process_index=index, process_count=count, poll_seconds=0.2))
   print('INFO ' + json.dumps(store.info), flush=True)
@@ -139,14 +149,14 @@ if __name__ == '__main__':
 '''
 
 
-def _child(tmp_path, root, index=0, count=1, pause=0.0):
+def _child(tmp_path, root, index=0, count=1, pause=0.0, barrier=None):
   script = tmp_path / 'build_store.py'
   script.write_text(textwrap.dedent(_CHILD.format(
       paths=PART, tokenizer=str(TOKENIZERS / 'quickstart-wordpiece'), shard_bytes=SHARD_BYTES)))
   env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM='false')
-  return subprocess.Popen([sys.executable, str(script), str(root), str(index), str(count),
-                           str(pause)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  args = [str(root), str(index), str(count), str(pause)] + ([str(barrier)] if barrier else [])
+  return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _info(proc):
@@ -177,10 +187,27 @@ def test_killed_build_resumes_with_its_finished_shards(reference, bert_tok, tmp_
   assert not [f for f in os.listdir(shards) if f.endswith('.tmp')]
 
 
-def test_two_processes_build_one_store_like_one_process(reference, tmp_path):
-  root = tmp_path / 'store'
-  procs = [_child(tmp_path, root, index=p, count=2, pause=0.1) for p in range(2)]
-  infos = [_info(p) for p in procs]
+def test_two_processes_build_one_store_like_one_process(reference, bert_tok, tmp_path,
+                                                         monkeypatch):
+  """This process is process 0 of 2, a child process 1; both start building together."""
+  root, barrier = tmp_path / 'store', tmp_path / 'barrier'
+  proc = _child(tmp_path, root, index=1, count=2, pause=0.1, barrier=barrier)
+  deadline = time.time() + 240
+  while not barrier.with_suffix('.ready').exists():
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  write = token_store._write_shard
+
+  def slow_write(*args):  # as slow as the child's: room for both to take a share
+    out = write(*args)
+    time.sleep(0.1)
+    return out
+
+  monkeypatch.setattr(token_store, '_write_shard', slow_write)
+  barrier.with_suffix('.go').touch()
+  mine = token_store.open_or_build(text.Source(paths=PART), bert_tok, str(root),
+                                   _options(process_index=0, process_count=2)).info
+  infos = [mine, _info(proc)]
   assert [i['shards_built'] > 0 for i in infos] == [True, True]  # both took a share ...
   assert sum(i['shards_built'] for i in infos) == 12  # ... and no shard was built twice
   assert _checksums(root / reference.manifest['key']) == _checksums(reference.path)
@@ -224,40 +251,3 @@ def test_store_reads_documents_and_is_plain_arrow(reference, bert_tok):
   shard = datasets.Dataset.from_file(token_store.shard_path(reference.path, 0))
   assert shard.column_names == ['input_ids', 'stream_start']
   assert shard[3]['input_ids'] == reference.doc_tokens(3).tolist()
-
-
-# ----------------------------------------------------------------------------- training
-
-@pytest.mark.slow
-def test_pretraining_resumed_mid_epoch_from_the_store_logs_identical_losses(tmp_path):
-  """6 steps straight vs 3 steps, stop, resume to 6 (in the same workdir): the resumed
-  steps read the same rows from the store (the loader position is in the checkpoint) and
-  log bit-identical losses."""
-  import importlib.util
-  from jaxft.main import run_stage
-  spec = importlib.util.spec_from_file_location('_qs', REPO / 'configs' / 'quickstart.py')
-  qs = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(qs)
-
-  def config(steps):
-    c = qs.pretrain_config()
-    c.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                   max_position_embeddings=32, hidden_dropout=0.1)
-    c.data.update(files=str(CORPUS / 'blake-poems.txt'), max_len=32, eval_fraction=0.0,
-                  store_dir=str(tmp_path / 'tokens'))  # one store for both runs
-    c.train.update(num_steps=steps, batch_size=8, eval_every=0, log_every=1)
-    c.checkpoint.update(every=3, async_save=False)
-    c.export.hf = False
-    return c
-
-  def losses(workdir):
-    lines = (workdir / 'metrics.jsonl').read_text().splitlines()
-    return {r['step']: r['train/loss'] for r in map(json.loads, lines) if 'train/loss' in r}
-
-  run_stage(config(6), str(tmp_path / 'straight'))
-  run_stage(config(3), str(tmp_path / 'resumed'))
-  run_stage(config(6), str(tmp_path / 'resumed'))
-  straight, resumed = losses(tmp_path / 'straight'), losses(tmp_path / 'resumed')
-  assert sorted(straight) == sorted(resumed) == list(range(1, 7))
-  assert [resumed[s] for s in (4, 5, 6)] == [straight[s] for s in (4, 5, 6)]  # bit-identical
-  assert len(os.listdir(tmp_path / 'tokens')) == 1

@@ -9,8 +9,10 @@ corpus is ever held in memory. The eval split is held out by documents (or rows)
 capped (`data.eval_max_rows`), so its cost does not grow with the corpus.
 
 `LmDataSettings` lists every key of the pretraining `data` section with its default;
-`default_data_config()` is that as a ConfigDict for config files, and
-`LmDataSettings.from_config(cfg.data)` reads one back, refusing unknown keys.
+`default_data_config()` is that as a ConfigDict for config files. The stages read the
+section with `config.section(LmDataSettings, cfg.data, 'data')` (a ConfigError naming the
+key); `LmDataSettings.from_config(cfg.data)` does the same without the config layer
+(DataSettingsError), for library code, tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from jaxft.data.packing import DocSequence, PackedRows, PackSpec, packed_rows
 
 _CLM_TYPES = ('gpt2', 'gpt', 'clm', 'causal')
 _MLM_TYPES = ('bert', 'roberta', 'mlm', 'distilbert', 'electra')
-_CHOICES = {
+CHOICES = {
     'source': ('', 'files', 'hf', 'tfds'),
     'file_format': ('', 'txt', 'jsonl', 'csv', 'tsv', 'parquet'),
     'doc_split': ('blank_line', 'line'),
@@ -88,6 +90,17 @@ class LmDataSettings:
   store_verify: str = 'checksum'  # at open: 'checksum' (sha256 of every shard) | 'size'
   tokenize_num_proc: int = 0     # tokenizer processes per host (0 = every core)
   tokenize_batch_size: int = 1000  # documents per tokenizer call
+
+  def __post_init__(self):
+    for key in _PATH_KEYS:  # programmatic lists of paths (and path objects) are fine too
+      value = getattr(self, key)
+      if isinstance(value, (list, tuple)):
+        object.__setattr__(self, key, tuple(os.fspath(v) for v in value))
+      elif isinstance(value, os.PathLike):
+        object.__setattr__(self, key, os.fspath(value))
+    for key, allowed in CHOICES.items():
+      if getattr(self, key) not in allowed:
+        raise DataSettingsError(f'data.{key}={getattr(self, key)!r}; allowed: {allowed}')
 
   @classmethod
   def from_config(cls, section) -> 'LmDataSettings':
@@ -159,9 +172,7 @@ def _checked(key: str, value, default):
       value = os.fspath(value)
     if not isinstance(value, str):
       raise DataSettingsError(f'data.{key}={value!r}: must be a string')
-  if key in _CHOICES and value not in _CHOICES[key]:
-    raise DataSettingsError(f'data.{key}={value!r}; allowed: {_CHOICES[key]}')
-  return value
+  return value  # choices: LmDataSettings.__post_init__
 
 
 def default_data_config():

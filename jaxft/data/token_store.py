@@ -116,9 +116,10 @@ class ShardArrays:
 
 
 class TokenStore:
-  """A complete store, read-only (at most _OPEN_SHARDS shards open at a time). Documents are numbered 0..n_docs-1 across shards; the
-  *stream* is the documents in order, each non-empty one followed by one separator (whose
-  id the packer chooses), numbered 0..stream_len-1."""
+  """A complete store, read-only (at most _OPEN_SHARDS shards open at a time). Documents
+  are numbered 0..n_docs-1 across shards; the *stream* is the documents in order, each
+  non-empty one followed by one separator (whose id the packer chooses), numbered
+  0..stream_len-1."""
 
   def __init__(self, path: str, manifest: dict, info: dict | None = None):
     self.path = path
