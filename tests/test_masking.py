@@ -8,6 +8,7 @@ import pytest
 
 from jaxft.data.masking import clm_labels, mlm_mask
 from jaxft.data.packing import pack_clm
+from jaxft.objectives.lm import unigram_baseline
 
 VOCAB, CLS, SEP, PAD, MASK = 1000, 2, 3, 0, 4
 B, L, P = 32, 128, 24
@@ -151,3 +152,21 @@ def test_clm_boundary_masking_with_packed_segments():
   assert masked['labels'].tolist()[0] == [11, 12, 99, 20, 21, 99, 30, 0]
   with pytest.raises(ValueError, match='segment_ids'):
     clm_labels(rows['input_ids'], rows['attention_mask'], mask_boundaries=True)
+
+
+def test_unigram_baseline_counts_only_maskable_positions():
+  """The pretraining bar: most frequent maskable token and the unigram entropy, with CLS /
+  SEP / PAD (special or unattended) left out, exactly as masking chooses positions."""
+  class Tok:
+    def convert_ids_to_tokens(self, i):
+      return f'tok{i}'
+
+  ids = np.array([[CLS, 7, 7, 8, SEP, PAD], [CLS, 7, 9, SEP, PAD, PAD]])
+  special = np.isin(ids, [CLS, SEP, PAD]).astype(np.int32)
+  arrays = {'input_ids': ids, 'special_tokens_mask': special,
+            'attention_mask': (ids != PAD).astype(np.int32)}
+  base = unigram_baseline(arrays, Tok())
+  p = np.array([3, 1, 1]) / 5
+  assert base['token_id'] == 7 and base['token'] == 'tok7'
+  np.testing.assert_allclose(base['accuracy'], 3 / 5)
+  np.testing.assert_allclose(base['loss'], -(p * np.log(p)).sum())

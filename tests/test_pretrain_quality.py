@@ -66,6 +66,12 @@ def test_quickstart_mlm_eval_loss_drops_30_percent(tmp_path):
   results = json.loads((run_dir / 'results.json').read_text())
   assert results['final']['eval/loss'] == pytest.approx(last)
   assert results['skipped_steps'] == 0
+  # More than token frequencies: twice the accuracy of answering the eval rows' most frequent
+  # token everywhere, and a loss below the unigram distribution's entropy.
+  base = results['baseline']
+  assert 0.02 < base['accuracy'] < 0.2 and base['token'] in {',', '.', 'the'}, base
+  assert results['final']['eval/accuracy'] >= 2 * base['accuracy'], (results['final'], base)
+  assert last < base['loss'] - 0.3, (last, base)
 
 
 # Fewer, shorter rows than the tiny config (the 50k-vocabulary projection dominates the cost).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxft.data import masking
@@ -90,3 +91,21 @@ def summarize(sums, per_example):
   loss = sums['loss_sum'] / w
   return {'loss': loss, 'accuracy': sums['correct'] / w, 'perplexity': math.exp(min(loss, 50.0)),
           'tokens': sums['weight']}
+
+
+def unigram_baseline(arrays, tokenizer) -> dict:
+  """What a model that learned only token frequencies scores on these rows: accuracy of
+  always answering the most frequent token, and the loss of predicting the unigram
+  distribution (its entropy, nats). The bar pretraining has to clear to show it learned
+  context; positions are the ones masking can choose (attended, not special)."""
+  ids = np.asarray(arrays['input_ids'])
+  keep = np.asarray(arrays['attention_mask']) > 0
+  if 'special_tokens_mask' in arrays:
+    keep &= np.asarray(arrays['special_tokens_mask']) == 0
+  counts = np.bincount(ids[keep].ravel(), minlength=1).astype(np.float64)
+  if not counts.sum():
+    return {}
+  p = counts[counts > 0] / counts.sum()
+  top = int(counts.argmax())
+  return {'token': tokenizer.convert_ids_to_tokens(top), 'token_id': top,
+          'accuracy': float(counts[top] / counts.sum()), 'loss': float(-(p * np.log(p)).sum())}

@@ -191,6 +191,10 @@ def outputs_report(stage: str, workdir: str, results: dict) -> str:
   final = {k: v for k, v in (results.get('final') or {}).items() if isinstance(v, float)}
   if final:
     lines.append('  final ' + ', '.join(f'{k}={v:.4f}' for k, v in final.items()))
+  base = results.get('baseline') or {}
+  if base:
+    lines.append(f"  baseline: accuracy={base['accuracy']:.4f} answering {base['token']!r} "
+                 f"everywhere, loss={base['loss']:.4f} from token frequencies alone")
   best = results.get('best') or {}
   if best.get('value') is not None:
     lines.append(f"  best {best['metric']}={best['value']:.4f} at step {best.get('step')}")

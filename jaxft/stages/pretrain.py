@@ -85,6 +85,9 @@ def run(s: Settings, workdir: str) -> dict:
       summarize=lm.summarize)
   out = loop.train(s.loop, workdir, model_def, objective, data, init_params=init_params)
   results = {**out.results, 'data': stats}
+  if eval_arrays is not None and len(eval_arrays['input_ids']):
+    # the bar the eval accuracy and loss must clear to show more than token frequencies
+    results['baseline'] = lm.unigram_baseline(eval_arrays, tokenizer)
   if s.export.hf and not results['preempted']:
     export_hf(out.params, mcfg, head, workdir, tokenizer)
   write_results(workdir, results)
