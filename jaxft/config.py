@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 STAGES = ('pipeline', 'model_info', 'pretrain_mlm', 'pretrain_clm', 'finetune_cls', 'finetune_ner', 'predict',
-          'distill')
+          'distill', 'finetune_lm', 'generate')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,6 +85,15 @@ def finetune_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       freeze_embeddings=False, freeze_layers=0, freeze_patterns=(), layerwise_lr_decay=1.0,
       label_smoothing=0.0))
+
+
+def generate_config(**extra) -> ml_collections.ConfigDict:
+  """Decoding settings (jaxft.models.decoding.DecodeSettings) of finetune_lm's validation and
+  of the generate stage. early_stopping is a string ('false' | 'true' | 'never') so that a
+  --config override can set any of the three."""
+  return ml_collections.ConfigDict(dict(
+      method='greedy', max_new_tokens=64, num_beams=4, length_penalty=1.0,
+      early_stopping='false', temperature=1.0, top_k=0, top_p=1.0, **extra))
 
 
 def model_config(cfg, vocab_size: int | None = None) -> ModelConfig:

@@ -64,6 +64,12 @@ def _run(cfg, workdir: str):
   if stage == 'distill':
     from jaxft.distill import stage as distill_stage
     return distill_stage.run(cfg, workdir)
+  if stage == 'finetune_lm':
+    from jaxft.stages import finetune_lm
+    return finetune_lm.run(cfg, workdir)
+  if stage == 'generate':
+    from jaxft.stages import generate
+    return generate.run(cfg, workdir)
   raise ValueError(f'stage {stage!r} has no runner')
 
 

@@ -34,7 +34,7 @@ RUNTIME_MODEL_KEYS = ('hidden_dropout', 'attention_dropout', 'classifier_dropout
 # keyed by content).
 RUN_FILES = ('config.json', 'checkpoints', 'checkpoints.damaged', 'best', 'best.damaged',
              'metrics.jsonl', 'results.json', 'tb', 'export', 'tokenizer', 'labels.json',
-             'predictions.jsonl')
+             'predictions.jsonl', 'generations.jsonl')
 
 
 class WorkdirError(RuntimeError):
