@@ -54,9 +54,9 @@ def get_config(variant: str = 'e2e'):
   c.finetune = finetune_config()
   c.generate = generate_config()
   c.optimizer.update(lr=2e-3, schedule='linear', warmup_ratio=0.05, weight_decay=0.01)
-  c.train.update(num_steps=1200, batch_size=16, eval_every=300, log_every=25)
+  c.train.update(num_steps=400, batch_size=16, eval_every=200, log_every=25)
   c.train.early_stopping.update(metric='bleu', mode='max', patience=0)
-  c.checkpoint.update(every=300, keep=1, keep_best=1)
+  c.checkpoint.update(every=200, keep=1, keep_best=1)
   if variant == 'tiny':
     c.data.path = os.path.join(REPO, 'data', 'e2e')
     c.data.train_file = 'devset-slice.csv'

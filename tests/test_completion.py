@@ -59,6 +59,23 @@ def test_formats_agree_and_prompts_only_files_read(tmp_path, fmt):
   assert got.prompts == ['first prompt', 'second prompt'] and got.sources[1].endswith(':3')
 
 
+def test_hf_datasets_source(tmp_path):
+  import datasets
+  rows = {'mr': ['a[1]', 'a[1]', 'b[2]', ''], 'ref': ['One.', 'Uno.', 'Two.', 'x']}
+  datasets.DatasetDict({'train': datasets.Dataset.from_dict(rows),
+                        'validation': datasets.Dataset.from_dict({'mr': ['c[3]'], 'ref': ['Three.']})}
+                       ).save_to_disk(str(tmp_path / 'ds'))
+  cfg = lm.default_data_config(source='hf', hf_path=str(tmp_path / 'ds'), prompt_column='mr',
+                               completion_column='ref', on_bad_row='skip')
+  train, dev, info = lm.load_splits(cfg)
+  assert train.prompts == ['a[1]', 'a[1]', 'b[2]'] and train.completions[1] == 'Uno.'
+  assert dev.prompts == ['c[3]'] and info['n_train_prompts'] == 2
+  assert train.sources[2].endswith('[train][row 2]')
+  cfg.on_bad_row = 'error'
+  with pytest.raises(ValueError, match=r"\[train\]\[row 3\]: empty prompt in column 'mr'"):
+    lm.load_splits(cfg)
+
+
 def test_bad_rows_name_file_line_and_column(tmp_path):
   path = tmp_path / 'bad.csv'
   path.write_text('mr,ref\n"a[1]",fine\n"b[2]",\n')
