@@ -75,7 +75,7 @@ def test_validation_decodes_every_dev_mr_and_scores_it(trained):
   assert (wd / 'export' / 'model.safetensors').exists()
 
 
-def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path):
+def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, monkeypatch):
   wd, _ = trained
   a = run_stage(gen_config(wd), str(tmp_path / 'a'))
   ga = _lines(tmp_path / 'a' / 'generations.jsonl')
@@ -88,8 +88,27 @@ def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path):
   c.data.update(template='{prompt} ||', prompt_column='mr', completion_column='ref')
   run_stage(c, str(tmp_path / 'b'))
   assert _lines(tmp_path / 'b' / 'generations.jsonl') == ga
-  d = run_stage(gen_config(wd, method='beam', num_beams=3), str(tmp_path / 'd'))
+  monkeypatch.chdir(wd.parent)  # a relative init_from (Orbax wants absolute paths)
+  d = run_stage(gen_config(wd.name, method='beam', num_beams=3), str(tmp_path / 'd'))
   assert d['n_inputs'] == 46 and d['decoding']['method'] == 'beam'
+
+
+def test_init_from_the_hf_export_and_the_workdir(trained, tmp_path):
+  """A finetune_lm run continues from an HF GPT-2 directory (all tensors loaded, so its
+  first loss is the trained model's, below a random init's ln(50257) = 10.82) and from a
+  jaxft workdir; with bf16 compute and gradient accumulation (the loop's own options)."""
+  wd, _ = trained
+  for src in (wd / 'export', wd):
+    c = lm_config(num_steps=2, eval_every=0, grad_accum=2, batch_size=16)
+    c.init_from = str(src)
+    c.model.dtype = 'bfloat16'
+    c.generate.method = ''
+    c.train.early_stopping.update(metric='loss', mode='min')
+    r = run_stage(c, str(tmp_path / src.name))
+    assert r['init_report']['missing'] == [] and r['init_report']['loaded'] > 0
+    losses = [m['train/loss'] for m in _lines(tmp_path / src.name / 'metrics.jsonl')
+              if 'train/loss' in m]
+    assert np.isfinite(losses).all() and losses[0] < np.log(50257) - 0.15
 
 
 @pytest.mark.slow

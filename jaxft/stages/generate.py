@@ -87,6 +87,7 @@ def generate_ids(model_def, params, prompt_ids, settings, *, batch_size: int, pa
   """Decode `prompt_ids` (token lists) in fixed-shape batches: [(tokens, length)] per prompt."""
   length = max(len(p) for p in prompt_ids)
   fn = jax.jit(lambda p, ids, mask, keys: decode(model_def.merge(p), ids, mask, settings, keys))
+  params = jax.device_put(params)  # once, not with every batch
   base = jax.random.key(seed)
   tokens, lengths = [], []
   for start in tqdm(range(0, len(prompt_ids), batch_size), desc='generate', unit='batch',
