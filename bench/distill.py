@@ -68,13 +68,14 @@ def run_stage(cfg, workdir: str):
 
 def make_student_init(teacher_wd: str, out: str, layers: int):
   """The every-other-layer copy of the teacher as an HF directory: (a)'s init_from."""
-  from jaxft.distill import init as init_distill
+  from jaxft import sources
+  from jaxft.distill import student as init_distill
   from jaxft.distill import teacher as teacher_lib
   from jaxft.models import build_model, hf
   from jaxft.train.state import ModelDef
   with open(os.path.join(teacher_wd, 'labels.json')) as f:
     labels = json.load(f)
-  tok = teacher_lib.tokenizer_of(teacher_wd)
+  tok = sources.tokenizer_of(teacher_wd)
   n = len(labels['label_names'])
   t = teacher_lib.load_teacher(teacher_wd, 'cls', vocab_size=len(tok), num_labels=n,
                                label_values=labels['label_values'])
@@ -92,29 +93,35 @@ def measure(workdir: str, data_cfg, batch_size: int, speed_batches: int):
   """(params, dev accuracy, examples/s) of a workdir's best checkpoint, measured alike."""
   import jax
   import numpy as np
-  from jaxft import partitioning
-  from jaxft.distill import stage
+  from jaxft import config as config_lib
+  from jaxft import finetuning, sources
+  from jaxft.data import loader as loader_lib
+  from jaxft.data.classification import ClsData
+  from jaxft.distill import student as student_lib
   from jaxft.distill import teacher as teacher_lib
   from jaxft.models import build_model, count_params
   from jaxft.models.config import ModelConfig
-  from jaxft.train import finetune
+  from jaxft.objectives.outputs import outputs
+  from jaxft.partitioning import MeshSettings
+  from jaxft.train import loop
   from jaxft.train.state import ModelDef
+  from jaxft.train.step import make_eval_step
   with open(os.path.join(workdir, 'labels.json')) as f:
     labels = json.load(f)
   mcfg = ModelConfig.from_config_dict(labels['model'])
   n = len(labels['label_names'])
   md = ModelDef.create(lambda: build_model(mcfg, 'cls', num_labels=n))
   params = teacher_lib.read_params(workdir, md, 'cls')
-  tok = teacher_lib.tokenizer_of(workdir)
-  dev, _ = finetune.load_split('cls', data_cfg, tok, 'dev')
-  mesh = partitioning.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  rules = partitioning.rules_from_config(())
+  tok = sources.tokenizer_of(workdir)
+  dev, _ = finetuning.load_split(config_lib.section(ClsData, data_cfg, 'data'), tok, 'dev')
+  mesh, rules = MeshSettings().build()
   sh = md.param_shardings(mesh, rules)
   dparams = jax.device_put(params, sh)
-  fwd = stage.forward_step(md, mesh, rules, sh)
-  logits = stage.predict_logits(fwd, dparams, dev, batch_size, mesh, rules)
+  fwd = make_eval_step(md, outputs('logits'), mesh, rules, sh)
+  logits = loop.evaluate(fwd, dparams, loader_lib.eval_batches(dev, batch_size)(), mesh, rules,
+                         lambda sums, per: loader_lib.ordered(per)['logits'])
   acc = float((np.argmax(logits, -1) == dev['labels']).mean())
-  eps = stage.examples_per_sec(fwd, dparams, dev, batch_size, mesh, rules, speed_batches)
+  eps = student_lib.examples_per_sec(fwd, dparams, dev, batch_size, mesh, rules, speed_batches)
   return {'layers': mcfg.num_layers, 'hidden': mcfg.hidden_size, 'params': count_params(params),
           'dev_accuracy': acc, 'examples_per_sec': eps}
 

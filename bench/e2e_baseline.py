@@ -28,6 +28,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from jaxft.config import section  # noqa: E402
 from jaxft.data import completion as lm  # noqa: E402
 from jaxft.train.metrics import generation_metrics  # noqa: E402
 
@@ -73,7 +74,8 @@ def e2e_split(variant: str = 'e2e'):
       REPO, 'configs', 'finetune_lm.py'))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  train, dev, _ = lm.load_splits(mod.get_config(variant).data)
+  data = section(lm.CompletionData, mod.get_config(variant).data, 'data')
+  train, dev, _ = lm.load_splits(data)
   return train, dev
 
 
@@ -98,7 +100,7 @@ def main(argv=None):
         by_input[m] for m in dev_mrs]
   print(f'{len(dev_mrs)} validation MRs ({sum(map(len, dev_refs))} references), '
         f'{len(train_mrs)} training MRs')
-  print(f"| system | BLEU | chrF | ROUGE-L |\n|---|---|---|---|")
+  print("| system | BLEU | chrF | ROUGE-L |\n|---|---|---|---|")
   for name, hyps in rows.items():
     m = generation_metrics(hyps, dev_refs)
     print(f"| {name} | {m['bleu']:.1f} | {m['chrf']:.1f} | {m['rouge_l']:.1f} |")

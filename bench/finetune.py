@@ -118,7 +118,7 @@ def task_files(task: str, shared: str, max_eval: int, tmp: str) -> dict:
 
 
 def jaxft_config(task: str, model_dir: str, files: dict, recipe: dict, steps: int,
-                 args) -> 'ml_collections.ConfigDict':
+                 args):
   c = load_config('finetune_cls', 'sst2') if task == 'sst2' else load_config('finetune_ner')
   c.init_from = model_dir
   c.seed = args.seed
@@ -150,12 +150,12 @@ def load_arrays(task: str, model_dir: str, files: dict, recipe: dict):
   from jaxft.data.tokenizer import load_tokenizer
   tok = load_tokenizer(model_dir)
   if task == 'sst2':
-    cfg = dict(task='sst2', path=files['path'], dev_file=files['dev_file'],
-               max_len=recipe['max_len'])
+    cfg = classification.ClsData(task='sst2', path=files['path'], dev_file=files['dev_file'],
+                                 max_len=recipe['max_len'])
     train, _ = classification.load_cls_split(cfg, tok, 'train')
     dev, info = classification.load_cls_split(cfg, tok, 'dev')
   else:
-    cfg = dict(path=files['path'], dev_file=files['dev_file'], max_len=recipe['max_len'])
+    cfg = ner.NerData(path=files['path'], dev_file=files['dev_file'], max_len=recipe['max_len'])
     train, _ = ner.load_ner_split(cfg, tok, 'train')
     dev, info = ner.load_ner_split(cfg, tok, 'dev')
   return train, dev, info
@@ -208,13 +208,14 @@ def run_torch(task: str, model_dir: str, train: dict, dev: dict, info: dict, rec
   import torch
   from transformers import (AutoModelForSequenceClassification,
                             AutoModelForTokenClassification, get_linear_schedule_with_warmup)
+  from jaxft.data import ner
   from jaxft.train import metrics as metrics_lib
   t0 = time.perf_counter()
   torch.manual_seed(args.seed)
   num_labels = info['num_labels']
   auto = AutoModelForSequenceClassification if task == 'sst2' else \
       AutoModelForTokenClassification
-  model = auto.from_pretrained(model_dir, num_labels=num_labels,
+  model = auto.from_pretrained(model_dir, num_labels=num_labels, trust_remote_code=False,
                                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
   decay = [p for p in model.parameters() if p.ndim >= 2]  # jaxft: matrices only
   no_decay = [p for p in model.parameters() if p.ndim < 2]

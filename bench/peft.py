@@ -63,7 +63,9 @@ def run_one(args, method: str) -> dict:
   import jax
   import numpy as np
 
-  from jaxft.main import run_stage
+  from jaxft import config as config_lib
+  from jaxft import stages
+  from jaxft.stages import finetune
   from jaxft.train import step as step_lib
 
   times: list[float] = []
@@ -84,9 +86,12 @@ def run_one(args, method: str) -> dict:
   workdir = os.path.join(args.workdir, method)
   cfg = config_for(args, method)
   t0 = time.time()
-  res = run_stage(cfg, workdir)
+  settings = stages.validate(cfg)
+  config_lib.save_config(cfg, workdir)
+  outcome = finetune.finetune(settings, workdir)  # the stage, keeping its final train state
+  res = outcome.results
   wall = time.time() - t0
-  opt = res['state']['opt_state']
+  opt = outcome.state['opt_state']
   opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(opt)
                   if hasattr(x, 'shape'))
   final = res.get('final', {})

@@ -66,7 +66,7 @@ def make_batch(a, seed: int = 0):
 
 
 class _Tokenizer:
-  """What mlm_task reads from a tokenizer."""
+  """What the MLM objective reads from a tokenizer."""
 
   def __init__(self, vocab):
     self.vocab, self.mask_token_id = vocab, MASK
@@ -77,32 +77,28 @@ class _Tokenizer:
 
 def run_mesh(a, dims: tuple[int, int, int], batch) -> dict:
   import jax
-  import ml_collections
   from jaxft import partitioning
-  from jaxft.config import base_config, mlm_config
+  from jaxft.data.masking import MaskingSettings
   from jaxft.models import ModelConfig, build_model
-  from jaxft.train.optimizer import make_optimizer
-  from jaxft.train.pretrain import mlm_task
+  from jaxft.objectives.lm import mlm
+  from jaxft.train.optimizer import OptimizerSettings, make_optimizer
   from jaxft.train.state import ModelDef, create_train_state, state_bytes_per_device
   from jaxft.train.step import global_batch, make_train_step
 
   n = dims[0] * dims[1] * dims[2]
-  mesh = partitioning.make_mesh(ml_collections.ConfigDict(dict(zip(('data', 'fsdp', 'tensor'),
-                                                                   dims))),
-                                devices=jax.devices()[:n])
+  mesh = partitioning.make_mesh(partitioning.MeshSettings(*dims), devices=jax.devices()[:n])
   rules = partitioning.rules_from_config(())
   mcfg = ModelConfig(model_type='bert', vocab_size=a.vocab, hidden_size=a.hidden,
                      num_layers=a.layers, num_heads=a.heads, intermediate_size=a.intermediate,
                      max_position_embeddings=max(128, a.seq), hidden_dropout=0.0,
                      attention_dropout=0.0, pad_token_id=PAD)
-  cfg = base_config()
   model_def = ModelDef.create(lambda: build_model(mcfg, 'mlm', seed=0))
-  tx, schedule = make_optimizer(cfg.optimizer, 1000, model_def.abstract_params)
+  tx, schedule = make_optimizer(OptimizerSettings(), 1000, model_def.abstract_params)
   state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0)
   state_bytes = state_bytes_per_device({'params': state['params'],
                                         'opt_state': state['opt_state']})
   n_params = sum(x.size for x in jax.tree.leaves(state['params']))
-  task = mlm_task(mcfg, _Tokenizer(a.vocab), mlm_config())
+  task = mlm(_Tokenizer(a.vocab), MaskingSettings())
   step = make_train_step(model_def, task, tx, shardings, mesh, rules, schedule=schedule)
   gbatch = global_batch(batch, mesh, rules)
   t0 = time.perf_counter()

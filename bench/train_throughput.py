@@ -183,7 +183,7 @@ class Row:
 
 
 class _Tokenizer:
-  """What mlm_task reads from a tokenizer: len() and mask_token_id."""
+  """What the MLM objective reads from a tokenizer: len() and mask_token_id."""
 
   def __init__(self, vocab: int, mask_id: int):
     self.vocab, self.mask_token_id = vocab, mask_id
@@ -224,10 +224,11 @@ def setup_jax(a, mode: str, log) -> Row:
   import jax
   import numpy as np
   from jaxft import partitioning
-  from jaxft.config import base_config, mlm_config
+  from jaxft.data.masking import MaskingSettings
   from jaxft.models import build_model
-  from jaxft.train.optimizer import make_optimizer
-  from jaxft.train.pretrain import clm_task, mlm_task
+  from jaxft.objectives.lm import clm, mlm
+  from jaxft.partitioning import MeshSettings
+  from jaxft.train.optimizer import OptimizerSettings, make_optimizer
   from jaxft.train.state import ModelDef, create_train_state
   from jaxft.train.step import global_batch, make_train_step
 
@@ -236,20 +237,18 @@ def setup_jax(a, mode: str, log) -> Row:
   attn_dropout = 0.0 if 'noattndrop' in opts else a.attn_dropout
   mcfg = jax_model_config(a, bf16, attn_dropout)
   head = 'mlm' if a.model == 'bert' else 'clm'
-  base = base_config()
-  base.optimizer.update(lr=LR, weight_decay=WEIGHT_DECAY, clip_norm=CLIP)
-  mesh = partitioning.make_mesh(base.mesh)
-  rules = partitioning.rules_from_config(())
+  mesh, rules = MeshSettings().build()
   model_def = ModelDef.create(lambda: build_model(mcfg, head, seed=0))
-  tx, schedule = make_optimizer(base.optimizer, 1000, model_def.abstract_params)
+  tx, schedule = make_optimizer(OptimizerSettings(lr=LR, weight_decay=WEIGHT_DECAY,
+                                                  clip_norm=CLIP), 1000,
+                                model_def.abstract_params)
   state, shardings = create_train_state(model_def, tx, mesh, rules, seed=0)
   if head == 'mlm':
-    mlm = mlm_config()
-    mlm.mask_prob = MASK_PROB
-    mlm.max_predictions = max_predictions(a) if mp else 0
-    task = mlm_task(mcfg, _Tokenizer(a.vocab, BERT_IDS['mask']), mlm)
+    masking = MaskingSettings(mask_prob=MASK_PROB,
+                              max_predictions=max_predictions(a) if mp else 0)
+    task = mlm(_Tokenizer(a.vocab, BERT_IDS['mask']), masking)
   else:
-    task = clm_task(mask_boundaries=False)
+    task = clm(mask_boundaries=False)
   train_step = make_train_step(model_def, task, tx, shardings, mesh, rules, schedule=schedule)
   jitted = train_step.jitted
   if not donate:  # the same step function, jitted without donating the state

@@ -13,9 +13,10 @@ import os
 
 import ml_collections
 
-from jaxft.config import base_config, mlm_config
+from jaxft.config import as_section, base_config, mlm_config
 from jaxft.data.pretrain import default_data_config
 from jaxft.data.classification import GLUE_TASKS
+from jaxft.stages.distill import DistillSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,23 +30,8 @@ def _finetune_cls():
 
 
 def distill_config(kind: str) -> ml_collections.ConfigDict:
-  """loss = alpha*T^2*KL(teacher||student) + (1-alpha)*hard CE + weighted feature terms."""
-  return ml_collections.ConfigDict(dict(
-      kind=kind,                 # 'cls' (GLUE-style) or 'mlm' (DistilBERT pretraining)
-      alpha=0.5, temperature=2.0,
-      cosine_weight=0.0,         # 1 - cos(last hidden states), via projection if widths differ
-      hidden_weight=0.0,         # TinyBERT hidden-state MSE over layer_map (projected)
-      attention_weight=0.0,      # TinyBERT attention-probability MSE (equal head counts)
-      layer_map='',              # 'student:teacher,...' hidden indices (0 = embeddings); '' uniform
-      student_init='auto',       # auto | teacher_every_k | init_from | random
-      student_layers='',         # teacher layers (0-based) for teacher_every_k; '' = every k-th
-      student=ml_collections.ConfigDict(dict(  # 0 = the teacher's (num_layers: half of it)
-          num_layers=0, hidden_size=0, num_heads=0, intermediate_size=0)),
-      teacher_dtype='',          # '' = as stored; 'bfloat16' halves its memory and time
-      cache_teacher=False,       # cls: precompute train-split teacher logits once (workdir/cache)
-      measure_speed=True,        # inference examples/s of teacher and student on dev
-      speed_batches=0,           # 0 = the whole dev set
-  ))
+  """The `distill` section (jaxft.stages.distill.DistillSettings) for a kind."""
+  return as_section(DistillSettings(kind=kind))
 
 
 def get_config(variant: str = 'sst2'):
@@ -72,7 +58,7 @@ def get_config(variant: str = 'sst2'):
   c.data = _finetune_cls().data_config(variant)
   c.data.tokenizer = ''  # the teacher's
   c.optimizer.update(lr=1e-4, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
-  c.train.update(num_steps=1000, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
+  c.train.update(num_steps=0, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
   c.train.early_stopping.update(metric='', mode='max', patience=0)  # '' -> the task's metric
   c.checkpoint.update(every=0, keep=1, keep_best=1)
   if variant in ('cola', 'rte', 'mrpc', 'stsb', 'wnli'):

@@ -11,13 +11,14 @@ import os
 
 import ml_collections
 
-from jaxft.config import base_config, finetune_config
-from jaxft.data.classification import GLUE_TASKS
+from jaxft.config import as_section, base_config, finetune_config
+from jaxft.data.classification import GLUE_TASKS, ClsData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_config(task: str) -> ml_collections.ConfigDict:
+  """The `data` section (every key of jaxft.data.classification.ClsData) for a GLUE task."""
   preset = GLUE_TASKS.get(task)
   if task == 'sst2':
     path = os.path.join(REPO, 'data/glue/sst2')
@@ -26,11 +27,7 @@ def data_config(task: str) -> ml_collections.ConfigDict:
     path = os.path.normpath(path) if os.path.isdir(path) else ''
   else:
     path = ''
-  return ml_collections.ConfigDict(dict(
-      task=task, source='files', path=path, train_file='', dev_file='', test_file='',
-      format='auto', text_column='', text_pair_column='', label_column='',
-      tokenizer='', max_len=128, truncation='truncate', on_bad_row='error',
-      class_balance='none', hf_path='glue', hf_name=''))
+  return as_section(ClsData(task=task, path=path))
 
 
 def get_config(variant: str = 'sst2'):
@@ -46,7 +43,7 @@ def get_config(variant: str = 'sst2'):
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/bert-base-uncased')
   c.finetune = finetune_config()
   c.optimizer.update(lr=5e-5, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
-  c.train.update(num_steps=1000, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
+  c.train.update(num_steps=0, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
   c.train.early_stopping.update(metric='', mode='max', patience=0)  # '' -> the task's metric
   c.checkpoint.update(every=0, keep=1, keep_best=1)
   if task in ('cola', 'rte', 'mrpc', 'stsb', 'wnli'):  # small data sets: more epochs

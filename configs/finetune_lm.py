@@ -18,9 +18,9 @@ by loss alone.
 """
 import os
 
-
-from jaxft.config import base_config, finetune_config, generate_config
-from jaxft.data.completion import default_data_config
+from jaxft.config import as_section, base_config, finetune_config
+from jaxft.data.completion import CompletionData
+from jaxft.generation import DecodingSection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E2E_SHARED = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'e2e'))
@@ -29,12 +29,12 @@ VARIANTS = ('e2e', 'tiny', 'custom')
 
 def e2e_data():
   full = os.path.isfile(os.path.join(E2E_SHARED, 'devset.csv'))
-  return default_data_config(
+  return as_section(CompletionData(
       path=E2E_SHARED if full else os.path.join(REPO, 'data', 'e2e'),
       train_file='devset.csv' if full else 'devset-slice.csv',
       prompt_column='mr', completion_column='ref', template='{prompt} ||',
       completion_prefix=' ', max_len=128, dev_fraction=0.1, split_seed=0,
-      tokenizer=os.path.join(REPO, 'data', 'tokenizers', 'gpt2'))
+      tokenizer=os.path.join(REPO, 'data', 'tokenizers', 'gpt2')))
 
 
 def get_config(variant: str = 'e2e'):
@@ -52,7 +52,7 @@ def get_config(variant: str = 'e2e'):
   c.data = e2e_data()
   c.data.packing = True
   c.finetune = finetune_config()
-  c.generate = generate_config()
+  c.generate = as_section(DecodingSection())
   c.optimizer.update(lr=2e-3, schedule='linear', warmup_ratio=0.05, weight_decay=0.01)
   c.train.update(num_steps=400, batch_size=16, eval_every=200, log_every=25)
   c.train.early_stopping.update(metric='bleu', mode='max', patience=0)
@@ -69,7 +69,7 @@ def get_config(variant: str = 'e2e'):
     c.train.update(num_steps=20, batch_size=8, eval_every=10, log_every=5)
     c.checkpoint.update(every=10)
   elif variant == 'custom':
-    c.data = default_data_config(tokenizer=os.path.join(REPO, 'data', 'tokenizers', 'gpt2'))
+    c.data = as_section(CompletionData(tokenizer=os.path.join(REPO, 'data', 'tokenizers', 'gpt2')))
     c.optimizer.update(lr=1e-4, warmup_ratio=0.05)
     c.train.update(num_steps=2000, batch_size=16, eval_every=500)
     c.train.early_stopping.update(metric='', mode='max')  # '' -> bleu with generate.method, else loss

@@ -7,9 +7,8 @@ when present. The tag scheme of those files is declared by data.tag_scheme.
 """
 import os
 
-import ml_collections
-
-from jaxft.config import base_config, finetune_config
+from jaxft.config import as_section, base_config, finetune_config
+from jaxft.data.ner import NerData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,15 +19,12 @@ def get_config(variant: str = ''):
   c.model.update(type='bert', hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
                  max_position_embeddings=512)
   shared = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'conll2003'))
-  c.data = ml_collections.ConfigDict(dict(
-      source='files', path=shared if os.path.isdir(shared) else '', train_file='train.txt',
-      dev_file='valid.txt', test_file='test.txt', token_column=0, tag_column=-1,
-      tag_scheme='iob2', tokenizer=os.path.join(REPO, 'data/tokenizers/bert-base-uncased'),
-      max_len=128, truncation='truncate', on_bad_row='error', class_balance='none',
-      hf_path='conll2003', hf_name=''))
+  c.data = as_section(NerData(
+      path=shared if os.path.isdir(shared) else '',
+      tokenizer=os.path.join(REPO, 'data/tokenizers/bert-base-uncased')))
   c.finetune = finetune_config()
   c.optimizer.update(lr=5e-5, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
-  c.train.update(num_steps=1000, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
+  c.train.update(num_steps=0, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
   c.train.early_stopping.update(metric='', mode='max', patience=0)
   c.checkpoint.update(every=0, keep=1, keep_best=1)
   return c

@@ -10,9 +10,8 @@ workdir's config; `data.*` overrides them) or a txt file with one prompt per lin
 Writes out/generations.jsonl (or generate.output): {"input", "text"} per distinct prompt,
 and out/results.json with BLEU / chrF / ROUGE-L when the input has references.
 """
-import ml_collections
-
-from jaxft.config import base_config, generate_config
+from jaxft.config import as_section, base_config
+from jaxft.stages.generate import GenerateData, GenerateSection
 
 
 def get_config(variant: str = ''):
@@ -20,8 +19,6 @@ def get_config(variant: str = ''):
   c = base_config()
   c.stage = 'generate'
   c.model.type = 'gpt2'
-  c.data = ml_collections.ConfigDict(dict(  # '' = as the trained workdir (or the defaults)
-      tokenizer='', prompt_column='', completion_column='', template='', completion_prefix='',
-      format=''))
-  c.generate = generate_config(input='', output='', batch_size=32, checkpoint='best')
+  c.data = as_section(GenerateData())  # '' = as the trained workdir (or the defaults)
+  c.generate = as_section(GenerateSection())
   return c

@@ -1,6 +1,6 @@
 """PET-style cloze classification with a pretrained MLM: zero-shot, then optional few-shot.
 
-  python -m jaxft.peft.cloze --config configs/peft_cloze.py:sst2 \\
+  python -m jaxft.main --config configs/peft_cloze.py:sst2 \\
       --config.init_from=/tmp/jaxft-quickstart/pretrain --workdir /tmp/cloze
   # few-shot (16 per class), full fine-tuning of the MLM or LoRA:
   ... --config.cloze.num_shots=16 [--config.peft.method=lora --config.optimizer.lr=1e-3]
@@ -11,9 +11,8 @@ Verbalizer words must be single tokens of the model's vocabulary.
 import importlib.util
 import os
 
-import ml_collections
-
-from jaxft.config import base_config, finetune_config
+from jaxft.config import as_section, base_config
+from jaxft.stages.cloze import ClozeSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,14 +40,7 @@ def get_config(variant: str = 'sst2'):
   c.data = data_config(task)
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/bert-base-uncased')
   c.data.max_len = 64
-  c.finetune = finetune_config()
-  c.cloze = ml_collections.ConfigDict(dict(
-      template=template,
-      verbalizer=verbalizer,   # 'label:word,word;label:word' (label names or raw values)
-      eval_split='dev',
-      max_eval=0,              # > 0: score only the first N eval examples
-      num_shots=0,             # > 0: also train on N examples per class (PET) and re-evaluate
-  ))
+  c.cloze = as_section(ClozeSettings(template=template, verbalizer=verbalizer))
   c.optimizer.update(lr=1e-5, warmup_ratio=0.0, schedule='constant', weight_decay=0.01)
   c.train.update(num_steps=100, batch_size=8, eval_every=50, log_every=10)
   c.checkpoint.update(every=0, keep=1, keep_best=0)

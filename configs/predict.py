@@ -4,15 +4,13 @@
       --config.predict.input=dev --workdir out     # or a .txt/.tsv/.jsonl/CoNLL file
 Writes out/predictions.jsonl (or predict.output).
 """
-import ml_collections
-
-from jaxft.config import base_config
+from jaxft.config import as_section, base_config
+from jaxft.stages.predict import PredictSettings
 
 
 def get_config(variant: str = ''):
   del variant
   c = base_config()
   c.stage = 'predict'
-  c.predict = ml_collections.ConfigDict(dict(input='dev', output='', batch_size=64,
-                                             checkpoint='best'))
+  c.predict = as_section(PredictSettings())
   return c

@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-from jaxft.config import base_config, finetune_config, mlm_config
+from jaxft.config import as_section, base_config, finetune_config, mlm_config
+from jaxft.data.classification import ClsData
 from jaxft.data.pretrain import default_data_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +45,8 @@ def finetune_part(smoke: bool = False):
   c = base_config()
   c.stage = 'finetune_cls'
   c.model.update(type='bert', hidden_dropout=0.1, attention_dropout=0.0, classifier_dropout=0.1)
-  c.data = ml_collections.ConfigDict(dict(
-      task='sst2', source='files', path=os.path.join(REPO, 'data/glue/sst2'), train_file='',
-      dev_file='', test_file='', format='auto', text_column='', text_pair_column='',
-      label_column='', tokenizer='', max_len=64, truncation='truncate', on_bad_row='error',
-      class_balance='none', hf_path='glue', hf_name=''))
+  c.data = as_section(ClsData(task='sst2', path=os.path.join(REPO, 'data/glue/sst2'),
+                              max_len=64))
   c.finetune = finetune_config()
   c.optimizer.update(lr=5e-4, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
   c.train.update(num_steps=0, num_epochs=2, batch_size=32, eval_every=100, log_every=20)

@@ -8,14 +8,18 @@ mid-save never leaves a half-written step that looks finished. Restore walks bac
 newest step to the newest one that restores cleanly and says what it skipped and why.
 Orbax itself does not notice a flipped bit inside an array's stored bytes (zstd chunks carry
 no checksum), so every save also records a fingerprint of each state array in `meta` and a
-restore recomputes and compares it; a step that fails is moved to `<dir>.damaged/` so that
-it no longer shadows the intact ones. A save that fails for lack of space raises
+restore recomputes and compares it. The two JSON items are covered too: `meta` records a
+digest of the data-iterator position and a digest of itself (a flipped digit in either
+parses fine and would resume at the wrong batch or with the wrong settings). A step that
+fails any check is moved to `<dir>.damaged/` so that it no longer shadows the intact ones. A save that fails for lack of space raises
 `CheckpointWriteError` naming the step and the intact steps to resume from.
 SIGTERM (preemption of a TPU VM / spot GPU) is turned into a save at the next step
 boundary followed by a clean exit.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
@@ -24,9 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from jaxft import files
+from jaxft.trees import dotted
 
 
 class NoIntactCheckpoint(RuntimeError):
@@ -37,13 +43,16 @@ class CorruptCheckpoint(RuntimeError):
   """A step restored without error but its arrays do not match the saved fingerprints."""
 
 
+class StateMismatch(RuntimeError):
+  """The checkpoints hold a train state of another structure than this run builds (a changed
+  optimizer, PEFT or freezing setup): not damage, a different configuration."""
+
+
 class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written (disk full, quota, file size limit)."""
 
 
 CHECKSUM_ALGO = 'u32-weighted-sum-v1'
-_NO_SPACE = ('No space left on device', 'Disk quota exceeded', 'File too large',
-             "os_error_code='28'", "os_error_code='122'", "os_error_code='27'")
 
 
 def _leaf_checksum(x):
@@ -73,7 +82,7 @@ _checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 def state_checksums(state) -> dict[str, int]:
   """{array path: fingerprint} of a (sharded) state, computed on the devices."""
   sums = jax.device_get(_checksums_jit(state))
-  return {_path_str(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+  return {dotted(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 def verify_checksums(state, saved: dict | None, partial: bool = False) -> None:
@@ -93,21 +102,33 @@ def verify_checksums(state, saved: dict | None, partial: bool = False) -> None:
                             f'{", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""}')
 
 
-def _path_str(path) -> str:
-  """'params.bert.layers.0.attn.kernel': the same for a tuple index and a dict key."""
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+def json_digest(item) -> str:
+  """sha256 of a JSON item in a canonical form (sorted keys, as it reads back from disk)."""
+  canonical = json.dumps(json.loads(json.dumps(item)), sort_keys=True, separators=(',', ':'))
+  return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _is_no_space(e: BaseException) -> bool:
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
-      return True
-    if any(m in str(e) for m in _NO_SPACE):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+def with_digests(meta: dict, data_state: dict) -> dict:
+  """`meta` with the digest of `data_state` (in checksums) and of itself ('digest')."""
+  meta = dict(meta)
+  meta['checksums'] = dict(meta.get('checksums') or {}, data=json_digest(data_state))
+  meta.pop('digest', None)
+  meta['digest'] = json_digest(meta)
+  return meta
+
+
+def verify_items(meta: dict, data_state: dict) -> None:
+  """Raise CorruptCheckpoint if the restored meta or data item differs from what was saved.
+
+  Checkpoints written before digests were recorded have none: nothing to compare."""
+  if 'digest' in meta:
+    rest = {k: v for k, v in meta.items() if k != 'digest'}
+    if json_digest(rest) != meta['digest']:
+      raise CorruptCheckpoint('meta item does not match its digest')
+  saved = (meta.get('checksums') or {}).get('data')
+  if saved is not None and json_digest(data_state) != saved:
+    raise CorruptCheckpoint('data item (data-iterator position) does not match its digest')
+
 
 
 class Checkpointer:
@@ -140,11 +161,13 @@ class Checkpointer:
            metrics: dict | None = None, force: bool = True) -> bool:
     if step in self.manager.all_steps():
       return False  # already saved (a periodic save and the final/preemption save coincide)
+    data_state = data_state or {}
     meta = dict(meta or {})
     meta['checksums'] = {'algo': CHECKSUM_ALGO, 'state': state_checksums(state)}
+    meta = with_digests(meta, data_state)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state or {}),
+        data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta))
     previous = self._writing
     try:
@@ -182,6 +205,8 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         meta = dict(restored['meta'] or {})
+        data_state = dict(restored['data'] or {})
+        verify_items(meta, data_state)
         verify_checksums(restored['state'], meta.get('checksums'))
       except Exception as e:  # noqa: BLE001  (any damage: missing/truncated/altered files)
         msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
@@ -195,11 +220,43 @@ class Checkpointer:
         if step is None:
           self._quarantine([e[0] for e in errors])
       meta.pop('checksums', None)
-      return s, restored['state'], dict(restored['data'] or {}), meta
+      meta.pop('digest', None)
+      return s, restored['state'], data_state, meta
     raise NoIntactCheckpoint(
         f'no intact checkpoint in {self.directory}: ' +
         '; '.join(f'step {s}: {m}' for s, m in errors) +
         ' (set checkpoint.allow_fresh_start=True to start from scratch anyway)')
+
+  def saved_structure(self, step: int) -> dict[str, tuple]:
+    """{dotted path: (shape, dtype)} of the state `step` holds, from its metadata (no array
+    is read); {} when the metadata cannot be read (damage: restore() deals with it)."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+      meta = ckptr.metadata(os.path.join(self.directory, str(step), 'state'))
+      tree = getattr(meta, 'item_metadata', meta)
+      tree = getattr(tree, 'tree', tree)
+      return {dotted(p): (tuple(m.shape), str(m.dtype))
+              for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    except Exception:  # noqa: BLE001  (missing / damaged metadata)
+      return {}
+    finally:
+      ckptr.close()
+
+  def restore_subset(self, abstract_subset, step: int):
+    """(state subset, data_state, meta) of `step`: only the leaves of `abstract_subset` (e.g.
+    the params of a state whose optimizer part changed), checked against their checksums."""
+    item = os.path.join(self.directory, str(step), 'state')
+    state = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=abstract_subset, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subset)))
+    rest = self.manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    meta, data_state = dict(rest['meta'] or {}), dict(rest['data'] or {})
+    verify_items(meta, data_state)
+    verify_checksums(state, meta.get('checksums'), partial=True)
+    meta.pop('checksums', None)
+    meta.pop('digest', None)
+    return state, data_state, meta
 
   def _quarantine(self, steps: list[int]):
     """Move damaged steps to `<dir>.damaged/` (kept for inspection) so that a resumed run
@@ -222,7 +279,7 @@ class Checkpointer:
     self.manager.reload()
 
   def _raise_write_error(self, e: BaseException, step: int):
-    if not _is_no_space(e):
+    if not files.is_no_space(e):
       raise e
     self._writing = None
     # The partial `<step>.orbax-checkpoint-tmp*` folder is left alone (Orbax threads may still
@@ -232,7 +289,7 @@ class Checkpointer:
     except Exception:  # noqa: BLE001
       pass
     intact = [s for s in self.steps() if s != step]
-    reason = next((m for m in _NO_SPACE[:3] if m in str(e)), None) or str(e).splitlines()[0][:200]
+    reason = files.write_problem(e)
     resume = (f'rerun the same command to resume from step {intact[-1]}' if intact
               else 'rerun the same command (no earlier checkpoint: it starts over)')
     raise CheckpointWriteError(

@@ -255,23 +255,3 @@ def check_batch_layout(mesh, rules, global_batch_size: int, process_count: int |
         + ', '.join(f'process {p}: rows {r}' for p, r in bad.items()) +
         '. Shard the batch over all processes: make mesh.data*mesh.fsdp a multiple of the '
         'process count and keep mesh.tensor within one host.')
-
-
-def _stage_configs(cfg) -> list:
-  """The configs that train: `cfg` itself, or each section of a pipeline."""
-  if cfg.get('stage') == 'pipeline':
-    return [cfg[name] for name in cfg.get('pipeline', ()) if name in cfg]
-  return [cfg]
-
-
-def check_run(cfg) -> None:
-  """Everything a multi-process run must agree on, checked before any compile (collective)."""
-  import jax
-  from jaxft import partitioning
-  check_processes(cfg)
-  for c in _stage_configs(cfg):
-    if 'mesh' not in c or 'train' not in c or c.get('stage') in ('model_info', 'predict'):
-      continue
-    mesh = partitioning.make_mesh(c.mesh)
-    rules = partitioning.rules_from_config(c.mesh.get('rules', None))
-    check_batch_layout(mesh, rules, int(c.train.batch_size), jax.process_count())

@@ -1,15 +1,22 @@
 """Entry point: python -m jaxft.main --config configs/<x>.py[:variant] --workdir DIR.
 
-Loads the ConfigDict (overrides with --config.key=value), validates it before anything is
-compiled, joins a multi-host run when asked, and runs the stage named by `config.stage`.
+Loads the ConfigDict (overrides with --config.key=value), joins a multi-host run when
+asked, and runs the stage named by `config.stage` through `jaxft.stages` (which validates
+it before anything is compiled).
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxft import checkpointing, distributed, files, stages
+from jaxft.config import ConfigError
+from jaxft.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py[:variant]).',
                                           lock_config=True)
@@ -19,65 +26,26 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None,
                                    'clusters); TPU pod workers detect it themselves.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0..num_processes-1).')
+_SHOW_CONFIG = flags.DEFINE_bool('show_config', False,
+                                 'Print every key of --config (with overrides) with its value '
+                                 'and meaning, then exit (no --workdir needed).')
 
 
-def _maybe_init_distributed():
-  """jax.distributed.initialize() when flags or the environment say this is multi-process."""
-  from jaxft import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-
-
-def run_stage(cfg, workdir: str):
-  """Validate `cfg` and run its stage; returns the stage's results dict."""
-  from jaxft import config as config_lib
-  config_lib.validate(cfg)
-  import jax
-  from jaxft import workdir as workdir_lib
-  config_lib.check_mesh(cfg, jax.device_count())
-  # Before anything is written: one run per workdir (lock), never a different run's files.
-  lock, write_config = workdir_lib.guard(cfg, workdir)
-  try:
-    if cfg.stage == 'pipeline':
-      return run_pipeline(cfg, workdir)
-    if write_config and jax.process_index() == 0:
-      config_lib.save_config(cfg, workdir)
-    return _run(cfg, workdir)
-  finally:
-    if lock is not None:
-      lock.release()
-
-
-def _run(cfg, workdir: str):
-  stage = cfg.stage
-  if stage == 'model_info':
-    from jaxft.train import info
-    return info.run(cfg, workdir)
-  if stage in ('pretrain_mlm', 'pretrain_clm'):
-    from jaxft.train import pretrain
-    return pretrain.run(cfg, workdir)
-  if stage in ('finetune_cls', 'finetune_ner'):
-    from jaxft.train import finetune
-    return finetune.run(cfg, workdir)
-  if stage == 'predict':
-    from jaxft.train import predict
-    return predict.run(cfg, workdir)
-  if stage == 'distill':
-    from jaxft.distill import stage as distill_stage
-    return distill_stage.run(cfg, workdir)
-  if stage == 'finetune_lm':
-    from jaxft.stages import finetune_lm
-    return finetune_lm.run(cfg, workdir)
-  if stage == 'generate':
-    from jaxft.stages import generate
-    return generate.run(cfg, workdir)
-  raise ValueError(f'stage {stage!r} has no runner')
+def run_stage(cfg, workdir: str) -> dict:
+  """Validate `cfg` and run its stage in `workdir` (see jaxft.stages.run)."""
+  return stages.run(cfg, workdir)
 
 
 class _QuietLibraries:
-  """Keep INFO logs for jaxft; libraries (Orbax writes ~30 lines per save) log WARNING+ only."""
+  """Keep INFO logs for jaxft; libraries (Orbax writes ~30 lines per save) log WARNING+ only,
+  without Orbax's warnings about what jaxft does on purpose (reading one item's metadata, a
+  read-only manager over best/)."""
+  NOISE = ('_CHECKPOINT_METADATA', 'read_only', 'could not be restored. Please provide')
 
   def filter(self, record):
-    return record.levelno >= 30 or '/jaxft/' in record.pathname
+    if '/jaxft/' in record.pathname:
+      return True
+    return record.levelno >= 30 and not any(n in str(record.msg) for n in self.NOISE)
 
 
 def quiet_library_logs():
@@ -86,42 +54,23 @@ def quiet_library_logs():
   py_logging.getLogger('absl').addFilter(_QuietLibraries())
 
 
-def run_pipeline(cfg, workdir: str):
-  """Run the sections named in cfg.pipeline in order, each in workdir/<name>; a step with an
-  empty init_from starts from the previous step's workdir (pretrain -> fine-tune)."""
-  results, previous = {}, None
-  for name in cfg.pipeline:
-    sub = cfg[name]
-    if previous is not None and 'init_from' in sub and not sub.init_from:
-      sub.init_from = previous
-    sub_dir = os.path.join(workdir, name)
-    logging.info('pipeline step %r (stage %s) in %s', name, sub.stage, sub_dir)
-    results[name] = run_stage(sub, sub_dir)
-    if isinstance(results[name], dict) and results[name].get('preempted'):
-      # Stop here: a rerun resumes this step; the next must not start from an unfinished one.
-      logging.warning('pipeline step %r was preempted; not starting %s', name,
-                      list(cfg.pipeline)[list(cfg.pipeline).index(name) + 1:])
-      break
-    previous = sub_dir
-  return results
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError('--config is required, e.g. --config configs/quickstart.py')
+  if _SHOW_CONFIG.value:
+    print(stages.describe(cfg))
+    return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   quiet_library_logs()
-  _maybe_init_distributed()
-  import jax
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
-    from jaxft import distributed
-    distributed.check_run(cfg)  # same config, devices and batch layout on every process
+    distributed.check_processes(cfg)  # the same config and devices on every process
   try:
     run_stage(cfg, os.path.abspath(_WORKDIR.value))
   except Exception as e:  # noqa: BLE001
@@ -139,7 +88,6 @@ def _config_error(msg: str):
 
 def _parse_flags(argv):
   """absl's flag parsing, with --config problems reported as one line (no traceback)."""
-  import re
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -171,18 +119,15 @@ def _parse_flags(argv):
     _config_error(f'{type(e).__name__}: {e}')
 
 
-_USER_ERRORS = {'jaxft.config': ('ConfigError',), 'jaxft.workdir': ('WorkdirError',),
-                'jaxft.checkpointing': ('NoIntactCheckpoint', 'CheckpointWriteError')}
+# Errors that are the user's to fix, reported in one line: (kinds, exit code).
+_USER_ERRORS = (((ConfigError,), 2),
+                ((WorkdirError, checkpointing.NoIntactCheckpoint, checkpointing.StateMismatch,
+                  checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
 
 
 def _user_error(e: BaseException) -> int | None:
   """Exit code for errors that are the user's to fix (reported in one line), else None."""
-  for module, names in _USER_ERRORS.items():
-    mod = sys.modules.get(module)
-    kinds = tuple(getattr(mod, n) for n in names if hasattr(mod, n))
-    if kinds and isinstance(e, kinds):
-      return 2 if module == 'jaxft.config' else 1
-  return None
+  return next((code for kinds, code in _USER_ERRORS if isinstance(e, kinds)), None)
 
 
 def run():

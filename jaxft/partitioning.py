@@ -9,12 +9,12 @@ over `tensor` (Megatron style).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -53,9 +53,31 @@ def rules_from_config(overrides: Iterable | None = None):
   return overrides + DEFAULT_RULES
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """The `mesh` config section: devices per axis (-1: the remaining devices) and
+  ((logical name, mesh axes), ...) rules that take precedence over DEFAULT_RULES."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple = ()
+
+  def __post_init__(self):
+    for axis in MESH_AXES:
+      v = getattr(self, axis)
+      if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+        raise ValueError(f'mesh.{axis}={v!r}: a positive int, or -1 for the remaining devices')
+    object.__setattr__(self, 'rules', tuple(tuple(r) for r in self.rules or ()))
+    rules_from_config(self.rules)
+
+  def build(self, devices: Sequence | None = None):
+    """(mesh, rules) on `devices` (all of them by default)."""
+    return make_mesh(self, devices), rules_from_config(self.rules)
+
+
+def mesh_shape(settings: MeshSettings, num_devices: int) -> tuple[int, int, int]:
   """Resolve (data, fsdp, tensor) with at most one -1 standing for the remaining devices."""
-  dims = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  dims = [int(getattr(settings, a)) for a in MESH_AXES]
   if dims.count(-1) > 1:
     raise ValueError(f'mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, dims))}')
   known = math.prod(d for d in dims if d != -1)
@@ -71,9 +93,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(dims)
 
 
-def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
+def make_mesh(settings: MeshSettings, devices: Sequence | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
+  shape = mesh_shape(settings, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagation, not Explicit mode
   try:
     return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
@@ -133,10 +155,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  return data_parallel_size_of(tuple(mesh.shape[a] for a in MESH_AXES), rules)
+
+
+def data_parallel_size_of(dims: Sequence[int], rules=DEFAULT_RULES) -> int:
+  """Devices the batch is split over, for mesh axis sizes `dims` (data, fsdp, tensor)."""
   spec = logical_to_mesh(('batch',), rules)[0]
   if spec is None:
     return 1
-  return math.prod(mesh.shape[a] for a in (spec if isinstance(spec, tuple) else (spec,)))
+  sizes = dict(zip(MESH_AXES, dims))
+  return math.prod(sizes[a] for a in (spec if isinstance(spec, tuple) else (spec,)))
 
 
 @contextlib.contextmanager

@@ -1,12 +1,16 @@
 """Workdir safety: one run per workdir, and never a different run's checkpoints.
 
 `guard(cfg, workdir)` runs before a stage writes anything:
-  * a lock: `workdir/.jaxft.lock`, an exclusive `flock` held for the whole run (the kernel
-    drops it when the process dies, even by SIGKILL, so a crash never leaves a stale lock);
-    a second process fails at once with the holder's pid, host and start time;
+  * a lock: an exclusive `flock` on the workdir directory itself, held for the whole run
+    (the kernel drops it when the process dies, even by SIGKILL, so a crash never leaves a
+    stale lock; deleting a file cannot defeat it). `workdir/.jaxft.lock` holds the holder's
+    pid, host and start time (and is flocked too, for filesystems without directory locks):
+    a second process fails at once naming them;
+  * a workdir that cannot be written (read-only, no permission, disk full) is refused in
+    one line naming the path, before the stage starts;
   * a config check: when the workdir already holds a run (`config.json`), its stage,
-    architecture (`model.*` except runtime-only keys), `init_from` and `data.task` must
-    equal the new config's. A mismatch is refused, naming each differing key, unless
+    `init_from`, `teacher`, `data.task` and, when the architecture comes from the config
+    (no init_from / teacher), `model.*` except runtime keys must equal the new config's. A mismatch is refused, naming each differing key, unless
     `overwrite=True`: the old run's files are then moved to `workdir/overwritten-<time>/`
     (kept, not deleted). A matching config resumes as usual (overwrite changes nothing).
   * a stage that only reads the workdir (init_from=workdir, or `predict` without init_from)
@@ -24,12 +28,13 @@ import os
 import socket
 import time
 
+import jax
 from absl import logging
 
+from jaxft import distributed, files
+from jaxft.models.config import RUNTIME_FIELDS
+
 LOCK_NAME = '.jaxft.lock'
-# model.* keys that change how a run trains or runs, not what its checkpoints hold.
-RUNTIME_MODEL_KEYS = ('hidden_dropout', 'attention_dropout', 'classifier_dropout', 'dtype',
-                      'remat', 'initializer_range')
 # What a previous run leaves in its workdir (moved aside on overwrite; cache/ is kept: it is
 # keyed by content).
 RUN_FILES = ('config.json', 'checkpoints', 'checkpoints.damaged', 'best', 'best.damaged',
@@ -42,43 +47,70 @@ class WorkdirError(RuntimeError):
 
 
 class WorkdirLock:
-  """An exclusive flock on workdir/.jaxft.lock; release() (or process exit) frees it."""
+  """An exclusive flock on the workdir directory and on workdir/.jaxft.lock; release() (or
+  process exit) frees both."""
 
   def __init__(self, workdir: str):
+    self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_NAME)
-    self._fd: int | None = None
+    self._dir_fd: int | None = None
+    self._file_fd: int | None = None
 
   def acquire(self) -> 'WorkdirLock':
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._dir_fd = self._open_locked(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+      self._file_fd = self._open_locked(self.path, os.O_RDWR | os.O_CREAT)
+      self._write_holder()
+    except BaseException as e:
+      self.release()
+      reason = files.write_problem(e) if isinstance(e, OSError) else None
+      if reason is None:
+        raise
+      raise WorkdirError(f'cannot write to the workdir {self.workdir}: {reason} '
+                         f'({e.filename or self.path}); use a writable --workdir'
+                         + (' or free space' if files.is_no_space(e) else '')) from None
+    return self
+
+  def _open_locked(self, path: str, flags: int) -> int | None:
+    """An fd of `path` holding an exclusive flock (kept until release); None where the
+    filesystem has no flock; WorkdirError naming the holder when another process has it."""
+    fd = os.open(path, flags, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return fd
     except OSError as e:
-      holder = _read_holder(fd)
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise WorkdirError(
-            f'{os.path.dirname(self.path)} is in use by another jaxft run ({holder}); wait for '
-            f'it to finish, stop it, or use another --workdir') from None
-      logging.warning('cannot lock %s (%s): the filesystem has no flock; not guarding against '
-                      'a second run in this workdir', self.path, e)
-      return self
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                             'since': time.strftime('%Y-%m-%d %H:%M:%S')}).encode())
-    os.fsync(fd)
-    self._fd = fd
-    return self
+            f'{self.workdir} is in use by another jaxft run ({_read_holder(self.path)}); wait '
+            f'for it to finish, stop it, or use another --workdir') from None
+      logging.warning('cannot lock %s (%s): the filesystem has no flock there', path, e)
+      return None
+
+  def _write_holder(self):
+    info = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                       'since': time.strftime('%Y-%m-%d %H:%M:%S')}).encode()
+    fd = self._file_fd if self._file_fd is not None else os.open(self.path, os.O_WRONLY)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, info, 0)
+      os.fsync(fd)
+    finally:
+      if fd != self._file_fd:
+        os.close(fd)
 
   def release(self):
-    if self._fd is not None:
+    if self._file_fd is not None:
       try:
-        os.ftruncate(self._fd, 0)
+        os.ftruncate(self._file_fd, 0)
       except OSError:
         pass
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+    for fd in (self._file_fd, self._dir_fd):
+      if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    self._dir_fd = self._file_fd = None
 
   def __enter__(self):
     return self
@@ -88,10 +120,10 @@ class WorkdirLock:
     return False
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(path: str) -> str:
   try:
-    os.lseek(fd, 0, os.SEEK_SET)
-    info = json.loads(os.read(fd, 4096).decode() or '{}')
+    with open(path, encoding='utf-8') as f:
+      info = json.loads(f.read(4096) or '{}')
     return f'pid {info["pid"]} on {info["host"]}, since {info["since"]}'
   except (OSError, ValueError, KeyError):
     return 'pid unknown'
@@ -115,12 +147,18 @@ def differences(saved: dict, cfg) -> list[str]:
   out = []
   if saved.get('stage') != new.get('stage'):
     out.append(f'stage: {saved.get("stage")!r} -> {new.get("stage")!r}')
-  old_m, new_m = saved.get('model') or {}, new.get('model') or {}
-  for k in sorted(set(old_m) | set(new_m)):
-    if k not in RUNTIME_MODEL_KEYS and old_m.get(k) != new_m.get(k):
-      out.append(f'model.{k}: {old_m.get(k)!r} -> {new_m.get(k)!r}')
-  if _norm(saved.get('init_from') or '') != _norm(new.get('init_from') or ''):
-    out.append(f'init_from: {saved.get("init_from")!r} -> {new.get("init_from")!r}')
+  for key in ('init_from', 'teacher'):
+    if _norm(saved.get(key) or '') != _norm(new.get(key) or ''):
+      out.append(f'{key}: {saved.get(key)!r} -> {new.get(key)!r}')
+  # With init_from or a teacher the architecture comes from there (config.json records the
+  # model built), so the model keys of the two configs need not agree.
+  if not (new.get('init_from') or new.get('teacher')):
+    old_m, new_m = saved.get('model') or {}, new.get('model') or {}
+    for k in sorted(set(old_m) | set(new_m)):
+      if k == 'vocab_size' and not new_m.get(k):
+        continue  # 0 = the tokenizer's size; config.json records the size it resolved to
+      if k not in RUNTIME_FIELDS and old_m.get(k) != new_m.get(k):
+        out.append(f'model.{k}: {old_m.get(k)!r} -> {new_m.get(k)!r}')
   old_t = (saved.get('data') or {}).get('task')
   new_t = (new.get('data') or {}).get('task')
   if old_t != new_t and old_t is not None and new_t is not None:
@@ -168,7 +206,6 @@ def check(cfg, workdir: str) -> bool:
 
 def guard(cfg, workdir: str) -> tuple[WorkdirLock | None, bool]:
   """(lock held for the run or None, write_config); raises WorkdirError on every process."""
-  import jax
   lock, write, error = None, True, ''
   if jax.process_index() == 0:
     try:
@@ -180,7 +217,6 @@ def guard(cfg, workdir: str) -> tuple[WorkdirLock | None, bool]:
         lock = None
       error = str(e)
   if jax.process_count() > 1:  # through the coordination service: no device collective
-    from jaxft import distributed
     verdict = distributed.allgather_json({'error': error, 'write': write})[0]
     if verdict['error'] and not error:
       error = f'process 0 refused the workdir {workdir}: {verdict["error"]}'

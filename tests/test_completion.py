@@ -3,6 +3,7 @@ the validation split is by prompt, labels score the completion only, the loss eq
 hand-computed one, packed rows give the loss of unpacked rows, and generation metrics are
 sacrebleu's / rouge-score's multi-reference numbers.
 """
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import build_model, gpt2_defaults
 from jaxft.objectives.completion import completion_objective, target_positions
 from jaxft.train.metrics import generation_metrics
+from jaxft.train.state import ModelDef
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE = os.path.join(REPO, 'data', 'e2e', 'devset-slice.csv')
@@ -65,13 +67,13 @@ def test_hf_datasets_source(tmp_path):
   datasets.DatasetDict({'train': datasets.Dataset.from_dict(rows),
                         'validation': datasets.Dataset.from_dict({'mr': ['c[3]'], 'ref': ['Three.']})}
                        ).save_to_disk(str(tmp_path / 'ds'))
-  cfg = lm.default_data_config(source='hf', hf_path=str(tmp_path / 'ds'), prompt_column='mr',
-                               completion_column='ref', on_bad_row='skip')
+  cfg = lm.CompletionData(source='hf', hf_path=str(tmp_path / 'ds'), prompt_column='mr',
+                          completion_column='ref', on_bad_row='skip')
   train, dev, info = lm.load_splits(cfg)
   assert train.prompts == ['a[1]', 'a[1]', 'b[2]'] and train.completions[1] == 'Uno.'
   assert dev.prompts == ['c[3]'] and info['n_train_prompts'] == 2
   assert train.sources[2].endswith('[train][row 2]')
-  cfg.on_bad_row = 'error'
+  cfg = dataclasses.replace(cfg, on_bad_row='error')
   with pytest.raises(ValueError, match=r"\[train\]\[row 3\]: empty prompt in column 'mr'"):
     lm.load_splits(cfg)
 
@@ -144,9 +146,15 @@ def test_packing_layout():
 
 @pytest.fixture(scope='module')
 def model():
-  cfg = gpt2_defaults(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+  """One layer with seeded normal weights set from numpy: no initializer is compiled (eager
+  init compiles every initializer op by op, a jitted one is a large program)."""
+  cfg = gpt2_defaults(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
                       intermediate_size=64, max_position_embeddings=32, pad_token_id=0)
-  return build_model(cfg, 'clm', seed=3)
+  model_def = ModelDef.create(lambda: build_model(cfg, 'clm', seed=3))
+  rng = np.random.RandomState(3)
+  return model_def.merge(jax.tree.map(
+      lambda x: (rng.standard_normal(x.shape) * 0.3).astype(x.dtype),
+      model_def.abstract_params))
 
 
 EXAMPLES = [([5, 6, 7], [8, 9, 2]), ([10, 11], [12, 13, 14, 2]), ([15], [16, 2]),

@@ -6,6 +6,9 @@ One tiny random GPT-2 (HF-built, weights set so that it does not just repeat a t
 logits are far from ties), prompts of
 different lengths, and an EOS id picked from the model's own greedy output so that rows stop
 at different steps.
+
+Compiles are what these tests cost: the settings below are shared so that each decoding
+program (method, widths, cache or not, batch shape) compiles once for the whole module.
 """
 import numpy as np
 import pytest
@@ -15,19 +18,22 @@ transformers = pytest.importorskip('transformers')
 
 import jax  # noqa: E402
 
-from jaxft.models import decoding, hf  # noqa: E402
 from jaxft.data.completion import left_pad  # noqa: E402
+from jaxft.models import decoding, hf  # noqa: E402
 from jaxft.models.decoding import DecodeSettings  # noqa: E402
 
 VOCAB, PAD, NEW = 96, 0, 12
 PROMPTS = [[5, 17, 33, 41, 8, 9, 60], [71, 3], [12, 44, 90, 7], [30]]
+GREEDY = dict(method='greedy')
+BEAM = dict(method='beam', num_beams=3)  # length_penalty 1.0, early_stopping False
+SAMPLE = dict(method='sample', temperature=1.3, top_k=20, top_p=0.9)
 
 transformers.logging.set_verbosity_error()
 
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
-  conf = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+  conf = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64,
                                  pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
   torch.manual_seed(0)
   ref = transformers.GPT2LMHeadModel(conf)
@@ -59,11 +65,17 @@ def _until_eos(row, eos):
   return row[:row.index(eos) + 1] if eos is not None and eos in row else row
 
 
+def _keys(seed: int, n: int = len(PROMPTS)):
+  return jax.random.split(jax.random.key(seed), n)
+
+
 def _ours(model, prompts, rng=None, **kw):
+  """Decoded new tokens per prompt. `rng`: one key per prompt (the default too), so that
+  calls differing only in key values share one compiled program."""
   ids, mask = left_pad(prompts, PAD)
   s = DecodeSettings(max_new_tokens=NEW, pad_token_id=PAD, **kw)
   out = decoding._decode_jit(*_split(model), ids, mask, s,
-                             jax.random.key(3) if rng is None else rng)
+                             _keys(3, len(prompts)) if rng is None else rng)
   return decoding.strip(out['tokens'], out['length'])
 
 
@@ -92,8 +104,7 @@ def test_greedy_matches_transformers(models, eos):
   assert {len(r) for r in got} != {NEW}  # some rows stopped at EOS, some ran to the limit
 
 
-@pytest.mark.parametrize('beams,lp,early', [(3, 1.0, False), (4, 0.6, True), (3, 2.0, 'never'),
-                                            (2, -0.5, False)])
+@pytest.mark.parametrize('beams,lp,early', [(3, 1.0, False), (4, 0.6, True), (2, 2.0, 'never')])
 def test_beam_matches_transformers(models, eos, beams, lp, early):
   ref, ours = models
   want = _hf(ref, PROMPTS, do_sample=False, num_beams=beams, length_penalty=lp,
@@ -103,8 +114,7 @@ def test_beam_matches_transformers(models, eos, beams, lp, early):
   assert got == want
 
 
-@pytest.mark.parametrize('kw', [dict(method='greedy'), dict(method='beam', num_beams=3),
-                                dict(method='sample', temperature=1.3, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize('kw', [GREEDY, BEAM, SAMPLE])
 def test_cache_equals_no_cache(models, eos, kw):
   _, ours = models
   cached = _ours(ours, PROMPTS, eos_token_id=eos, **kw)
@@ -112,24 +122,22 @@ def test_cache_equals_no_cache(models, eos, kw):
   assert cached == plain
 
 
-@pytest.mark.parametrize('kw', [dict(method='greedy'), dict(method='beam', num_beams=3),
-                                dict(method='sample', temperature=1.3, top_p=0.8)])
+@pytest.mark.parametrize('kw', [BEAM, SAMPLE])
 def test_batch_equals_one_at_a_time(models, eos, kw):
+  """The prompt with the most left padding in the batch, alone (greedy: the HF comparison
+  above is already on a left-padded batch)."""
   _, ours = models
-  keys = jax.random.split(jax.random.key(7), len(PROMPTS))  # one key per prompt
+  keys = _keys(7)  # one key per prompt
   batch = _ours(ours, PROMPTS, eos_token_id=eos, rng=keys, **kw)
-  for i in (1, 3):  # the most left padding in the batch; one compile per prompt length
-    assert batch[i] == _ours(ours, [PROMPTS[i]], eos_token_id=eos, rng=keys[i:i + 1], **kw)[0]
+  assert batch[3] == _ours(ours, [PROMPTS[3]], eos_token_id=eos, rng=keys[3:], **kw)[0]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(models, eos):
   _, ours = models
-  a = _ours(ours, PROMPTS, method='sample', eos_token_id=eos, rng=jax.random.key(1))
-  b = _ours(ours, PROMPTS, method='sample', eos_token_id=eos, rng=jax.random.key(1))
-  c = _ours(ours, PROMPTS, method='sample', eos_token_id=eos, rng=jax.random.key(2))
+  a, b, c = (_ours(ours, PROMPTS, eos_token_id=eos, rng=_keys(k), **SAMPLE) for k in (1, 1, 2))
   assert a == b and a != c
-  assert _ours(ours, PROMPTS, method='sample', top_k=1, eos_token_id=eos) == \
-      _ours(ours, PROMPTS, method='greedy', eos_token_id=eos)
+  assert _ours(ours, PROMPTS, eos_token_id=eos, **{**SAMPLE, 'top_k': 1}) == \
+      _ours(ours, PROMPTS, eos_token_id=eos, **GREEDY)
 
 
 @pytest.mark.parametrize('temperature,top_k,top_p', [(0.7, 10, 1.0), (1.0, 0, 0.8),
@@ -161,18 +169,19 @@ def test_generate_keeps_the_prompt_and_checks_lengths(models):
     DecodeSettings(early_stopping='sometimes')
 
 
-@pytest.mark.parametrize('method', ['greedy', 'beam'])
-def test_soft_prompt_decodes_the_same_with_and_without_cache(models, eos, method):
+def test_soft_prompt_decodes_the_same_with_and_without_cache(models, eos):
   """Prompt tuning: the cache starts with the soft prompt's keys/values (PeftModel.init_cache);
-  without the cache the prompt is prepended to the whole sequence each step."""
+  without the cache the prompt is prepended to the whole sequence each step. Beam search:
+  the cache rows, soft prompt included, are tiled per beam and reordered every step."""
   import copy
 
   from jaxft.peft.config import PeftConfig
   from jaxft.peft.modules import inject
   _, ours = models
   prompted = inject(copy.deepcopy(ours), PeftConfig(methods=('prompt',), prompt_length=3))
-  prompted.prompt.value = jax.random.normal(jax.random.key(5), prompted.prompt.shape) * 2.0
-  kw = dict(method=method, num_beams=3, eos_token_id=eos)
+  prompted.prompt.value = np.random.RandomState(5).randn(*prompted.prompt.shape).astype(
+      np.float32) * 2.0
+  kw = dict(eos_token_id=eos, **BEAM)
   cached = _ours(prompted, PROMPTS, **kw)
   assert cached == _ours(prompted, PROMPTS, use_cache=False, **kw)
   assert cached != _ours(ours, PROMPTS, **kw)  # the prompt changes the output

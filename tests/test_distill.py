@@ -12,21 +12,25 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxft import partitioning
-from jaxft.distill import init as init_distill
-from jaxft.distill import losses
-from jaxft.distill import stage
-from jaxft.distill import task as task_lib
+from jaxft.data import loader as loader_lib
+from jaxft.data.masking import MaskingSettings
+from jaxft.distill import student as init_distill
 from jaxft.distill import teacher as teacher_lib
 from jaxft.models import ModelConfig, build_model, flat_params
-from jaxft.train import finetune
-from jaxft.train import optimizer as optim
+from jaxft.objectives import classification as cls_objectives
+from jaxft.objectives import distill as task_lib
+from jaxft.objectives import lm
+from jaxft.objectives.outputs import outputs
+from jaxft.partitioning import MeshSettings
+from jaxft.stages import distill as stage
+from jaxft.train import loop
 from jaxft.train.state import ModelDef, create_train_state, to_host
-from jaxft.train.step import global_batch, make_train_step
+from jaxft.train.step import global_batch, make_eval_step, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, LEN, BATCH, LABELS = 128, 16, 16, 3
@@ -41,16 +45,15 @@ STUDENT = ModelConfig(num_layers=2, hidden_dropout=0.1, attention_dropout=0.1,
 
 
 def _mesh(shape=(1, 1, 1)):
-  cfg = ml_collections.ConfigDict(dict(zip(partitioning.MESH_AXES, shape)))
-  return partitioning.make_mesh(cfg, jax.devices()[:math.prod(shape)])
+  return partitioning.make_mesh(MeshSettings(*shape), jax.devices()[:math.prod(shape)])
 
 
-def _opt_cfg():
-  # Adam's first update is ~lr * g / |g| per element: a small lr keeps fp-level gradient
-  # noise on near-zero elements (reassociation) below the 1e-6 parameter tolerance.
-  return ml_collections.ConfigDict(dict(
-      lr=1e-3, schedule='constant', warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=0.0,
-      weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+def _sgd():
+  """The step's optimizer for the parity checks: SGD keeps the parameters linear in the
+  gradient, so fp32 rounding of differently fused programs (the distillation step also
+  runs the teacher) stays at lr x rounding on any CPU; Adam's g / (|g| + eps) would amplify
+  the rounding of near-zero gradients by up to lr / eps."""
+  return optax.sgd(1e-3)
 
 
 def _random_params(md, seed):
@@ -68,7 +71,7 @@ def _teacher():
 
 @functools.cache
 def _student():
-  md = stage.student_def(STUDENT, 'cls', LABELS, 0, None)
+  md = init_distill.student_def(STUDENT, 'cls', LABELS, 0, None)
   params, report = init_distill.from_teacher(_teacher()[1], md, [0, 2])
   return md, params, report
 
@@ -85,13 +88,14 @@ def _batch(seed=0, n=BATCH):
 
 
 def _one_step(task, batch, extra=None, mesh=None):
-  """(loss, params after one step) of `task` from the student's every-other-layer init."""
+  """(loss, params after one step) of `task` from the student's every-other-layer init;
+  `extra`: the teacher's params (the step's constants)."""
   mesh = mesh or _mesh()
   md, params, _ = _student()
-  tx, _ = optim.make_optimizer(_opt_cfg(), 10, md.abstract_params)
+  tx = _sgd()
   state, sh = create_train_state(md, tx, mesh, RULES, 0, params=params)
   extra_sh = None if extra is None else jax.tree.map(lambda x: x.sharding, extra)
-  step = make_train_step(md, task, tx, sh, mesh, RULES, extra_shardings=extra_sh)
+  step = make_train_step(md, task, tx, sh, mesh, RULES, constants_shardings=extra_sh)
   args = () if extra is None else (extra,)
   state, metrics = step(state, global_batch(batch, mesh, RULES), *args)
   return float(metrics['loss']), to_host(state['params']), metrics
@@ -115,9 +119,9 @@ def test_kd_loss_matches_numpy():
   temp = 2.5
   lpt, lps = _np_log_softmax(t / temp), _np_log_softmax(s / temp)
   want = temp ** 2 * (np.exp(lpt) * (lpt - lps)).sum(-1)
-  got = losses.kl_soft_targets(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temp)
+  got = task_lib.kl_soft_targets(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temp)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  assert float(jnp.abs(losses.kl_soft_targets(jnp.asarray(t), jnp.asarray(t), temp)).max()) < 1e-6
+  assert float(jnp.abs(task_lib.kl_soft_targets(jnp.asarray(t), jnp.asarray(t), temp)).max()) < 1e-6
 
   # The assembled classification loss: alpha*T^2*KL + (1-alpha)*CE, weighted sums.
   md, params, _ = _student()
@@ -126,7 +130,7 @@ def test_kd_loss_matches_numpy():
   w = rng.uniform(0.5, 2.0, 8).astype(np.float32)
   batch.update(teacher_logits=jnp.asarray(t_logits), weights=jnp.asarray(w))
   spec = task_lib.Spec(alpha=0.3, temperature=temp)
-  task = task_lib.cls_task(LABELS, False, spec, cached=True)
+  task = task_lib.cls(LABELS, False, spec, cached=True)
 
   @jax.jit
   def run(params, batch):
@@ -155,9 +159,9 @@ def test_feature_losses_match_numpy():
   n = mask.sum(-1)
   want = {'cos': ((1 - cos) * mask).sum(-1) / n, 'mse': (mse * mask).sum(-1) / n,
           'att': (((a_s - a_t) ** 2) * pair).sum((1, 2, 3)) / (3 * n * n)}
-  got = {'cos': losses.cosine_per_example(hs, ht, mask),
-         'mse': losses.hidden_mse_per_example(hs, ht, mask),
-         'att': losses.attention_mse_per_example(a_s, a_t, mask)}
+  got = {'cos': task_lib.cosine_per_example(hs, ht, mask),
+         'mse': task_lib.hidden_mse_per_example(hs, ht, mask),
+         'att': task_lib.attention_mse_per_example(a_s, a_t, mask)}
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
 
@@ -182,13 +186,13 @@ def test_every_other_layer_init_copies_chosen_teacher_layers():
 
 
 def test_alpha0_equals_finetuning():
-  """Same first-step loss and params as the finetune Task (dropout on, same rng)."""
+  """Same first-step loss and params as the fine-tuning objective (dropout on, same rng)."""
   mesh = _mesh()
   batch = _batch(3)
   spec = task_lib.Spec(alpha=0.0, temperature=2.0)
-  kd = _one_step(task_lib.cls_task(LABELS, False, spec, _teacher()[0]), batch,
+  kd = _one_step(task_lib.cls(LABELS, False, spec, _teacher()[0]), batch,
                  extra=_teacher_on(mesh), mesh=mesh)
-  ft = _one_step(finetune.cls_task(LABELS, False), batch, mesh=mesh)
+  ft = _one_step(cls_objectives.cls(LABELS, False), batch, mesh=mesh)
   assert abs(kd[0] - ft[0]) <= 1e-6, (kd[0], ft[0])
   assert float(kd[2]['kd_sum']) > 0  # the teacher did run: its term is just weighted 0
   for a, b in zip(jax.tree.leaves(kd[1]), jax.tree.leaves(ft[1])):
@@ -202,10 +206,11 @@ def test_cached_teacher_logits_give_the_live_first_step_loss(tmp_path):
   arrays = _batch(4, n=40)  # not a multiple of the batch: the cache pass pads and reorders
   teacher = teacher_lib.Teacher('t', TEACHER, 'cls', LABELS, md, _teacher()[1], None,
                                 teacher_lib.fingerprint(TEACHER, 'cls', _teacher()[1]))
-  fwd = stage.forward_step(md, mesh, RULES, md.param_shardings(mesh, RULES))
-  assert stage.examples_per_sec(fwd, t_params, arrays, BATCH, mesh, RULES) > 0
+  fwd = make_eval_step(md, outputs('logits'), mesh, RULES, md.param_shardings(mesh, RULES))
+  assert init_distill.examples_per_sec(fwd, t_params, arrays, BATCH, mesh, RULES) > 0
   path = teacher_lib.cache_path(str(tmp_path), teacher, arrays)
-  compute = lambda: stage.predict_logits(fwd, t_params, arrays, BATCH, mesh, RULES)
+  compute = lambda: loop.evaluate(fwd, t_params, loader_lib.eval_batches(arrays, BATCH)(), mesh,
+                                  RULES, lambda sums, per: loader_lib.ordered(per)['logits'])
   logits, hit = teacher_lib.cached_logits(path, 40, compute)
   assert not hit and os.path.exists(path) and logits.shape == (40, LABELS)
   again, hit = teacher_lib.cached_logits(path, 40, lambda: pytest.fail('recomputed'))
@@ -213,8 +218,8 @@ def test_cached_teacher_logits_give_the_live_first_step_loss(tmp_path):
 
   batch = {k: v[:BATCH] for k, v in arrays.items()}
   spec = task_lib.Spec(alpha=0.7, temperature=3.0)
-  live = _one_step(task_lib.cls_task(LABELS, False, spec, md), batch, extra=t_params, mesh=mesh)
-  cached = _one_step(task_lib.cls_task(LABELS, False, spec, cached=True),
+  live = _one_step(task_lib.cls(LABELS, False, spec, md), batch, extra=t_params, mesh=mesh)
+  cached = _one_step(task_lib.cls(LABELS, False, spec, cached=True),
                      dict(batch, teacher_logits=logits[:BATCH]), mesh=mesh)
   assert abs(live[0] - cached[0]) <= 1e-5 * max(1.0, abs(live[0])), (live[0], cached[0])
   assert float(live[2]['kd_sum']) > 0
@@ -269,15 +274,18 @@ def _stage_cfg(teacher_dir, data_dir):
 
 def test_stage_on_2x2x2_mesh_keeps_teacher_frozen(tmp_path):
   from jaxft import config as config_lib
+  from jaxft import stages
   teacher_dir, data_dir, workdir = (str(tmp_path / n) for n in ('teacher', 'data', 'work'))
   t_host = _write_teacher(teacher_dir)
   _write_data(data_dir)
   cfg = _stage_cfg(teacher_dir, data_dir)
-  config_lib.validate(cfg)
-  results = stage.run(cfg, workdir)
+  settings = stages.validate(cfg)
+  config_lib.save_config(cfg, workdir)  # as stages.run does, before the stage
+  distilled = stage.distill(settings, workdir)
+  results = distilled.results
 
   # The teacher: bit-identical after training, on the mesh by its own logical axes.
-  t_dev = results['teacher_state']
+  t_dev = distilled.teacher_params
   for name, x in flat_params(t_dev).items():
     np.testing.assert_array_equal(np.asarray(x), flat_params(t_host)[name], err_msg=name)
   emb = t_dev['bert']['embeddings']['word']['embedding']
@@ -285,7 +293,7 @@ def test_stage_on_2x2x2_mesh_keeps_teacher_frozen(tmp_path):
   assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
 
   # The train state is the student's alone: Adam moments mirror its params exactly.
-  state = results['state']
+  state = distilled.state
   assert results['step'] == 2 and int(state['skipped']) == 0
   s_struct = jax.tree.structure(state['params'])
   adam = [s for s in jax.tree.leaves(state['opt_state'], is_leaf=lambda s: hasattr(s, 'mu'))
@@ -315,10 +323,10 @@ def test_stage_on_2x2x2_mesh_keeps_teacher_frozen(tmp_path):
 
 def test_configs_load_and_bad_settings_are_named():
   mod = _config_module()
-  from jaxft import config as config_lib
+  from jaxft import stages
   for v in ('sst2', 'mnli', 'stsb', 'mlm'):
     c = mod.get_config(v)
-    config_lib.validate(c)
+    stages.validate(c)
     assert c.stage == 'distill' and c.distill.kind == ('mlm' if v == 'mlm' else 'cls')
   with pytest.raises(ValueError, match='out of range'):
     stage.parse_layer_map('0:0,3:9', 2, 4)
@@ -326,11 +334,11 @@ def test_configs_load_and_bad_settings_are_named():
   c = mod.get_config('sst2')
   c.distill.attention_weight = 1.0
   with pytest.raises(ValueError, match='equal head counts'):
-    stage.make_spec(c.distill, STUDENT.replace(num_heads=2), TEACHER)
+    stage.make_spec(stages.validate(c).distill, STUDENT.replace(num_heads=2), TEACHER)
 
 
 class _Tokenizer:
-  """What the MLM task reads from a tokenizer."""
+  """What the MLM objective reads from a tokenizer."""
   mask_token_id = 4
 
   def __len__(self):
@@ -339,29 +347,29 @@ class _Tokenizer:
 
 @pytest.mark.slow
 def test_mlm_alpha0_equals_pretraining_and_soft_targets_use_the_shared_mask():
-  from jaxft.train.pretrain import mlm_task
   mesh = _mesh()
-  mlm_cfg = ml_collections.ConfigDict(dict(mask_prob=0.15, mask_token_frac=0.8,
-                                           random_token_frac=0.1, max_predictions=4))
+  mlm_cfg = MaskingSettings(mask_prob=0.15, mask_token_frac=0.8, random_token_frac=0.1,
+                            max_predictions=4)
   t_md = ModelDef.create(lambda: build_model(TEACHER, 'mlm'))
   t_params = jax.device_put(_random_params(t_md, 5), t_md.param_shardings(mesh, RULES))
-  s_md = stage.student_def(STUDENT, 'mlm', None, 0, None)
+  s_md = init_distill.student_def(STUDENT, 'mlm', None, 0, None)
   s_params, _ = init_distill.from_teacher(_random_params(t_md, 5), s_md, [0, 2])
   batch = {k: v for k, v in _batch(6).items() if k in ('input_ids', 'attention_mask')}
   batch['special_tokens_mask'] = 1 - batch['attention_mask']
   batch['special_tokens_mask'][:, 0] = 1
 
   def one_step(task, extra=None):
-    tx, _ = optim.make_optimizer(_opt_cfg(), 10, s_md.abstract_params)
+    tx = _sgd()
     state, sh = create_train_state(s_md, tx, mesh, RULES, 0, params=s_params)
-    step = make_train_step(s_md, task, tx, sh, mesh, RULES, extra_shardings=None if extra is None
+    step = make_train_step(s_md, task, tx, sh, mesh, RULES,
+                           constants_shardings=None if extra is None
                            else jax.tree.map(lambda x: x.sharding, extra))
     state, m = step(state, global_batch(batch, mesh, RULES), *(() if extra is None else (extra,)))
     return float(m['loss']), to_host(state['params']), m
 
   spec = task_lib.Spec(alpha=0.0, temperature=2.0, cosine_weight=0.0)
-  kd = one_step(task_lib.mlm_task(STUDENT, _Tokenizer(), mlm_cfg, spec, t_md), t_params)
-  ref = one_step(mlm_task(STUDENT, _Tokenizer(), mlm_cfg))
+  kd = one_step(task_lib.mlm(_Tokenizer(), mlm_cfg, spec, t_md), t_params)
+  ref = one_step(lm.mlm(_Tokenizer(), mlm_cfg))
   assert abs(kd[0] - ref[0]) <= 1e-6, (kd[0], ref[0])
   assert float(kd[2]['weight']) == float(ref[2]['weight']) > 0  # the same masked positions
   assert float(kd[2]['kd_sum']) > 0
@@ -372,12 +380,12 @@ def test_mlm_alpha0_equals_pretraining_and_soft_targets_use_the_shared_mask():
   # corrupted inputs at the same masked positions.
   same = STUDENT.replace(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
   md = ModelDef.create(lambda: build_model(same, 'mlm'))
-  task = task_lib.mlm_task(same, _Tokenizer(), mlm_cfg, task_lib.Spec(alpha=1.0), md)
+  task = task_lib.mlm(_Tokenizer(), mlm_cfg, task_lib.Spec(alpha=1.0), md)
 
   @jax.jit
   def soft(params, batch):
     b = task.prepare(batch, jax.random.PRNGKey(0))
-    return task.loss(md.merge(params), b, jax.random.PRNGKey(1), False, extra=params)[1]
+    return task.loss(md.merge(params), b, jax.random.PRNGKey(1), False, constants=params)[1]
 
   sums = soft(s_params, batch)
   assert float(sums['weight']) > 0 and abs(float(sums['kd_sum'])) < 1e-5, sums

@@ -11,18 +11,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from jaxft import partitioning
+from jaxft.data.masking import MaskingSettings
 from jaxft.models import ModelConfig, build_model
+from jaxft.objectives.lm import mlm
+from jaxft.partitioning import MeshSettings
 from jaxft.train import optimizer as optim
-from jaxft.train.pretrain import mlm_task
-from jaxft.train.state import ModelDef, create_train_state, to_host
 from jaxft.train import step as step_lib
-from jaxft.train.step import Task, global_batch, make_train_step
+from jaxft.train.optimizer import OptimizerSettings
+from jaxft.train.state import ModelDef, create_train_state, to_host
+from jaxft.train.step import Objective, global_batch, make_train_step
 
 VOCAB, LEN, BATCH, STEPS = 128, 32, 16, 20
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -34,23 +36,22 @@ RULES = partitioning.rules_from_config(())
 
 
 class _Tokenizer:
-  """What `mlm_task` reads from a tokenizer."""
+  """What the MLM objective reads from a tokenizer."""
   mask_token_id = MASK
 
   def __len__(self):
     return VOCAB
 
 
-def _mlm_cfg():
-  return ml_collections.ConfigDict(dict(mask_prob=0.15, mask_token_frac=0.8,
-                                        random_token_frac=0.1, max_predictions=6))
+MASKING = MaskingSettings(mask_prob=0.15, mask_token_frac=0.8, random_token_frac=0.1,
+                          max_predictions=6)
 
 
 def _opt_cfg(**kw):
   d = dict(lr=2e-2, schedule='linear', warmup_steps=5, warmup_ratio=0.0, end_lr_ratio=0.0,
            weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
   d.update(kw)
-  return ml_collections.ConfigDict(d)
+  return OptimizerSettings(**d)
 
 
 @functools.cache
@@ -60,7 +61,7 @@ def _model_def():
 
 @functools.cache
 def _task():
-  return mlm_task(MCFG, _Tokenizer(), _mlm_cfg())
+  return mlm(_Tokenizer(), MASKING)
 
 
 def _batches(n, batch=BATCH, seed=0):
@@ -89,9 +90,7 @@ def _batches(n, batch=BATCH, seed=0):
 
 
 def _mesh(shape):
-  n = math.prod(shape)
-  cfg = ml_collections.ConfigDict(dict(zip(partitioning.MESH_AXES, shape)))
-  return partitioning.make_mesh(cfg, jax.devices()[:n])
+  return partitioning.make_mesh(MeshSettings(*shape), jax.devices()[:math.prod(shape)])
 
 
 @functools.cache
@@ -302,9 +301,12 @@ def test_schedule_closed_form(kind, warm_kw):
     assert float(sched(mid)) == pytest.approx(lr * end_ratio + (lr - lr * end_ratio) / 2)
 
 
-def test_both_warmups_set_is_an_error():
-  with pytest.raises(ValueError, match='warmup'):
-    optim.make_schedule(_opt_cfg(warmup_steps=5, warmup_ratio=0.1), 100)
+def test_explicit_warmup_steps_win_over_a_presets_ratio():
+  """--config.optimizer.warmup_steps=N on a preset with warmup_ratio: N steps (it used to be
+  an error, after tokenizing and loading the model)."""
+  settings = _opt_cfg(warmup_steps=5, warmup_ratio=0.1)
+  assert optim.warmup_steps(settings, 100) == 5
+  assert float(optim.make_schedule(settings, 100)(5)) == pytest.approx(settings.lr)
 
 
 @pytest.mark.parametrize('kind', ['linear', 'cosine'])
@@ -386,7 +388,7 @@ def _poisoned_task():
     loss_sum = loss_sum + jnp.where(p == 1, jnp.nan, 0.0)
     return _poison_grad(loss_sum, (p == 2).astype(jnp.float32)), sums
 
-  return Task(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
 
 
 def test_nonfinite_skip_keeps_params_and_counts():
@@ -420,7 +422,7 @@ def test_bf16_params_train_and_keep_their_dtypes():
   """`model.param_dtype='bfloat16'`: params and Adam moments stay bf16 step after step (the
   fp32 loss scale used to promote the moments, which broke the non-finite cond)."""
   cfg = dataclasses.replace(MCFG, dtype='bfloat16', param_dtype='bfloat16')
-  mesh, state, step = _setup((2, 1, 1), task=mlm_task(cfg, _Tokenizer(), _mlm_cfg()),
+  mesh, state, step = _setup((2, 1, 1), task=mlm(_Tokenizer(), MASKING),
                              model_def=ModelDef.create(lambda: build_model(cfg, 'mlm', seed=0)))
   dtypes = [x.dtype for x in jax.tree.leaves(state)]
   assert jnp.bfloat16 in dtypes
@@ -431,3 +433,66 @@ def test_bf16_params_train_and_keep_their_dtypes():
     assert [x.dtype for x in jax.tree.leaves(state)] == dtypes
   assert bool(metrics['finite']) and int(state['skipped']) == 0
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _Loss:
+  """A dispatched step's loss: ready when the test says so."""
+
+  def __init__(self):
+    self.ready = False
+
+  def is_ready(self):
+    return self.ready
+
+
+def test_progress_counts_finished_steps_not_dispatched_ones():
+  from jaxft.train.loop import _Progress
+  bar = _Progress(total=10, initial=0, desc='t')
+  losses = [_Loss() for _ in range(3)]
+  for step, loss in enumerate(losses, 1):
+    bar.dispatched(step, loss)
+  assert bar.bar.n == 0  # three steps handed to the device, none finished
+  losses[0].ready = True
+  bar.dispatched(4, _Loss())
+  assert bar.bar.n == 1
+  bar.set_postfix(loss='x')  # the caller holds step 4's metrics: steps 1-4 are done
+  assert bar.bar.n == 4
+  bar.reset_to(2)  # a rollback
+  assert bar.bar.n == 2
+  bar.close()
+
+
+# ----------------------------------------------------------------------------- dtype auto
+
+def test_auto_dtype_follows_the_hardware():
+  """model.dtype='auto': bf16 compute where the device has bf16 units, fp32 elsewhere."""
+  from jaxft.models.config import bf16_hardware
+  zen4 = {'avx512f', 'avx512_bf16', 'avx2'}
+  xeon_without = {'avx512f', 'avx512_vnni', 'avx2'}  # family 6 model 207 as CI met it
+  zen3 = {'avx2', 'fma'}
+  sapphire = {'avx512f', 'amx_bf16', 'amx_tile'}
+  assert bf16_hardware('cpu', flags=zen4) == (True, 'CPU with avx512_bf16')
+  assert bf16_hardware('cpu', flags=sapphire)[0]
+  assert bf16_hardware('cpu', flags=xeon_without)[0] is False
+  assert bf16_hardware('cpu', flags=zen3) == (False, 'CPU without avx512_bf16/amx_bf16')
+  assert bf16_hardware('tpu') == (True, 'TPU')
+  assert bf16_hardware('gpu', compute_capability='9.0')[0]  # H100
+  assert not bf16_hardware('gpu', compute_capability='7.0')[0]  # V100
+
+
+def test_auto_dtype_resolves_in_the_model_config(monkeypatch):
+  from jaxft.models import config as model_config
+  for forced, want in (('bfloat16', jnp.bfloat16), ('float32', jnp.float32)):
+    monkeypatch.setenv(model_config.AUTO_ENV, forced)
+    model_config.auto_dtype.cache_clear()
+    assert ModelConfig(dtype='auto').dtype == want
+  monkeypatch.delenv(model_config.AUTO_ENV)
+  monkeypatch.setattr(model_config, 'cpu_flags', lambda: {'avx512_bf16'})
+  model_config.auto_dtype.cache_clear()
+  assert model_config.auto_dtype() == ('bfloat16', 'CPU with avx512_bf16')
+  monkeypatch.setattr(model_config, 'cpu_flags', lambda: {'avx2'})
+  model_config.auto_dtype.cache_clear()
+  assert model_config.auto_dtype()[0] == 'float32'
+  model_config.auto_dtype.cache_clear()

@@ -28,12 +28,17 @@ import numpy as np
 import optax
 import pytest
 
+from jaxft import config as config_lib
+from jaxft import sources as init_lib
+from jaxft import stages
 from jaxft.main import run_stage
 from jaxft.models import ModelConfig, build_model, flat_params
-from jaxft.train import finetune, loop
-from jaxft.train import init as init_lib
+from jaxft.objectives import classification as objectives
+from jaxft.stages import finetune
+from jaxft.train import loop
 from jaxft.train import optimizer as optim
 from jaxft.train import step as step_lib
+from jaxft.train.optimizer import FreezeSettings, OptimizerSettings
 from jaxft.train.state import ModelDef
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,13 +129,15 @@ def small_dev(n: int = 32) -> str:
 
 @functools.cache
 def sst2_workdir():
-  """(workdir, results) of a real fine-tune on the bundled SST-2 slice: 200 steps of batch
-  32 at lr 2e-3 (no dropout) from the tiny pretrained model, seq 64; dev eval at the end."""
+  """(workdir, results + the final 'state') of a real fine-tune on the bundled SST-2 slice:
+  200 steps of batch 32 at lr 2e-3 (no dropout) from the tiny pretrained model, seq 64; dev
+  eval at the end."""
   c = cls_config(num_steps=200, eval_every=0, batch_size=32, log_every=50)
   c.optimizer.update(lr=2e-3, warmup_ratio=0.1)
   c.model.update(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
   wd = os.path.join(tmp_root(), 'sst2')
-  return wd, run_stage(c, wd)
+  out = finetune_outcome(c, wd)
+  return wd, {**out.results, 'state': out.state}
 
 
 def conll_repeated(times: int = 16) -> str:
@@ -145,25 +152,35 @@ def conll_repeated(times: int = 16) -> str:
 
 @functools.cache
 def ner_workdir():
-  """(workdir, results): the fixture's 5 sentences as train (repeated) and as dev."""
+  """(workdir, results + the final 'state'): the fixture's 5 sentences as train (repeated)
+  and as dev."""
   c = ner_config(conll_repeated(), str(CONLL_TINY), num_steps=30, eval_every=10)
   c.optimizer.update(lr=5e-3, warmup_ratio=0.0)
   c.model.update(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0)
   wd = os.path.join(tmp_root(), 'ner')
-  return wd, run_stage(c, wd)
+  out = finetune_outcome(c, wd)
+  return wd, {**out.results, 'state': out.state}
 
 
 def host_flat(params) -> dict[str, np.ndarray]:
   return {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params).items()}
 
 
+def finetune_outcome(cfg, workdir: str) -> loop.Outcome:
+  """run_stage's fine-tune, keeping the train state it ends with (results hold host values)."""
+  settings = stages.validate(cfg)
+  config_lib.save_config(cfg, workdir)
+  return finetune.finetune(settings, workdir)
+
+
 def stub_train(monkeypatch, calls: list):
   """Replace the loop (and the step builder) so a stage stops before compiling anything."""
   pretrained_workdir()  # made (for real) first
 
-  def fake_train(cfg, workdir, model_def, task, data, **kw):
-    calls.append({'cfg': cfg, 'data': data, 'model_def': model_def, **kw})
-    return {'final': {}, 'preempted': False, 'best': {}, 'history': [], 'state': {'params': None}}
+  def fake_train(settings, workdir, model_def, objective, data, **kw):
+    calls.append({'settings': settings, 'data': data, 'model_def': model_def, **kw})
+    return loop.Outcome({'final': {}, 'preempted': False, 'best': {}, 'history': []},
+                        {'params': None})
 
   def no_compile(*a, **k):
     raise AssertionError('a train step was built')
@@ -215,12 +232,13 @@ def test_early_stopping_integration_restores_best(monkeypatch):
       return {'loss': 1.0 - v, 'accuracy': v}
     return summarize
 
-  monkeypatch.setattr(finetune, 'cls_summarizer', scripted)
+  monkeypatch.setattr(objectives, 'cls_summary', scripted)
   c = cls_config(num_steps=40, eval_every=2)
   c.data.dev_file = small_dev()
   c.train.early_stopping.patience = 3
   wd = os.path.join(tmp_root(), 'early_stop')
-  r = run_stage(c, wd)
+  out = finetune_outcome(c, wd)
+  r = {**out.results, 'state': out.state}
   assert r['stopped_early'] and r['step'] == 10
   assert [h['step'] for h in r['history']] == [2, 4, 6, 8, 10]
   assert seen == [0.50, 0.70, 0.70, 0.60, 0.65]
@@ -238,6 +256,60 @@ def test_early_stopping_integration_restores_best(monkeypatch):
   assert any(not np.array_equal(last[k], best[k]) for k in best)
 
 
+def test_finished_run_restarted_only_finishes_its_outputs(monkeypatch, tmp_path):
+  """An early-stopped run restarted (plainly, or after a kill during its export) trains no
+  more: no new checkpoint, no new metrics line, the same results.json, the export redone."""
+  script = iter([0.50, 0.70, 0.60, 0.55])
+
+  def scripted(info):
+    def summarize(sums, per):
+      v = next(script, 0.0)  # a run that evaluated again would see 0.0
+      return {'loss': 1.0 - v, 'accuracy': v}
+    return summarize
+
+  monkeypatch.setattr(objectives, 'cls_summary', scripted)
+  c = cls_config(num_steps=40, eval_every=2)
+  c.data.dev_file = small_dev()
+  c.train.early_stopping.patience = 2
+  c.export.hf = True
+  wd = tmp_path / 'w'
+  first = run_stage(c, str(wd))
+  assert first['stopped_early'] and first['step'] == 8
+
+  def snapshot():
+    return (sorted(os.listdir(wd / 'checkpoints')), sorted(os.listdir(wd / 'best')),
+            (wd / 'metrics.jsonl').read_text(), json.loads((wd / 'results.json').read_text()))
+
+  before = snapshot()
+  assert run_stage(c, str(wd)) == first
+  assert snapshot() == before
+  shutil.rmtree(wd / 'export')  # killed during the export: results.json is not written yet
+  (wd / 'results.json').unlink()
+  assert run_stage(c, str(wd)) == first
+  assert snapshot() == before and (wd / 'export' / 'config.json').exists()
+
+
+def test_explicit_num_steps_wins_over_the_presets_epochs(tmp_path, monkeypatch, caplog, capsys):
+  """--config.train.num_steps=N on a preset that trains by epochs runs N steps (it used to
+  run num_epochs x steps per epoch), and the log says why. The end of the stage prints
+  where its outputs are."""
+  calls = []
+  stub_train(monkeypatch, calls)
+  c = cls_config()
+  c.train.update(num_steps=60, num_epochs=3)
+  c.data.dev_file = small_dev()
+  with caplog.at_level(py_logging.INFO):
+    run_stage(c, str(tmp_path / 'w'))
+  assert calls[0]['settings'].train.num_steps == 60
+  out = capsys.readouterr().out
+  assert f"finetune_cls done: {tmp_path / 'w'}" in out
+  assert f"results              {tmp_path / 'w' / 'results.json'}" in out
+  assert 'train.num_steps=60 is set: 60 steps (train.num_epochs=3 is ignored' in caplog.text
+  c.train.update(num_steps=0, num_epochs=1)
+  run_stage(c, str(tmp_path / 'w2'))
+  assert calls[1]['settings'].train.num_steps == calls[1]['data'].steps_per_epoch
+
+
 # -------------------------------------------------------------------------- freezing
 
 def test_freezing_keeps_frozen_params_and_their_optimizer_state_empty():
@@ -246,7 +318,8 @@ def test_freezing_keeps_frozen_params_and_their_optimizer_state_empty():
   c.finetune.update(freeze_embeddings=True, freeze_layers=1, layerwise_lr_decay=0.8)
   c.optimizer.update(lr=1e-2, warmup_ratio=0.0)
   wd = os.path.join(tmp_root(), 'frozen')
-  r = run_stage(c, wd)
+  out = finetune_outcome(c, wd)
+  r = {**out.results, 'state': out.state}
   before = init_lib.read_workdir_params(pretrained_workdir(), 'latest')
   after = host_flat(r['state']['params'])
   frozen = [k for k in after if k.startswith(('bert.embeddings.', 'bert.layers.0.'))]
@@ -271,15 +344,12 @@ def test_freezing_keeps_frozen_params_and_their_optimizer_state_empty():
 
 
 def test_trainable_mask_names():
-  cfg = ml_collections.ConfigDict({'finetune': dict(
-      freeze_embeddings=True, freeze_layers=1, freeze_patterns=(r'pooler',),
-      layerwise_lr_decay=1.0, label_smoothing=0.0)})
+  cfg = FreezeSettings(freeze_embeddings=True, freeze_layers=1, freeze_patterns=(r'pooler',))
   md = ModelDef.create(lambda: build_model(_mcfg(), 'cls', num_labels=2))
-  mask = flat_params(finetune.trainable_mask(cfg, md.abstract_params))
+  mask = flat_params(optim.trainable_mask(cfg, md.abstract_params))
   assert {k for k, t in mask.items() if t} == {
       k for k in mask if k.startswith(('bert.layers.1.', 'bert.layers.2.', 'classifier.'))}
-  cfg.finetune.update(freeze_embeddings=False, freeze_layers=0, freeze_patterns=())
-  assert finetune.trainable_mask(cfg, md.abstract_params) is None
+  assert optim.trainable_mask(FreezeSettings(), md.abstract_params) is None
 
 
 # ------------------------------------------------------ layer-wise LR decay, smoothing
@@ -296,7 +366,7 @@ def _opt_cfg(**kw):
   d = dict(lr=1e-3, schedule='constant', warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=0.0,
            weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-12, clip_norm=0.0)
   d.update(kw)
-  return ml_collections.ConfigDict(d)
+  return OptimizerSettings(**d)
 
 
 def _expected_scale(name: str, decay: float, layers: int) -> float:
@@ -312,10 +382,8 @@ def _expected_scale(name: str, decay: float, layers: int) -> float:
 def test_layerwise_lr_decay_scales(freeze):
   decay, layers, lr = 0.5, 3, 1e-3
   md = ModelDef.create(lambda: build_model(_mcfg(num_layers=layers), 'cls', num_labels=2))
-  cfg = ml_collections.ConfigDict({'finetune': dict(
-      freeze_embeddings=freeze, freeze_layers=0, freeze_patterns=(),
-      layerwise_lr_decay=decay, label_smoothing=0.0)})
-  scales = flat_params(finetune.layerwise_lr_scale(cfg, md.abstract_params, layers))
+  cfg = FreezeSettings(freeze_embeddings=freeze, layerwise_lr_decay=decay)
+  scales = flat_params(optim.layerwise_lr_scale(cfg, md.abstract_params, layers))
   want = {k: _expected_scale(k, decay, layers) for k in scales}
   assert scales == want
   assert want['bert.embeddings.word.embedding'] == 1 / 16
@@ -324,10 +392,10 @@ def test_layerwise_lr_decay_scales(freeze):
   assert want['classifier.kernel'] == want['bert.pooler.kernel'] == 1.0
 
   # One AdamW step with unit gradients moves each parameter by -lr * scale (frozen: 0).
-  trainable = finetune.trainable_mask(cfg, md.abstract_params)
+  trainable = optim.trainable_mask(cfg, md.abstract_params)
   tx, _ = optim.make_optimizer(_opt_cfg(lr=lr), 10, md.abstract_params, trainable=trainable,
-                               lr_scale=finetune.layerwise_lr_scale(cfg, md.abstract_params,
-                                                                    layers))
+                               lr_scale=optim.layerwise_lr_scale(cfg, md.abstract_params,
+                                                                 layers))
   params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), md.abstract_params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
@@ -338,9 +406,9 @@ def test_layerwise_lr_decay_scales(freeze):
 
 
 def test_layerwise_lr_decay_off_is_none():
-  cfg = ml_collections.ConfigDict({'finetune': dict(layerwise_lr_decay=1.0)})
   md = ModelDef.create(lambda: build_model(_mcfg(), 'cls', num_labels=2))
-  assert finetune.layerwise_lr_scale(cfg, md.abstract_params, 3) is None
+  assert optim.layerwise_lr_scale(FreezeSettings(layerwise_lr_decay=1.0), md.abstract_params,
+                                  3) is None
 
 
 def _smoothed_ce(logits, labels, eps):
@@ -380,7 +448,7 @@ def test_label_smoothing_closed_form_cls():
   batch = {'input_ids': ids, 'attention_mask': mask, 'labels': labels}
   eps_list = (0.0, 0.1, 0.3)
   logits, outs = _logits_and_losses(
-      md, _random_params(md, 1), [finetune.cls_task(3, False, label_smoothing=e)
+      md, _random_params(md, 1), [objectives.cls(3, False, label_smoothing=e)
                                   for e in eps_list], batch)
   onehot = jax.nn.one_hot(labels, 3)
   nll = _smoothed_ce(logits, labels, 0.0)
@@ -406,7 +474,7 @@ def test_label_smoothing_closed_form_ner_ignores_minus_100():
   labels[:, 0] = labels[:, -1] = labels[0, 3] = -100
   batch = {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'labels': labels}
   logits, [(loss_sum, sums)] = _logits_and_losses(
-      md, _random_params(md, 2), [finetune.ner_task(5, label_smoothing=eps)], batch)
+      md, _random_params(md, 2), [objectives.ner(5, label_smoothing=eps)], batch)
   keep = labels != -100
   want = _smoothed_ce(logits, np.where(keep, labels, 0), eps)[keep].sum()
   np.testing.assert_allclose(float(loss_sum), want, rtol=1e-5)
@@ -488,6 +556,19 @@ def test_sst2_tiny_model_beats_majority():
   labels = json.load(open(os.path.join(wd, 'labels.json')))
   assert labels['label_names'] == ['negative', 'positive']
   assert labels['label_values'] == ['0', '1'] and labels['main_metric'] == 'accuracy'
+
+
+def test_config_json_records_the_model_built_from_init_from():
+  """The architecture came from init_from (hidden 32, 2 layers), not from the config's
+  model.* (hidden 128): config.json says what was built, so the workdir is a correct
+  init_from / teacher / predict source; and a restart still passes the workdir check."""
+  wd, _ = sst2_workdir()
+  saved = json.load(open(os.path.join(wd, 'config.json')))
+  assert cls_config().model.hidden_size == 128
+  assert (saved['model']['hidden_size'], saved['model']['num_layers']) == (32, 2)
+  assert saved['model']['max_position_embeddings'] == 64
+  from jaxft import workdir as workdir_lib
+  assert workdir_lib.differences(saved, cls_config(num_steps=200)) == []
 
 
 def test_ner_tiny_conll_trains_and_reports_f1():

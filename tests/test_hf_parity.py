@@ -372,6 +372,122 @@ def test_save_hf_refuses_wrong_head_or_config(tmp_path):
     hf.save_hf(model, BERT_CFG.replace(num_layers=3), str(tmp_path / 'x'), 'token_cls')
 
 
+def test_exported_tokenizer_limit_is_the_models_positions(tmp_path):
+  """The tokenizer (model_max_length=512) exported with a 32-position model says 32, so a
+  `transformers` pipeline truncates a long input instead of indexing past the position
+  table; workdir/tokenizer (save_tokenizer) says the same; the tokenizer object is unchanged."""
+  from jaxft.data.tokenizer import load_tokenizer, save_tokenizer
+  qs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    'data/tokenizers/quickstart-wordpiece')
+  tok = load_tokenizer(qs)
+  assert tok.model_max_length == 512
+  cfg = ModelConfig(vocab_size=len(tok), hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=32, max_position_embeddings=32)
+  out = str(tmp_path / 'export')
+  hf.save_hf(build_model(cfg, 'cls', num_labels=2), cfg, out, 'cls', tokenizer=tok)
+  assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == 32
+  clf = transformers.pipeline('text-classification', model=out, device='cpu')
+  long_text = ' '.join(['the film was good and the actors were great'] * 40)
+  (res,) = clf(long_text, truncation=True)
+  assert res['label'] in ('LABEL_0', 'LABEL_1') and 0.0 <= res['score'] <= 1.0
+  save_tokenizer(tok, str(tmp_path / 'tokenizer'), max_length=32)
+  assert load_tokenizer(str(tmp_path / 'tokenizer')).model_max_length == 32
+  save_tokenizer(tok, str(tmp_path / 'long'), max_length=4096)  # the tokenizer's is lower
+  assert load_tokenizer(str(tmp_path / 'long')).model_max_length == 512
+  assert tok.model_max_length == 512
+
+
+def test_export_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A crash while writing the export (here: model.safetensors half written) leaves the
+  previous export as it was, or no export at all, never a new config.json beside old or
+  partial weights; the partial copy is removed."""
+  import safetensors.numpy
+  out = str(tmp_path / 'export')
+  hf.save_hf(build_model(BERT_CFG, 'cls', num_labels=3, seed=0), BERT_CFG, out, 'cls')
+  before = {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)}
+  real = safetensors.numpy.save_file
+
+  def torn(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+    raise RuntimeError('killed mid-export')
+
+  monkeypatch.setattr(safetensors.numpy, 'save_file', torn)
+  new = build_model(BERT_CFG, 'cls', num_labels=2, seed=1)
+  with pytest.raises(RuntimeError, match='killed mid-export'):
+    hf.save_hf(new, BERT_CFG, out, 'cls')
+  assert {n: open(os.path.join(out, n), 'rb').read() for n in os.listdir(out)} == before
+  with pytest.raises(RuntimeError, match='killed mid-export'):
+    hf.save_hf(new, BERT_CFG, str(tmp_path / 'first'), 'cls')
+  assert sorted(os.listdir(tmp_path)) == ['export']  # no partial copy, no 'first'
+  monkeypatch.setattr(safetensors.numpy, 'save_file', real)
+  hf.save_hf(new, BERT_CFG, out, 'cls')  # a later export replaces the old one whole
+  assert json.load(open(os.path.join(out, 'config.json')))['num_labels'] == 2
+  assert sorted(os.listdir(tmp_path)) == ['export']
+
+
+@pytest.mark.parametrize('cfg,key,value,why', [
+    (BERT_CFG, 'vocab_size', 10**12, 'an integer in 1..'),
+    (BERT_CFG, 'num_hidden_layers', -2, 'an integer in 1..'),
+    (BERT_CFG, 'hidden_size', 0, 'an integer in 1..'),
+    (BERT_CFG, 'num_attention_heads', 2.5, 'an integer in 1..'),
+    (BERT_CFG, 'max_position_embeddings', True, 'an integer in 1..'),
+    (BERT_CFG, 'intermediate_size', '64', 'an integer in 1..'),
+    (BERT_CFG, 'layer_norm_eps', -1.0, 'a number in (0, 1)'),
+    (BERT_CFG, 'hidden_dropout_prob', 1.5, 'a number in [0, 1)'),
+    (BERT_CFG, 'num_attention_heads', 5, 'hidden_size=32 is not divisible'),
+    (BERT_CFG, 'pad_token_id', 100, 'outside the vocabulary'),
+    (GPT2_CFG, 'n_layer', -1, 'an integer in 1..'),
+    (GPT2_CFG, 'n_positions', 2**40, 'an integer in 1..'),
+    (GPT2_CFG, 'n_embd', 2**20, 'parameters'),
+])
+def test_absurd_hf_config_is_refused_naming_file_and_key(tmp_path, cfg, key, value, why):
+  """A config.json with impossible or absurd sizes (vocab 10^12 would be allocated by the
+  stage that builds the model from it) is refused before anything is built."""
+  d = str(tmp_path / 'hf')
+  head = 'cls' if cfg.model_type == 'bert' else 'clm'
+  hf.save_hf(_random_jaxft(cfg, head, 2 if head == 'cls' else None), cfg, d, head)
+  conf = json.load(open(os.path.join(d, 'config.json')))
+  conf[key] = value
+  json.dump(conf, open(os.path.join(d, 'config.json'), 'w'))
+  for load in (hf.load_hf_config, hf.from_pretrained):
+    with pytest.raises(ValueError) as e:
+      load(d)
+    msg = str(e.value)
+    assert msg.startswith(f'{d}/config.json: ') and f'{key}={value!r}' in msg, msg
+    assert why in msg, msg
+
+
+def test_non_float_weights_are_refused_naming_file_and_tensor(tmp_path):
+  """int64 (or bool) weights would be cast to floats silently: refused, naming the file
+  and the tensor; float64 / float16 are converted (a float is a float); int64 buffers that
+  are not weights (position_ids) stay ignored."""
+  from safetensors.numpy import load_file, save_file
+  d = str(tmp_path / 'hf')
+  model = _random_jaxft(BERT_CFG, 'cls', 2)
+  hf.save_hf(model, BERT_CFG, d, 'cls')
+  st = os.path.join(d, 'model.safetensors')
+  sd = load_file(st)
+  name = 'bert.encoder.layer.1.attention.self.query.weight'
+  sd['bert.embeddings.position_ids'] = np.arange(POS, dtype=np.int64)[None]
+  sd['bert.pooler.dense.bias'] = sd['bert.pooler.dense.bias'].astype(np.float64)
+  save_file(sd, st)
+  loaded, report = hf.from_pretrained(d)
+  assert 'bert.embeddings.position_ids' in report.ignored
+  assert np.array_equal(flat_params(loaded)['bert.pooler.bias'],
+                        flat_params(model)['bert.pooler.bias'])
+  for dtype in (np.int64, np.bool_):
+    sd[name] = (sd[name] * 100).astype(dtype)
+    save_file(sd, st)
+    with pytest.raises(ValueError, match=f'{st}: tensor {name!r} has dtype '
+                                         f'{np.dtype(dtype).name}, not floating point'):
+      hf.from_pretrained(d)
+    with pytest.raises(ValueError, match=f'{st}: tensor {name!r} has dtype'):
+      hf.load_hf_into(build_model(BERT_CFG, 'cls', num_labels=2), d)
+    sd[name] = sd['bert.encoder.layer.0.attention.self.query.weight']
+
+
 # ----------------------------------------------------------------------------- generation
 
 

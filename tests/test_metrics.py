@@ -129,3 +129,30 @@ def test_metrics_writer(tmp_path):
   w.write(1, {'train/loss': 1.0})
   w.close()
   assert not off.exists()
+
+
+def test_torn_last_line_is_repaired_and_skipped(tmp_path, caplog):
+  """A crash mid-write leaves a torn last line: reading skips it (with a warning), a resumed
+  writer cuts it off instead of appending onto it; a bad line elsewhere names file:line."""
+  import logging as py_logging
+  path = tmp_path / 'metrics.jsonl'
+  good = '{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/loss": 2.0}\n'
+  path.write_text(good + '{"step": 3, "train/lo')
+  with caplog.at_level(py_logging.WARNING):
+    assert metrics.read_metrics(tmp_path) == [{'step': 1, 'train/loss': 2.5},
+                                              {'step': 2, 'train/loss': 2.0}]
+  assert f'{path}:3: skipping a torn last line' in caplog.text, caplog.text
+  caplog.clear()
+  with caplog.at_level(py_logging.WARNING):
+    with metrics.MetricsWriter(tmp_path, tensorboard=False) as w:
+      w.write(3, {'train/loss': 1.5})
+  assert f'{path}:3: cut a torn last line (21 bytes' in caplog.text, caplog.text
+  assert path.read_text() == good + '{"step": 3, "train/loss": 1.5}\n'
+  # A last record that lacks only its newline is kept, not cut.
+  path.write_text(good.rstrip('\n'))
+  with metrics.MetricsWriter(tmp_path, tensorboard=False) as w:
+    w.write(3, {'train/loss': 1.5})
+  assert [r['step'] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
+  path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=f'{path}:2: not a JSON record'):
+    metrics.read_metrics(tmp_path)

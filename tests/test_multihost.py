@@ -100,9 +100,8 @@ def test_config_fingerprint_ignores_key_order():
 
 
 def test_batch_layout_check():
-  from ml_collections import ConfigDict
   rules = partitioning.rules_from_config(())
-  mesh = partitioning.make_mesh(ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  mesh = partitioning.make_mesh(partitioning.MeshSettings(data=2, fsdp=2, tensor=2))
   assert distributed.process_batch_rows(mesh, rules, 16) == {0: [(0, 16)]}
   distributed.check_batch_layout(mesh, rules, 16, process_count=1)
   # As if this one process were one of two: it would hold all rows, not its block of 8.

@@ -21,10 +21,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxft import partitioning, peft
-from jaxft.config import peft_config
 from jaxft.models import ModelConfig, build_model, flat_params
-from jaxft.train import finetune
+from jaxft.objectives import classification as objectives
+from jaxft.partitioning import MeshSettings
+from jaxft.peft import PeftConfig
 from jaxft.train import optimizer as optim
+from jaxft.train.optimizer import FreezeSettings, OptimizerSettings
 from jaxft.train.state import ModelDef, create_train_state, to_host
 from jaxft.train.step import global_batch, make_train_step
 
@@ -37,8 +39,8 @@ RULES = partitioning.rules_from_config(())
 STEPS = 3
 
 
-def cfg_for(method: str, **peft_kw) -> ml_collections.ConfigDict:
-  p = peft_config()
+def cfg_for(method: str, **peft_kw) -> PeftConfig:
+  p = ml_collections.ConfigDict(PeftConfig.section_defaults())
   p.method = method
   p.lora.update(rank=8, alpha=16.0, dropout=0.0)
   p.adapter.update(size=16)
@@ -48,7 +50,7 @@ def cfg_for(method: str, **peft_kw) -> ml_collections.ConfigDict:
       p[k].update(v)
     else:
       p[k] = v
-  return ml_collections.ConfigDict(dict(seed=0, peft=p, data=dict(max_len=SEQ)))
+  return PeftConfig.from_section(p, seed=0)
 
 
 @functools.cache
@@ -70,7 +72,7 @@ def closed_form(method: str) -> int:
 @pytest.mark.parametrize('method', ['lora', 'lora_all', 'adapter', 'bitfit', 'prompt'])
 def test_trainable_counts_closed_form(method):
   cfg = cfg_for('lora', lora={'targets': 'all'}) if method == 'lora_all' else cfg_for(method)
-  new_def, params, mask = peft.setup(cfg, base_def(), None, None)
+  new_def, params, mask = peft.setup(cfg, base_def(), None, None, max_len=SEQ)
   assert params is None
   c = peft.count(new_def.abstract_params, mask)
   assert c['trainable'] == closed_form(method)
@@ -79,10 +81,9 @@ def test_trainable_counts_closed_form(method):
 
 
 def test_freeze_patterns_also_freeze_the_lora_of_frozen_layers():
-  base_mask = finetune.trainable_mask(
-      ml_collections.ConfigDict(dict(finetune=dict(freeze_patterns=(r'layers\.0\.',)))),
-      base_def().abstract_params)
-  new_def, _, mask = peft.setup(cfg_for('lora'), base_def(), None, base_mask)
+  base_mask = optim.trainable_mask(FreezeSettings(freeze_patterns=(r'layers\.0\.',)),
+                                   base_def().abstract_params)
+  new_def, _, mask = peft.setup(cfg_for('lora'), base_def(), None, base_mask, max_len=SEQ)
   flat = flat_params(mask)
   assert not flat['bert.layers.0.attn.query.lora_a'] and flat['bert.layers.1.attn.query.lora_a']
   assert peft.count(new_def.abstract_params, mask)['trainable'] == 2 * 8 * (H + H) + HEAD
@@ -90,11 +91,12 @@ def test_freeze_patterns_also_freeze_the_lora_of_frozen_layers():
 
 def test_bad_peft_config_is_refused_with_the_key():
   with pytest.raises(ValueError, match='peft.method'):
-    peft.setup(cfg_for('loraa'), base_def(), None, None)
+    peft.setup(cfg_for('loraa'), base_def(), None, None, max_len=SEQ)
   with pytest.raises(ValueError, match='peft.lora.targets'):
-    peft.setup(cfg_for('lora', lora={'targets': r'nothing_matches$'}), base_def(), None, None)
+    peft.setup(cfg_for('lora', lora={'targets': r'nothing_matches$'}), base_def(), None, None,
+               max_len=SEQ)
   with pytest.raises(ValueError, match='max_position_embeddings'):
-    peft.setup(cfg_for('prompt', prompt={'length': 30}), base_def(), None, None)
+    peft.setup(cfg_for('prompt', prompt={'length': 30}), base_def(), None, None, max_len=SEQ)
 
 
 def test_lora_dropout_acts_on_the_lora_branch_in_training_only():
@@ -102,7 +104,7 @@ def test_lora_dropout_acts_on_the_lora_branch_in_training_only():
 
   from jaxft.models.layers import Dense
   from jaxft.peft.modules import PeftDense, call_context
-  pc = peft.config(cfg_for('lora', lora={'dropout': 0.5}))
+  pc = cfg_for('lora', lora={'dropout': 0.5})
   layer = PeftDense(Dense((8,), (6,), ('embed', 'mlp'), rngs=nnx.Rngs(params=0)), pc, lora=True,
                     adapter=False, rngs=nnx.Rngs(params=1))
   layer.lora_b[...] = jnp.ones_like(layer.lora_b[...])
@@ -130,8 +132,8 @@ def test_lora_dropout_acts_on_the_lora_branch_in_training_only():
 # --------------------------------------------------------------------------- training runs
 
 def opt_cfg():
-  return ml_collections.ConfigDict(dict(lr=1e-2, schedule='constant', warmup_steps=0,
-                                        weight_decay=0.01, clip_norm=1.0))
+  return OptimizerSettings(lr=1e-2, schedule='constant', warmup_steps=0, weight_decay=0.01,
+                           clip_norm=1.0)
 
 
 def batches():
@@ -149,9 +151,7 @@ def batches():
 
 def mesh_of(shape):
   n = int(np.prod(shape))
-  return partitioning.make_mesh(ml_collections.ConfigDict(dict(zip(('data', 'fsdp', 'tensor'),
-                                                                    shape))),
-                                devices=jax.devices()[:n])
+  return partitioning.make_mesh(MeshSettings(*shape), devices=jax.devices()[:n])
 
 
 @functools.cache
@@ -171,12 +171,12 @@ def base_params():
 def train(method: str, shape=(1, 1, 1)) -> dict:
   """STEPS steps from base_params() (+ the PEFT init); dropout is 0 so runs compare."""
   cfg = cfg_for(method)
-  new_def, params, mask = peft.setup(cfg, base_def(), base_params(), None)
+  new_def, params, mask = peft.setup(cfg, base_def(), base_params(), None, max_len=SEQ)
   mesh = mesh_of(shape)
   tx, _ = optim.make_optimizer(opt_cfg(), STEPS, new_def.abstract_params, trainable=mask)
   state, shardings = create_train_state(new_def, tx, mesh, RULES, seed=0, params=params)
   p0 = to_host(state['params'])
-  step = make_train_step(new_def, finetune.cls_task(C, False), tx, shardings, mesh, RULES,
+  step = make_train_step(new_def, objectives.cls(C, False), tx, shardings, mesh, RULES,
                          trainable=mask)
   losses = []
   for b in batches():
@@ -259,6 +259,44 @@ def test_lora_checkpoint_is_small_and_reapplies(runs, tmp_path):
                                   else flat_params(r['p0'])[n])
 
 
+@pytest.mark.parametrize('method', ['lora', 'adapter', 'bitfit', 'prompt'])
+def test_load_trained_is_the_model_that_was_evaluated(runs, method):
+  """What predict loads: the run's checkpointed params (flat, as a checkpoint reader gives
+  them) with the run's config (as config.json holds it) -> the very definition and params
+  that trained, so the logits are bit-identical (same program, same arrays). Loading into
+  the base definition instead, as predict did, leaves the PEFT tensors unused."""
+  r = runs[method]
+  saved_cfg = PeftConfig.from_dict(json.loads(json.dumps(r['cfg'].to_dict())))
+  ckpt = {n: np.asarray(x) for n, x in flat_params(r['p1']).items()}
+  model_def, params = peft.load_trained(saved_cfg, base_def(), ckpt, where='workdir')
+  assert flat_params(model_def.abstract_params).keys() == ckpt.keys()
+  for n, x in flat_params(params).items():
+    np.testing.assert_array_equal(x, ckpt[n], err_msg=n)
+  batch = batches()[0]
+  np.testing.assert_array_equal(forward(model_def)(params, batch),
+                                forward(r['def'])(r['p1'], batch))
+  dropped = set(ckpt) - set(flat_params(base_def().abstract_params))
+  assert bool(dropped) == (method != 'bitfit')
+
+
+def test_load_trained_refuses_a_checkpoint_that_is_not_the_model(runs):
+  lora = {n: np.asarray(x) for n, x in flat_params(runs['lora']['p1']).items()}
+  cfg = runs['lora']['cfg']
+  partial = {n: x for n, x in lora.items() if n != 'bert.layers.1.attn.value.lora_b'}
+  with pytest.raises(ValueError, match=r"wd: .*missing \['bert.layers.1.attn.value.lora_b'\]"):
+    peft.load_trained(cfg, base_def(), partial, where='wd')
+  with pytest.raises(ValueError, match=r'peft.method=adapter.*not in the model \[.*lora_a'):
+    peft.load_trained(cfg_for('adapter'), base_def(), lora, where='wd')
+  with pytest.raises(ValueError, match=r'peft.method=none.*not in the model \[.*lora_a'):
+    peft.load_trained(PeftConfig(), base_def(), lora, where='wd')  # a run without peft
+  bad = {**lora, 'classifier.kernel': np.zeros((H, C + 1), np.float32)}
+  with pytest.raises(ValueError, match=r'wd: classifier.kernel has shape \(64, 3\)'):
+    peft.load_trained(cfg, base_def(), bad, where='wd')
+  full = {n: x for n, x in lora.items() if not peft.is_peft_name(n)}  # a plain fine-tune
+  model_def, _ = peft.load_trained(PeftConfig(), base_def(), full, where='wd')
+  assert model_def is base_def()
+
+
 @pytest.mark.parametrize('method', ['lora', 'adapter'])
 def test_trains_on_2x2x2_mesh_with_single_device_losses(runs, method):
   r8 = train(method, (2, 2, 2))
@@ -277,7 +315,7 @@ def test_trains_on_2x2x2_mesh_with_single_device_losses(runs, method):
 def test_prompt_tuning_keeps_token_outputs_aligned():
   """token_cls logits cover the input positions only; [CLS] stays first for BERT."""
   base = ModelDef.create(lambda: build_model(MCFG, 'token_cls', num_labels=3, seed=0))
-  new_def, _, _ = peft.setup(cfg_for('prompt'), base, None, None)
+  new_def, _, _ = peft.setup(cfg_for('prompt'), base, None, None, max_len=SEQ)
   out = jax.eval_shape(lambda p: new_def.merge(p)(jnp.ones((2, SEQ), jnp.int32)),
                        new_def.abstract_params)
   assert out['logits'].shape == (2, SEQ, 3)
@@ -286,7 +324,7 @@ def test_prompt_tuning_keeps_token_outputs_aligned():
                     intermediate_size=M, max_position_embeddings=32, type_vocab_size=0)
   for head, kw, shape in (('clm', {}, (2, SEQ, V)), ('cls', {'num_labels': 3}, (2, 3))):
     base = ModelDef.create(lambda: build_model(gpt, head, **kw))
-    new_def, _, mask = peft.setup(cfg_for('lora+prompt'), base, None, None)
+    new_def, _, mask = peft.setup(cfg_for('lora+prompt'), base, None, None, max_len=SEQ)
     out = jax.eval_shape(lambda p: new_def.merge(p)(jnp.ones((2, SEQ), jnp.int32),
                                                     jnp.ones((2, SEQ), jnp.int32)),
                          new_def.abstract_params)
@@ -363,9 +401,10 @@ def cloze_setup(tmp_path_factory):
 
 def test_cloze_zero_shot_on_a_hand_built_mlm(cloze_setup):
   from jaxft.models import hf
-  from jaxft.peft import cloze
+  from jaxft import stages
+  from jaxft.objectives import cloze
   cfg, tok, expected, tmp = cloze_setup
-  res = cloze.run(cfg, str(tmp / 'zero'))
+  res = stages.REGISTRY['cloze'].run(stages.validate(cfg), str(tmp / 'zero'))
   assert res['zero_shot']['predictions'] == expected
   assert res['zero_shot']['accuracy'] == 1.0
   assert 'few_shot' not in res
@@ -381,14 +420,14 @@ def test_cloze_zero_shot_on_a_hand_built_mlm(cloze_setup):
 
 @pytest.mark.slow
 def test_cloze_few_shot_with_lora_trains_only_lora(cloze_setup):
-  from jaxft.peft import cloze
+  from jaxft import stages
   cfg, _, _, tmp = cloze_setup
   cfg = cfg.copy_and_resolve_references()
   cfg.cloze.num_shots = 4
   cfg.peft.method = 'lora'
   cfg.peft.lora.rank = 2
   cfg.optimizer.lr = 1e-3
-  res = cloze.run(cfg, str(tmp / 'few'))
+  res = stages.REGISTRY['cloze'].run(stages.validate(cfg), str(tmp / 'few'))
   fs = res['few_shot']
   assert fs['trainable_params'] == 2 * 2 * (4 + 4)  # LoRA r=2 on q, v of one 4-wide layer
   assert fs['accuracy'] == 1.0 and np.isfinite(fs['loss'])
@@ -401,7 +440,6 @@ def test_finetune_stage_with_lora_end_to_end(tmp_path):
   classifier train with LoRA, results.json reports the count, workdir/lora holds the LoRA
   weights, and export/ is a plain HF model computing what the PEFT model computes."""
   from jaxft.data.tokenizer import load_tokenizer
-  from jaxft.main import run_stage
   from jaxft.models import hf
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tok = load_tokenizer(os.path.join(repo, 'data/tokenizers/bert-base-uncased'))
@@ -433,7 +471,13 @@ def test_finetune_stage_with_lora_end_to_end(tmp_path):
   cfg.peft.method = 'lora'
   cfg.peft.lora.rank = r
   wd = tmp_path / 'work'
-  res = run_stage(cfg, str(wd))
+  from jaxft import config as config_lib
+  from jaxft import stages
+  from jaxft.stages import finetune
+  settings = stages.validate(cfg)
+  config_lib.save_config(cfg, str(wd))
+  outcome = finetune.finetune(settings, str(wd))
+  res = {**outcome.results, 'state': outcome.state}
   want = 2 * 2 * r * (h + h) + (h * 2 + 2) + (h * h + h)  # LoRA q,v + classifier + new pooler
   assert res['trainable_params'] == want
   saved = json.loads((wd / 'results.json').read_text())
@@ -447,7 +491,7 @@ def test_finetune_stage_with_lora_end_to_end(tmp_path):
            'token_type_ids': np.zeros((2, 16), np.int32)}
   exported = model(batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])['logits']
   base = ModelDef.create(lambda: build_model(mcfg, 'cls', num_labels=2))
-  peft_def, _, _ = peft.setup(cfg, base, None, None)
+  peft_def, _, _ = peft.setup(settings.peft, base, None, None, max_len=16)
   ours = peft_def.merge(to_host(res['state']['params']))(
       batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])['logits']
   np.testing.assert_allclose(exported, ours, atol=1e-5, rtol=1e-5)

@@ -27,10 +27,11 @@ from test_finetune import (CONLL_TINY, SST2, load_config_module, ner_workdir, re
                            sst2_workdir)
 
 
-def predict(init_from: str, spec: str, out_dir: Path) -> tuple[dict, list[dict]]:
+def predict(init_from: str, spec: str, out_dir: Path, **keys) -> tuple[dict, list[dict]]:
   c = load_config_module('predict').get_config()
   c.init_from = init_from
   c.predict.input = spec
+  c.predict.update(**keys)
   r = run_stage(c, str(out_dir))
   with open(r['output']) as f:
     return r, [json.loads(line) for line in f]
@@ -163,16 +164,62 @@ def test_ner_dev_gold_and_f1_match_the_finetune_eval(tmp_path):
 def test_split_input_ignores_train_class_balance(tmp_path):
   """A run trained with data.class_balance='resample' predicts every row once, in file
   order, each under its own source (no compile: the input side of predict only)."""
-  from jaxft.train import predict as predict_lib
+  from jaxft.data.classification import ClsData
+  from jaxft.stages import predict as predict_lib
   rows = [('good', '1'), ('great', '1'), ('fine', '1'), ('nice', '1'), ('bad', '0')]
   (tmp_path / 'train.tsv').write_text(
       'sentence\tlabel\n' + ''.join(f'{t}\t{y}\n' for t, y in rows), encoding='utf-8')
   tok = load_tokenizer(Path(__file__).resolve().parents[1] / 'data/tokenizers/bert-base-uncased')
   labels = {'label_values': ['0', '1'], 'label_names': ['negative', 'positive'],
             'is_regression': False}
-  data_cfg = dict(task='sst2', path=str(tmp_path), max_len=16, class_balance='resample')
+  data_cfg = ClsData(task='sst2', path=str(tmp_path), max_len=16, class_balance='resample')
   arrays, ex = predict_lib.load_inputs('train', 'cls', data_cfg, tok, labels)
   assert arrays['labels'].tolist() == [int(y) for _, y in rows]
   assert [s.rsplit(':', 1)[1] for s in ex['sources']] == ['2', '3', '4', '5', '6']
   ids = tok([t for t, _ in rows], max_length=16, padding='max_length')['input_ids']
   assert arrays['input_ids'].tolist() == ids
+
+
+# ------------------------------------------------------------------ eval-only, inputs
+
+def test_labelled_input_is_an_eval_only_run_with_the_tasks_metrics(tmp_path):
+  """predict on a labelled split writes the task's metrics to results.json (accuracy for
+  SST-2, entity precision / recall / F1 for NER), equal to the fine-tune's own eval."""
+  wd, fine = sst2_workdir()
+  r, _ = predict(wd, 'dev', tmp_path / 'cls')
+  saved = json.loads((tmp_path / 'cls' / 'results.json').read_text())
+  assert saved['accuracy'] == r['accuracy'] == pytest.approx(fine['final']['eval/accuracy'],
+                                                             abs=1.5 / 872)
+  wd, fine = ner_workdir()
+  r, _ = predict(wd, 'dev', tmp_path / 'ner')
+  assert {'precision', 'recall', 'f1', 'accuracy'} <= set(r)
+  assert r['f1'] == pytest.approx(fine['best']['value'], abs=1e-9)
+
+
+def test_conll_input_named_txt_is_read_as_conll(tmp_path):
+  """A CoNLL file called *.txt (CoNLL-2003's own names) is read by its content: sentences
+  of words with gold tags, not 4-word lines of 'WORD POS CHUNK TAG'."""
+  wd, _ = ner_workdir()
+  words, tags = read_conll(CONLL_TINY)
+  (tmp_path / 'test.txt').write_text(CONLL_TINY.read_text(encoding='utf-8'), encoding='utf-8')
+  r, recs = predict(wd, str(tmp_path / 'test.txt'), tmp_path / 'p')
+  assert [rec['tokens'] for rec in recs] == words
+  assert [rec['gold'] for rec in recs] == tags and 'f1' in r
+
+
+def test_missing_split_is_a_one_line_error_naming_what_to_set(tmp_path):
+  wd, _ = sst2_workdir()
+  with pytest.raises(ValueError, match=r"predict.input='test': .* Set predict.input to a split "
+                                       r'the training data has'):
+    predict(wd, 'test', tmp_path / 'p')
+
+
+def test_inference_runs_in_fp32_unless_asked(tmp_path):
+  """predict.dtype: float32 by default whatever the fine-tune trained in, bfloat16 on request
+  (probabilities within bf16 rounding of the fp32 ones)."""
+  wd, _ = sst2_workdir()
+  _, fp32 = predict(wd, 'dev', tmp_path / 'a')
+  _, bf16 = predict(wd, 'dev', tmp_path / 'b', dtype='bfloat16')
+  p32 = np.array([list(r['probs'].values()) for r in fp32])
+  p16 = np.array([list(r['probs'].values()) for r in bf16])
+  assert not np.array_equal(p32, p16) and np.abs(p32 - p16).max() < 0.05

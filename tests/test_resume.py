@@ -278,19 +278,24 @@ def test_pipeline_stops_after_a_preempted_stage(tmp_path, monkeypatch):
   cfg = qs.get_config('smoke')
   if cfg.get('stage') != 'pipeline' or len(cfg.pipeline) < 2:
     pytest.skip('the quickstart is not a multi-step pipeline')
+  from jaxft.stages import finetune, pretrain
   calls = []
+  stage_of = {'mlm': 'pretrain_mlm', 'clm': 'pretrain_clm', 'cls': 'finetune_cls',
+              'ner': 'finetune_ner'}
 
-  def fake_run(c, workdir):
-    calls.append(c.stage)
-    return {'stage': c.stage, 'step': 7, 'preempted': len(calls) == 1}
+  def stub(preempt_first: bool):
+    def fake_run(settings, workdir):
+      calls.append((stage_of[settings.kind], getattr(settings, 'init_from', '')))
+      return {'step': 7, 'preempted': preempt_first and len(calls) == 1}
+    for mod in (pretrain, finetune):
+      monkeypatch.setattr(mod, 'run', fake_run)
 
-  monkeypatch.setattr(main_lib, '_run', fake_run)
+  stub(preempt_first=True)
   main_lib.run_stage(cfg, str(tmp_path))
-  assert calls == [cfg[cfg.pipeline[0]].stage]
+  assert [s for s, _ in calls] == [cfg[cfg.pipeline[0]].stage]
   # not preempted: every step runs, each from the previous one's workdir
   calls.clear()
-  monkeypatch.setattr(main_lib, '_run', lambda c, w: calls.append((c.stage, c.init_from)) or {
-      'stage': c.stage, 'preempted': False})
+  stub(preempt_first=False)
   main_lib.run_stage(qs.get_config('smoke'), str(tmp_path / 'again'))
   assert [s for s, _ in calls] == [cfg[n].stage for n in cfg.pipeline]
   assert calls[1][1] == str(tmp_path / 'again' / cfg.pipeline[0])

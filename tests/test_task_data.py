@@ -23,6 +23,19 @@ def _first_existing(*paths):
   pytest.skip(f'none of {paths} exists')
 
 
+
+def load_cls(data, tokenizer, split):
+  """load_cls_split on a `data` section given as a dict of its keys (or a ClsData)."""
+  if not isinstance(data, classification.ClsData):
+    data = classification.ClsData(**data)
+  return classification.load_cls_split(data, tokenizer, split)
+
+
+def load_ner(data, tokenizer, split):
+  if not isinstance(data, ner.NerData):
+    data = ner.NerData(**data)
+  return ner.load_ner_split(data, tokenizer, split)
+
 @pytest.fixture(scope='module')
 def bert_tok():
   from transformers import BertTokenizerFast
@@ -68,14 +81,14 @@ def test_glue_presets_table():
 
 
 def test_bundled_sst2_slice(bert_tok):
-  arrays, info = classification.load_cls_split({'task': 'sst2', 'path': str(SST2), 'max_len': 64},
+  arrays, info = load_cls({'task': 'sst2', 'path': str(SST2), 'max_len': 64},
                                      bert_tok, 'train')
   assert arrays['input_ids'].shape == (8000, 64)
   assert arrays['labels'].dtype == np.int32
   assert info['stats']['label_counts'] == [3591, 4409]
   assert info['label_names'] == ['negative', 'positive']
   assert info['metric_names'] == ['accuracy'] and info['main_metric'] == 'accuracy'
-  dev, dinfo = classification.load_cls_split({'task': 'sst2', 'path': str(SST2)}, bert_tok,
+  dev, dinfo = load_cls({'task': 'sst2', 'path': str(SST2)}, bert_tok,
                                    'validation')
   assert dev['input_ids'].shape == (872, 128)
   assert dinfo['stats']['label_counts'] == [428, 444]
@@ -105,10 +118,10 @@ def test_cola_headerless_and_unlabeled_test(tmp_path, bert_tok):
          'gj04\t0\t*\tThey drank the pub.\n')
   _write(tmp_path / 'test.tsv', 'index\tsentence\n0\tBill whistled past the house.\n')
   cfg = {'task': 'cola', 'path': str(tmp_path)}
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = load_cls(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['sources'] == [f'{tmp_path}/train.tsv:1', f'{tmp_path}/train.tsv:2']
-  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
+  test, tinfo = load_cls(cfg, bert_tok, 'test')
   assert 'labels' not in test and not tinfo['has_labels']
   assert test['input_ids'].shape == (1, 128)
 
@@ -118,7 +131,7 @@ def test_pair_tsv_keeps_quotes_and_token_types(tmp_path, bert_tok):
          'index\tsentence1\tsentence2\tlabel\n'
          '0\tHe said "hi there\tno one spoke .\tnot_entailment\n'
          '1\tA "quoted" word .\tA word .\tentailment\n')
-  arrays, info = classification.load_cls_split({'task': 'rte', 'path': str(tmp_path)}, bert_tok,
+  arrays, info = load_cls({'task': 'rte', 'path': str(tmp_path)}, bert_tok,
                                      'train')
   assert arrays['labels'].tolist() == [1, 0]
   assert info['label_names'] == ['entailment', 'not_entailment']
@@ -147,16 +160,16 @@ def test_bad_tsv_rows_raise_with_file_and_line(tmp_path, bert_tok, line, pattern
   keep = [lines[0], lines[1], lines[line - 1], lines[5]]  # the bad row stays at line 3
   path = _write(tmp_path / 'train.tsv', ''.join(keep))
   with pytest.raises(ValueError, match=rf'train\.tsv:3: .*{pattern}'):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    load_cls({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
   # The same row in its original position names its original line.
   _write(path, _BAD_TSV)
   with pytest.raises(ValueError, match=r'train\.tsv:3: .*empty text'):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    load_cls({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
 
 
 def test_bad_tsv_rows_skipped_and_counted(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', _BAD_TSV)
-  arrays, info = classification.load_cls_split(
+  arrays, info = load_cls(
       {'task': 'sst2', 'path': str(tmp_path), 'on_bad_row': 'skip'}, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0]
   st = info['stats']
@@ -168,16 +181,16 @@ def test_bad_tsv_rows_skipped_and_counted(tmp_path, bert_tok):
 def test_missing_column_and_bad_config(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', 'text\tlabel\nhello\t1\n')
   with pytest.raises(ValueError, match=r"train\.tsv:1: data.text_column='sentence'"):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
+    load_cls({'task': 'sst2', 'path': str(tmp_path)}, bert_tok, 'train')
   with pytest.raises(ValueError, match='on_bad_row'):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text',
+    load_cls({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text',
                          'on_bad_row': 'ignore'}, bert_tok, 'train')
   _write(tmp_path / 'dev.tsv', 'text\nhello\n')  # only test splits may lack labels
   with pytest.raises(ValueError, match=r"dev\.tsv:1: data.label_column='label'"):
-    classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text'},
+    load_cls({'task': 'sst2', 'path': str(tmp_path), 'text_column': 'text'},
                         bert_tok, 'dev')
   _write(tmp_path / 'test.tsv', 'text\nhello\n')
-  arrays, info = classification.load_cls_split({'task': 'sst2', 'path': str(tmp_path),
+  arrays, info = load_cls({'task': 'sst2', 'path': str(tmp_path),
                                       'text_column': 'text'}, bert_tok, 'test')
   assert 'labels' not in arrays and not info['has_labels']
 
@@ -187,7 +200,7 @@ def test_regression_labels(tmp_path, bert_tok):
          'index\tgenre\tsentence1\tsentence2\tscore\n'
          '0\tx\tA plane is taking off.\tAn air plane is taking off.\t5.000\n'
          '1\tx\tA man is playing a flute.\tA man is eating.\t0.8\n')
-  arrays, info = classification.load_cls_split({'task': 'stsb', 'path': str(tmp_path)}, bert_tok,
+  arrays, info = load_cls({'task': 'stsb', 'path': str(tmp_path)}, bert_tok,
                                      'train')
   assert arrays['labels'].dtype == np.float32
   np.testing.assert_allclose(arrays['labels'], [5.0, 0.8])
@@ -195,7 +208,7 @@ def test_regression_labels(tmp_path, bert_tok):
   assert info['main_metric'] == 'spearman'
   _write(tmp_path / 'train.tsv', 'sentence1\tsentence2\tscore\na\tb\tfive\n')
   with pytest.raises(ValueError, match=r"train\.tsv:2: regression label 'five'"):
-    classification.load_cls_split({'task': 'stsb', 'path': str(tmp_path)}, bert_tok, 'train')
+    load_cls({'task': 'stsb', 'path': str(tmp_path)}, bert_tok, 'train')
 
 
 # --------------------------------------------------------------------- truncation
@@ -204,14 +217,14 @@ def test_truncation_modes(tmp_path, bert_tok):
   _write(tmp_path / 'train.tsv', 'sentence\tlabel\nshort one\t0\n'
          + 'a very long sentence that goes on and on and on\t1\n')
   cfg = {'task': 'sst2', 'path': str(tmp_path), 'max_len': 6}
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = load_cls(cfg, bert_tok, 'train')
   assert info['stats']['n_truncated'] == 1 and arrays['input_ids'].shape == (2, 6)
   assert arrays['attention_mask'][1].all()
   assert arrays['input_ids'][1, -1] == bert_tok.sep_token_id
-  arrays, info = classification.load_cls_split({**cfg, 'truncation': 'skip'}, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'truncation': 'skip'}, bert_tok, 'train')
   assert info['stats']['n_too_long_skipped'] == 1 and arrays['labels'].tolist() == [0]
   with pytest.raises(ValueError, match=r'train\.tsv:3: 13 tokens > data.max_len=6'):
-    classification.load_cls_split({**cfg, 'truncation': 'error'}, bert_tok, 'train')
+    load_cls({**cfg, 'truncation': 'error'}, bert_tok, 'train')
 
 
 # ------------------------------------------------------- csv / jsonl / derived labels
@@ -222,12 +235,12 @@ def test_csv_and_jsonl_with_config_columns(tmp_path, bert_tok):
   _write(tmp_path / 'dev.csv', 'review,stars\n"so ""so""",neutral\n')
   cfg = {'path': str(tmp_path), 'train_file': 'train.csv', 'dev_file': 'dev.csv',
          'text_column': 'review', 'label_column': 'stars'}
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = load_cls(cfg, bert_tok, 'train')
   assert info['label_names'] == ['neg', 'neutral', 'pos']  # sorted, from train
   assert arrays['labels'].tolist() == [2, 0, 1]
   assert 'token_type_ids' in arrays
   assert info['metric_names'] == ['accuracy', 'f1_macro']
-  dev, dinfo = classification.load_cls_split(cfg, bert_tok, 'dev')
+  dev, dinfo = load_cls(cfg, bert_tok, 'dev')
   assert dinfo['label_names'] == ['neg', 'neutral', 'pos'] and dev['labels'].tolist() == [1]
 
   rows = [{'q': 'is it?', 'a': 'yes it is', 'y': 1}, {'q': 'and this', 'a': 'no', 'y': 0}]
@@ -236,10 +249,88 @@ def test_csv_and_jsonl_with_config_columns(tmp_path, bert_tok):
   cfg = {'path': str(tmp_path), 'train_file': 'train.jsonl', 'text_column': 'q',
          'text_pair_column': 'a', 'label_column': 'y', 'labels': [0, 1]}
   with pytest.raises(ValueError, match=r"train\.jsonl:4: missing key\(s\) \['a'\]"):
-    classification.load_cls_split(cfg, bert_tok, 'train')
-  arrays, info = classification.load_cls_split({**cfg, 'on_bad_row': 'skip'}, bert_tok, 'train')
+    load_cls(cfg, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'on_bad_row': 'skip'}, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0] and info['stats']['skipped'] == {'bad_row': 1}
   assert info['stats']['n_blank_lines'] == 1
+
+
+@pytest.mark.parametrize('name,content', [
+    ('train.tsv', b'sentence\tlabel\ngood film\t1\ncaf\xe9 noir\t0\nbad film\t0\n'),
+    ('train.csv', b'sentence,label\ngood film,1\n"caf\xe9 noir",0\nbad film,0\n'),
+    ('train.jsonl', b'{"sentence": "good film", "label": 1}\n{"sentence": "caf\xe9 noir", '
+                    b'"label": 0}\n\n{"sentence": "bad film", "label": 0}\n'),
+])
+def test_non_utf8_bytes_name_file_line_and_byte(tmp_path, bert_tok, name, content):
+  """A Latin-1 byte in a UTF-8 file: one error naming file, line and byte (no bare
+  UnicodeDecodeError); on_bad_row='skip' skips that row and counts it."""
+  (tmp_path / name).write_bytes(content)
+  line = 2 if name.endswith('.jsonl') else 3
+  cfg = {'path': str(tmp_path), 'train_file': name, 'text_column': 'sentence',
+         'label_column': 'label', 'labels': ['0', '1']}
+  with pytest.raises(ValueError, match=rf'{tmp_path}/{name}:{line}: invalid UTF-8 byte 0xe9 '):
+    load_cls(cfg, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+                                               'train')
+  assert arrays['labels'].tolist() == [1, 0]
+  assert info['stats']['skipped'] == {'bad_encoding': 1}
+  assert info['texts'] == ['good film', 'bad film']
+
+
+def test_non_utf8_header_is_an_error_even_when_skipping(tmp_path, bert_tok):
+  (tmp_path / 'train.tsv').write_bytes(b'sent\xe9nce\tlabel\ngood\t1\n')
+  with pytest.raises(ValueError, match=r'train\.tsv:1: invalid UTF-8 byte 0xe9 '):
+    load_cls({'task': 'sst2', 'path': str(tmp_path),
+                                   'on_bad_row': 'skip'}, bert_tok, 'train')
+
+
+def test_parquet_task_files(tmp_path, bert_tok):
+  """Parquet train/dev/test files: the same column and label checks as TSV, rows named
+  'file[row i]' in errors, and the same arrays as the TSV they were made from."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({'sentence': ['good film', 'awful', None, 'fine'],
+                           'label': [1, 0, 1, 7]}), tmp_path / 'train.parquet')
+  pq.write_table(pa.table({'sentence': ['great'], 'label': [1]}), tmp_path / 'dev.parquet')
+  pq.write_table(pa.table({'idx': [0], 'sentence': ['unlabelled']}), tmp_path / 'test.parquet')
+  cfg = {'task': 'sst2', 'path': str(tmp_path), 'train_file': 'train.parquet',
+         'dev_file': 'dev.parquet', 'test_file': 'test.parquet'}
+  train = tmp_path / 'train.parquet'
+  with pytest.raises(ValueError, match=rf'{train}\[row 2\]: empty text in column .sentence.'):
+    load_cls(cfg, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'on_bad_row': 'skip'}, bert_tok,
+                                               'train')
+  assert arrays['labels'].tolist() == [1, 0]
+  assert info['sources'] == [f'{train}[row 0]', f'{train}[row 1]']
+  assert info['stats']['skipped'] == {'empty_text': 1, 'bad_label': 1}
+  dev, _ = load_cls(cfg, bert_tok, 'dev')
+  assert dev['labels'].tolist() == [1]
+  test, tinfo = load_cls(cfg, bert_tok, 'test')
+  assert 'labels' not in test and not tinfo['has_labels'] and len(test['input_ids']) == 1
+  with pytest.raises(ValueError, match=rf"{train}: data.text_column='text' is not a column; "
+                                       r"columns are \['sentence', 'label'\]"):
+    load_cls({**cfg, 'text_column': 'text'}, bert_tok, 'train')
+  with pytest.raises(ValueError, match=rf'{tmp_path / "bad.parquet"}: not a readable Parquet'):
+    _write(tmp_path / 'bad.parquet', 'sentence\tlabel\n')
+    load_cls({**cfg, 'train_file': 'bad.parquet'}, bert_tok, 'train')
+
+  # The bundled SST-2 slice as Parquet (a custom task: labels derived from train) gives
+  # exactly the arrays of the TSV it was made from.
+  import csv
+  rows = list(csv.reader(open(SST2 / 'train.tsv', encoding='utf-8'), delimiter='\t',
+                         quoting=csv.QUOTE_NONE))[:65]
+  _write(tmp_path / 'sst.tsv', ''.join('\t'.join(r) + '\n' for r in rows))
+  pq.write_table(pa.table({'sentence': [r[0] for r in rows[1:]],
+                           'label': [int(r[1]) for r in rows[1:]]}), tmp_path / 'sst.parquet')
+  custom = {'path': str(tmp_path), 'text_column': 'sentence', 'label_column': 'label'}
+  a_tsv, i_tsv = load_cls({**custom, 'train_file': 'sst.tsv'}, bert_tok,
+                                               'train')
+  a_pq, i_pq = load_cls({**custom, 'train_file': 'sst.parquet'}, bert_tok,
+                                             'train')
+  assert i_pq['label_names'] == i_tsv['label_names'] == ['0', '1']
+  assert a_pq.keys() == a_tsv.keys() and len(a_pq['labels']) == 64
+  for k in a_tsv:
+    assert np.array_equal(a_pq[k], a_tsv[k]), k
 
 
 # ------------------------------------------------------------------ HF datasets path
@@ -252,28 +343,28 @@ def test_hf_path_with_local_files(tmp_path, bert_tok):
   cfg = {'task': 'rte', 'source': 'hf', 'hf_path': 'json',
          'hf_data_files': {'train': str(tmp_path / 'rte.jsonl')},
          'hf_cache_dir': str(tmp_path / 'hf_cache')}
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = load_cls(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [0, 1]
   assert info['label_names'] == ['entailment', 'not_entailment']
   assert arrays['token_type_ids'][0].max() == 1
   with pytest.raises(splits.MissingSplitError, match='no split .validation.'):
-    classification.load_cls_split(cfg, bert_tok, 'dev')
+    load_cls(cfg, bert_tok, 'dev')
   # The bundled SST-2 dev set through load_dataset('csv') gives the same arrays.
   cfg = {'task': 'sst2', 'source': 'hf', 'hf_path': 'csv',
          'hf_data_files': {'validation': str(SST2 / 'dev.tsv')},
          'hf_kwargs': {'sep': '\t', 'quoting': 3},
          'hf_cache_dir': str(tmp_path / 'hf_cache'), 'labels': ['0', '1']}
-  hf, info = classification.load_cls_split(cfg, bert_tok, 'dev')
+  hf, info = load_cls(cfg, bert_tok, 'dev')
   assert info['stats']['label_counts'] == [428, 444]
   assert info['sources'][0] == 'csv[validation][row 0]'
-  files, _ = classification.load_cls_split({'task': 'sst2', 'path': str(SST2)}, bert_tok, 'dev')
+  files, _ = load_cls({'task': 'sst2', 'path': str(SST2)}, bert_tok, 'dev')
   assert set(hf) == set(files)
   for k in files:
     np.testing.assert_array_equal(files[k], hf[k])
   # Without a label list, an HF split that is not ClassLabel derives it from train.
   cfg = {**cfg, 'labels': None, 'hf_data_files': {'train': str(SST2 / 'dev.tsv'),
                                                   'validation': str(SST2 / 'dev.tsv')}}
-  hf, info = classification.load_cls_split(cfg, bert_tok, 'dev')
+  hf, info = load_cls(cfg, bert_tok, 'dev')
   assert info['label_values'] == ['0', '1'] and info['label_names'] == ['negative',
                                                                        'positive']
   np.testing.assert_array_equal(files['labels'], hf['labels'])
@@ -290,10 +381,10 @@ def test_hf_classlabel_dataset(tmp_path, bert_tok):
                                           'label': [-1, -1]}, features=feats)})
   dd.save_to_disk(str(tmp_path / 'sst2_hf'))
   cfg = {'task': 'sst2', 'source': 'hf', 'hf_path': str(tmp_path / 'sst2_hf')}
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'train')
+  arrays, info = load_cls(cfg, bert_tok, 'train')
   assert arrays['labels'].tolist() == [1, 0, 1]
   assert info['label_names'] == ['negative', 'positive']
-  test, tinfo = classification.load_cls_split(cfg, bert_tok, 'test')
+  test, tinfo = load_cls(cfg, bert_tok, 'test')
   assert 'labels' not in test and not tinfo['has_labels']
   bad = datasets.Dataset.from_dict({'sentence': ['ok', ''], 'label': [1, 0]},
                                    features=feats)
@@ -375,6 +466,16 @@ def test_conll_bad_sentences(tmp_path):
     ner.read_conll(_write(tmp_path / 'b3.txt', 'a B C O\nb C O\n'))
 
 
+def test_conll_non_utf8_bytes_name_file_line_and_byte(tmp_path):
+  path = tmp_path / 'train.txt'
+  path.write_bytes(b'Peter NNP B-NP B-PER\n\nM\xfcnchen NNP B-NP B-LOC\nis VBZ B-VP O\n\n'
+                   b'Rome NNP B-NP B-LOC\n')
+  with pytest.raises(ValueError, match=rf'{path}:3: invalid UTF-8 byte 0xfc at character 2'):
+    ner.read_conll(path)
+  ex, stats = ner.read_conll(path, on_bad_row='skip')
+  assert ex.words == [['Peter'], ['Rome']] and stats['skipped'] == {'bad_encoding': 1}
+
+
 def test_subtoken_alignment_hand_checked(bert_tok):
   sents = ner.NerExamples([['Werner', 'Zwingmann', 'said'], ['BRUSSELS', '1996-08-22']],
                           [['B-PER', 'I-PER', 'O'], ['B-LOC', 'O']], ['x:1', 'x:5'])
@@ -416,7 +517,7 @@ def test_ner_truncation(bert_tok):
 def test_load_ner_task_from_files(tmp_path, bert_tok):
   cfg = {'path': str(CONLL_TINY.parent), 'train_file': CONLL_TINY.name,
          'dev_file': CONLL_TINY.name, 'max_len': 32}
-  arrays, info = ner.load_ner_split(cfg, bert_tok, 'train')
+  arrays, info = load_ner(cfg, bert_tok, 'train')
   assert info['label_names'] == NER_LABELS
   assert set(arrays) == {'input_ids', 'attention_mask', 'token_type_ids', 'labels',
                          'word_ids'}
@@ -432,7 +533,7 @@ def test_load_ner_task_from_files(tmp_path, bert_tok):
   assert (arrays['labels'] != -100).sum() == sum(
       len(set(w[w >= 0].tolist())) for w in arrays['word_ids'])
   # An explicit label list in another order is honoured.
-  arrays2, info2 = ner.load_ner_split({**cfg, 'labels': NER_LABELS[::-1]}, bert_tok, 'dev')
+  arrays2, info2 = load_ner({**cfg, 'labels': NER_LABELS[::-1]}, bert_tok, 'dev')
   assert info2['label_names'] == NER_LABELS[::-1]
   m = arrays['labels'] >= 0
   np.testing.assert_array_equal(len(NER_LABELS) - 1 - arrays['labels'][m],
@@ -450,9 +551,9 @@ def test_load_ner_task_hf(tmp_path, bert_tok):
                              'validation': datasets.Dataset.from_dict(data, features=feats)})
   dd.save_to_disk(str(tmp_path / 'conll_hf'))
   cfg = {'source': 'hf', 'hf_path': str(tmp_path / 'conll_hf'), 'max_len': 64}
-  arrays, info = ner.load_ner_split(cfg, bert_tok, 'validation')
+  arrays, info = load_ner(cfg, bert_tok, 'validation')
   assert info['label_names'] == names and info['tags'] == ex.tags
-  files, finfo = ner.load_ner_split({'path': str(CONLL_TINY.parent), 'max_len': 64,
+  files, finfo = load_ner({'path': str(CONLL_TINY.parent), 'max_len': 64,
                                       'train_file': CONLL_TINY.name, 'labels': names},
                                      bert_tok, 'train')
   np.testing.assert_array_equal(arrays['labels'], files['labels'])
@@ -482,36 +583,34 @@ def test_balanced_resample_and_config(tmp_path, bert_tok):
   np.testing.assert_array_equal(idx, splits.balanced_resample_indices(y, seed=3))
   assert not np.array_equal(idx, splits.balanced_resample_indices(y, seed=4))
   cfg = {'task': 'sst2', 'path': str(SST2), 'max_len': 16}
-  arrays, info = classification.load_cls_split({**cfg, 'class_balance': 'weights'}, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'class_balance': 'weights'}, bert_tok, 'train')
   cw = np.array(info['stats']['class_weights'])
   np.testing.assert_allclose(cw, 8000 / (2 * np.array([3591, 4409])), rtol=1e-6)
   np.testing.assert_allclose(arrays['weights'], cw[arrays['labels']])
-  arrays, info = classification.load_cls_split({**cfg, 'class_balance': 'resample'}, bert_tok, 'train')
+  arrays, info = load_cls({**cfg, 'class_balance': 'resample'}, bert_tok, 'train')
   assert info['stats']['label_counts'] == [4000, 4000]
-  dev, _ = classification.load_cls_split({**cfg, 'class_balance': 'resample'}, bert_tok, 'dev')
+  dev, _ = load_cls({**cfg, 'class_balance': 'resample'}, bert_tok, 'dev')
   assert len(dev['labels']) == 872 and 'weights' not in dev  # eval splits untouched
 
 
 def test_config_dict_and_defaults(bert_tok):
-  import ml_collections
-  cfg = ml_collections.ConfigDict(classification.CLS_DATA_DEFAULTS)
-  cfg.task = 'sst2'
-  cfg.path = 'data/glue/sst2'  # relative: cwd first, then the repository root
-  cfg.max_len = 16
-  arrays, info = classification.load_cls_split(cfg, bert_tok, 'dev')
+  from jaxft import config as config_lib
+  section = config_lib.as_section(classification.ClsData())
+  section.update(task='sst2', max_len=16)
+  section.path = 'data/glue/sst2'  # relative: cwd first, then the repository root
+  cfg = config_lib.section(classification.ClsData, section, 'data')
+  arrays, info = load_cls(cfg, bert_tok, 'dev')
   assert arrays['input_ids'].shape == (872, 16) and info['stats']['n_truncated'] > 0
-  ner_cfg = ml_collections.ConfigDict(ner.NER_DATA_DEFAULTS)
-  ner_cfg.path = str(CONLL_TINY.parent)
-  ner_cfg.train_file = CONLL_TINY.name
-  arrays, info = ner.load_ner_split(ner_cfg, bert_tok, 'train')
+  ner_cfg = ner.NerData(path=str(CONLL_TINY.parent), train_file=CONLL_TINY.name)
+  arrays, info = load_ner(ner_cfg, bert_tok, 'train')
   assert info['label_names'] == NER_LABELS
   with pytest.raises(splits.MissingSplitError, match='valid.txt does not exist'):
-    ner.load_ner_split(ner_cfg, bert_tok, 'dev')
+    load_ner(ner_cfg, bert_tok, 'dev')
 
 
 def test_arrays_feed_the_grain_loader(bert_tok):
   from jaxft.data.loader import make_loader
-  arrays, _ = classification.load_cls_split({'task': 'sst2', 'path': str(SST2), 'max_len': 32},
+  arrays, _ = load_cls({'task': 'sst2', 'path': str(SST2), 'max_len': 32},
                                   bert_tok, 'dev')
   batch = next(make_loader(arrays, global_batch_size=8, seed=0, num_epochs=1,
                            process_index=0, process_count=1))

@@ -13,9 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (BadRows, apply_balance,
-                               check_truncation, hf_load, hf_column, hf_split_name, normalize_split,
-                               pad_id, setting, split_file, too_long_rows, wants_token_types)
+from jaxft.data.splits import (BadRows, TaskData, apply_balance, bad_bytes, check_truncation,
+                               hf_column, hf_load, hf_split_name, normalize_split, open_text,
+                               pad_id, split_file, too_long_rows, wants_token_types)
 
 # ----------------------------------------------------------------------------- presets
 
@@ -83,17 +83,30 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
              'sentence1', 'sentence2'),
 ]}
 
-# Config keys read by `load_cls_split` / `load_ner_split` and their defaults. None means
-# "from the GLUE preset, else the reader's own default" (see each key's use).
-CLS_DATA_DEFAULTS = dict(
-    task=None, source='files', path=None, train_file=None, dev_file=None, test_file=None,
-    format='auto', text_column=None, text_pair_column=None, label_column=None, labels=None,
-    is_regression=None, has_header=None, column_names=None, max_len=128,
-    truncation='truncate', on_bad_row='error', class_balance='none', seed=0,
-    hf_path='glue', hf_name=None, hf_data_files=None, hf_cache_dir=None, hf_kwargs=None)
+@dataclasses.dataclass(frozen=True)
+class ClsData(TaskData):
+  """The `data` section of sentence(-pair) classification / regression. With a GLUE `task`
+  the columns, labels, files and metrics come from its preset; '' / () = unset."""
+  task: str = ''                  # a GLUE task name (presets), '' for a custom task
+  format: str = 'auto'            # auto (by extension) | tsv | csv | jsonl | parquet
+  text_column: str = ''
+  text_pair_column: str = ''
+  label_column: str = ''          # default 'label'
+  labels: tuple[str, ...] = ()    # raw label values in class order; () = sorted from train
+  is_regression: bool = False
+  has_header: bool = True
+  column_names: tuple[str, ...] = ()  # names of a headerless file's columns
+
+  def __post_init__(self):
+    super().__post_init__()
+    get_glue_task(self.task)
+    labels = self.labels.split(',') if isinstance(self.labels, str) else self.labels or ()
+    object.__setattr__(self, 'labels', tuple(str(x).strip() for x in labels))
+    object.__setattr__(self, 'column_names', tuple(self.column_names or ()))
+
 
 def get_glue_task(name: str | None) -> GlueTask | None:
-  if name is None:
+  if not name:
     return None
   key = name.lower().replace('-', '')
   if key not in GLUE_TASKS:
@@ -169,10 +182,14 @@ def _column_index(header: Sequence[str], column: str | int | None, where: str,
   return list(header).index(column)
 
 
+_FORMATS = ('tsv', 'csv', 'jsonl', 'parquet')
+
+
 def _file_format(path: Path, fmt: str) -> str:
   if fmt != 'auto':
-    if fmt not in ('tsv', 'csv', 'jsonl'):
-      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv' or 'jsonl', got {fmt!r}")
+    if fmt not in _FORMATS:
+      raise ValueError(f"data.format must be 'auto', 'tsv', 'csv', 'jsonl' or 'parquet', "
+                       f"got {fmt!r}")
     return fmt
   suffix = path.suffix.lower()
   if suffix in ('.tsv', '.txt'):
@@ -181,7 +198,45 @@ def _file_format(path: Path, fmt: str) -> str:
     return 'csv'
   if suffix in ('.jsonl', '.json', '.ndjson'):
     return 'jsonl'
+  if suffix in ('.parquet', '.pq'):
+    return 'parquet'
   raise ValueError(f'{path}: cannot tell the format from the extension; set data.format')
+
+
+class _Collector:
+  """Rows -> examples: empty texts and bad labels go to the bad-row policy."""
+
+  def __init__(self, text_column, text_pair_column, label_column, mapper, bad: BadRows):
+    self.text_column, self.text_pair_column = text_column, text_pair_column
+    self.label_column, self.mapper, self.bad = label_column, mapper, bad
+    self.texts, self.pairs, self.ys, self.sources = [], [], [], []
+    self.n_rows = self.n_blank = 0
+
+  def add(self, where, text, pair, raw_label, has_labels: bool):
+    if text is None or not str(text).strip():
+      return self.bad(where, 'empty_text', f'empty text in column {self.text_column!r}')
+    if self.text_pair_column is not None and (pair is None or not str(pair).strip()):
+      return self.bad(where, 'empty_text', f'empty text in column {self.text_pair_column!r}')
+    y = None
+    if has_labels:
+      y, why = self.mapper(raw_label)
+      if why is not None:
+        return self.bad(where, 'bad_label', f'{why} (column {self.label_column!r})')
+    self.texts.append(str(text).strip())
+    self.pairs.append(None if self.text_pair_column is None else str(pair).strip())
+    self.ys.append(y)
+    self.sources.append(where)
+
+  def add_record(self, where, row: Mapping, has_labels: bool):
+    """A row as {column: value} (JSONL, Parquet): missing keys are a bad row."""
+    missing = [c for c in (self.text_column, self.text_pair_column,
+                           self.label_column if has_labels else None)
+               if c is not None and c not in row]
+    if missing:
+      return self.bad(where, 'bad_row', f'missing key(s) {missing}')
+    self.add(where, row[self.text_column],
+             None if self.text_pair_column is None else row[self.text_pair_column],
+             row[self.label_column] if has_labels else None, has_labels)
 
 
 def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
@@ -191,127 +246,160 @@ def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
                   fmt: str = 'auto', has_header: bool = True,
                   column_names: Sequence[str] | None = None, on_bad_row: str = 'error',
                   require_labels: bool = True) -> tuple[ClsExamples, dict]:
-  """Reads a TSV/CSV/JSONL classification file into examples and stats.
+  """Reads a TSV/CSV/JSONL/Parquet classification file into examples and stats.
 
   `labels` (raw label strings) maps labels to class ids; without it labels stay raw
   strings (used to derive a label list). A missing label column yields `labels=None`
   unless `require_labels`. Headerless files take `column_names` or integer columns.
+  Rows are named 'file:line' (1-based, header included), Parquet rows 'file[row i]'
+  (0-based, as in pandas and `datasets`). Bytes that are not UTF-8 make a bad row.
   """
   path = Path(path)
   fmt = _file_format(path, fmt)
   bad = BadRows(on_bad_row)
-  mapper = _LabelMapper(labels, is_regression)
-  texts, pairs, ys, sources = [], [], [], []
-  n_rows = n_blank = 0
+  c = _Collector(text_column, text_pair_column, label_column,
+                 _LabelMapper(labels, is_regression), bad)
   has_labels = label_column is not None
-
-  def add(where, text, pair, raw_label):
-    if text is None or not str(text).strip():
-      return bad(where, 'empty_text', f'empty text in column {text_column!r}')
-    if text_pair_column is not None and (pair is None or not str(pair).strip()):
-      return bad(where, 'empty_text', f'empty text in column {text_pair_column!r}')
-    y = None
-    if has_labels:
-      y, why = mapper(raw_label)
-      if why is not None:
-        return bad(where, 'bad_label', f'{why} (column {label_column!r})')
-    texts.append(str(text).strip())
-    pairs.append(None if text_pair_column is None else str(pair).strip())
-    ys.append(y)
-    sources.append(where)
-
   if fmt == 'jsonl':
-    with open(path, encoding='utf-8-sig') as f:
-      first = True
-      for lineno, line in enumerate(f, 1):
-        where = f'{path}:{lineno}'
-        if not line.strip():
-          n_blank += 1
-          continue
-        n_rows += 1
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          bad(where, 'bad_row', f'invalid JSON ({e.msg})')
-          continue
-        if not isinstance(row, dict):
-          bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
-          continue
-        if first and has_labels and label_column not in row and not require_labels:
-          has_labels = False  # an unlabeled (test) file
-          logging.info('%s: no %r key; reading without labels', path, label_column)
-        first = False
-        missing = [c for c in (text_column, text_pair_column,
-                               label_column if has_labels else None)
-                   if c is not None and c not in row]
-        if missing:
-          bad(where, 'bad_row', f'missing key(s) {missing}')
-          continue
-        add(where, row[text_column],
-            None if text_pair_column is None else row[text_pair_column],
-            row[label_column] if has_labels else None)
+    has_labels = _read_jsonl(path, c, has_labels, require_labels)
+  elif fmt == 'parquet':
+    has_labels = _read_parquet(path, c, has_labels, require_labels)
   else:
-    kwargs = (dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv' else
-              dict(delimiter=','))
-    with open(path, encoding='utf-8-sig', newline='') as f:
-      reader = csv.reader(f, **kwargs)
-      if column_names is not None:
-        header = list(column_names)
-      elif has_header:
-        try:
-          header = [h.strip() for h in next(reader)]
-        except StopIteration:
-          raise ValueError(f'{path}:1: empty file, expected a header row') from None
-      else:
-        header = None
-      where0 = f'{path}:1' if header is not None and column_names is None else str(path)
-      if header is None:  # integer columns only
-        for key, col in (('text_column', text_column), ('label_column', label_column)):
-          if col is not None and not isinstance(col, (int, np.integer)):
-            raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
-        ncols = None
-      else:
-        ncols = len(header)
-      ti = pi = li = None
-      if header is not None:
-        ti = _column_index(header, text_column, where0, 'data.text_column')
-        pi = _column_index(header, text_pair_column, where0, 'data.text_pair_column')
-        if has_labels and label_column not in header and not isinstance(label_column, int):
-          if require_labels:
-            _column_index(header, label_column, where0, 'data.label_column')  # raises
-          has_labels = False
-          logging.info('%s: no %r column; reading without labels', path, label_column)
-        li = _column_index(header, label_column, where0, 'data.label_column') \
-            if has_labels else None
-      else:
-        ti, pi, li = text_column, text_pair_column, label_column
-      for row in reader:
-        where = f'{path}:{reader.line_num}'
-        if not row or (len(row) == 1 and not row[0].strip() and ncols != 1):
-          n_blank += 1
-          continue
-        n_rows += 1
-        if ncols is None:
-          ncols = len(row)  # headerless without names: the first row sets the width
-          for key, col in (('text_column', ti), ('text_pair_column', pi),
-                           ('label_column', li)):
-            if col is not None and not -ncols <= col < ncols:
-              raise ValueError(f'{where}: data.{key}={col} is out of range for '
-                               f'{ncols} columns')
-        if len(row) != ncols:
-          bad(where, 'bad_columns', f'expected {ncols} columns, got {len(row)}'
-              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
-          continue
-        add(where, row[ti], None if pi is None else row[pi],
-            row[li] if has_labels else None)
-  stats = {'n_rows': n_rows, 'n_examples': len(texts), 'n_blank_lines': n_blank,
+    has_labels = _read_delimited(path, fmt, c, has_labels, require_labels, has_header,
+                                 column_names)
+  stats = {'n_rows': c.n_rows, 'n_examples': len(c.texts), 'n_blank_lines': c.n_blank,
            **bad.stats()}
   if bad.counts:
     logging.warning('%s: skipped %d bad rows %s', path, stats['n_skipped'], dict(bad.counts))
-  examples = ClsExamples(texts, pairs if text_pair_column is not None else None,
-                         ys if has_labels else None, sources)
+  examples = ClsExamples(c.texts, c.pairs if text_pair_column is not None else None,
+                         c.ys if has_labels else None, c.sources)
   return examples, stats
 
+
+def _read_jsonl(path: Path, c: _Collector, has_labels: bool, require_labels: bool) -> bool:
+  """One JSON object per line into `c`; returns whether the file has labels."""
+  first = True
+  with open_text(path) as f:
+    for lineno, line in enumerate(f, 1):
+      where = f'{path}:{lineno}'
+      if not line.strip():
+        c.n_blank += 1
+        continue
+      c.n_rows += 1
+      why = bad_bytes(line)
+      if why is not None:
+        c.bad(where, 'bad_encoding', why)
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        c.bad(where, 'bad_row', f'invalid JSON ({e.msg})')
+        continue
+      if not isinstance(row, dict):
+        c.bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
+        continue
+      if first and has_labels and c.label_column not in row and not require_labels:
+        has_labels = False  # an unlabeled (test) file
+        logging.info('%s: no %r key; reading without labels', path, c.label_column)
+      first = False
+      c.add_record(where, row, has_labels)
+  return has_labels
+
+
+def _read_parquet(path: Path, c: _Collector, has_labels: bool, require_labels: bool) -> bool:
+  """A Parquet file (pyarrow) into `c`: columns checked against the schema, rows named
+  'file[row i]'; returns whether the file has labels."""
+  import pyarrow.parquet as pq
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid and friends)
+    raise ValueError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from e
+  columns = pf.schema_arrow.names
+  for key, col in (('data.text_column', c.text_column),
+                   ('data.text_pair_column', c.text_pair_column)):
+    if col is not None and col not in columns:
+      raise ValueError(f'{path}: {key}={col!r} is not a column; columns are {columns}')
+  if has_labels and c.label_column not in columns:
+    if require_labels:
+      raise ValueError(f'{path}: data.label_column={c.label_column!r} is not a column; '
+                       f'columns are {columns}')
+    has_labels = False
+    logging.info('%s: no %r column; reading without labels', path, c.label_column)
+  wanted = [col for col in (c.text_column, c.text_pair_column,
+                            c.label_column if has_labels else None) if col is not None]
+  table = pf.read(columns=list(dict.fromkeys(wanted)))
+  values = {col: table.column(col).to_pylist() for col in table.column_names}
+  for i in range(table.num_rows):
+    c.n_rows += 1
+    c.add_record(f'{path}[row {i}]', {col: v[i] for col, v in values.items()}, has_labels)
+  return has_labels
+
+
+def _read_delimited(path: Path, fmt: str, c: _Collector, has_labels: bool,
+                    require_labels: bool, has_header: bool, column_names) -> bool:
+  """A TSV (no quoting) or CSV file into `c`; returns whether the file has labels."""
+  kwargs = (dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv' else
+            dict(delimiter=','))
+  with open_text(path, newline='') as f:
+    reader = csv.reader(f, **kwargs)
+    header = list(column_names) if column_names is not None else (
+        _read_header(path, reader) if has_header else None)
+    ncols, (ti, pi, li), has_labels = _columns(path, header, column_names is None, c,
+                                               has_labels, require_labels)
+    for row in reader:
+      where = f'{path}:{reader.line_num}'
+      if not row or (len(row) == 1 and not row[0].strip() and ncols != 1):
+        c.n_blank += 1
+        continue
+      c.n_rows += 1
+      if ncols is None:
+        ncols = len(row)  # headerless without names: the first row sets the width
+        for key, col in (('text_column', ti), ('text_pair_column', pi), ('label_column', li)):
+          if col is not None and not -ncols <= col < ncols:
+            raise ValueError(f'{where}: data.{key}={col} is out of range for {ncols} columns')
+      why = next((w for w in map(bad_bytes, row) if w is not None), None)
+      if why is not None:
+        c.bad(where, 'bad_encoding', why)
+        continue
+      if len(row) != ncols:
+        c.bad(where, 'bad_columns', f'expected {ncols} columns, got {len(row)}'
+              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
+        continue
+      c.add(where, row[ti], None if pi is None else row[pi],
+            row[li] if has_labels else None, has_labels)
+  return has_labels
+
+
+def _read_header(path: Path, reader) -> list[str]:
+  try:
+    header = [h.strip() for h in next(reader)]
+  except StopIteration:
+    raise ValueError(f'{path}:1: empty file, expected a header row') from None
+  why = next((w for w in map(bad_bytes, header) if w is not None), None)
+  if why is not None:
+    raise ValueError(f'{path}:1: {why}')  # a header is not a row that can be skipped
+  return header
+
+
+def _columns(path: Path, header, from_file: bool, c: _Collector, has_labels: bool,
+             require_labels: bool):
+  """(ncols or None, (text, pair, label) column indices, has_labels) of a delimited file."""
+  where0 = f'{path}:1' if header is not None and from_file else str(path)
+  if header is None:  # integer columns only
+    for key, col in (('text_column', c.text_column), ('label_column', c.label_column)):
+      if col is not None and not isinstance(col, (int, np.integer)):
+        raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
+    return None, (c.text_column, c.text_pair_column, c.label_column), has_labels
+  ti = _column_index(header, c.text_column, where0, 'data.text_column')
+  pi = _column_index(header, c.text_pair_column, where0, 'data.text_pair_column')
+  if has_labels and c.label_column not in header and not isinstance(c.label_column, int):
+    if require_labels:
+      _column_index(header, c.label_column, where0, 'data.label_column')  # raises
+    has_labels = False
+    logging.info('%s: no %r column; reading without labels', path, c.label_column)
+  li = _column_index(header, c.label_column, where0, 'data.label_column') if has_labels \
+      else None
+  return len(header), (ti, pi, li), has_labels
 
 
 def read_cls_hf(dataset, *, text_column: str, text_pair_column: str | None = None,
@@ -441,12 +529,10 @@ def encode_cls(examples: ClsExamples, tokenizer, *, max_len: int,
 
 # ---------------------------------------------------------------- classification: entry
 
-def cls_settings(cfg):
-  task = get_glue_task(setting(cfg, 'task'))
-  source = setting(cfg, 'source', 'files')
-  if source not in ('files', 'hf'):
-    raise ValueError(f"data.source must be 'files' or 'hf', got {source!r}")
-  hf = source == 'hf'
+def cls_settings(data: ClsData) -> dict:
+  """Columns, labels and format of a task: the data section over its GLUE preset."""
+  task = get_glue_task(data.task)
+  hf = data.source == 'hf'
   if hf:
     text_d = task.hf_text_column if task else 'sentence'
     pair_d = task.hf_text_pair_column if task else None
@@ -455,24 +541,21 @@ def cls_settings(cfg):
     text_d = task.text_column if task else None
     pair_d = task.text_pair_column if task else None
     label_d = task.label_column if task else None
+  preset_labels = (list(task.label_values) or None) if task else None
   s = dict(
       task=task, hf=hf,
-      text_column=setting(cfg, 'text_column', text_d),
-      text_pair_column=setting(cfg, 'text_pair_column', pair_d),
-      label_column=setting(cfg, 'label_column', label_d),
-      is_regression=bool(setting(cfg, 'is_regression', task.is_regression if task else False)),
-      labels=setting(cfg, 'labels', (list(task.label_values) or None) if task else None),
-      on_bad_row=setting(cfg, 'on_bad_row', 'error'))
+      text_column=data.text_column or text_d,
+      text_pair_column=data.text_pair_column or pair_d,
+      label_column=data.label_column or label_d or 'label',
+      is_regression=bool(data.is_regression or (task.is_regression if task else False)),
+      labels=list(data.labels) or preset_labels,
+      on_bad_row=data.on_bad_row)
   if s['text_column'] is None:
     raise ValueError('data.text_column is not set (and data.task is not a GLUE task)')
-  if s['label_column'] is None:
-    s['label_column'] = 'label'
-  if s['labels'] is not None:
-    s['labels'] = [str(x) for x in s['labels']]
   return s
 
 
-def read_cls_split(cfg, s: dict, split: str, labels, require_labels: bool):
+def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: bool):
   """(examples, stats, hf_label_names or None) for one split under settings `s`."""
   task = s['task']
   common = dict(text_column=s['text_column'], text_pair_column=s['text_pair_column'],
@@ -480,24 +563,21 @@ def read_cls_split(cfg, s: dict, split: str, labels, require_labels: bool):
                 is_regression=s['is_regression'], on_bad_row=s['on_bad_row'],
                 require_labels=require_labels)
   if s['hf']:
-    split_name = hf_split_name(cfg, split, task.hf_splits if task else None)
-    ds, where = hf_load(cfg, split_name, 'glue', task.name if task else None)
+    split_name = hf_split_name(data, split, task.hf_splits if task else None)
+    ds, where = hf_load(data, split_name, 'glue', task.name if task else None)
     return read_cls_hf(ds, name=where, **common)
   default_files = dict(task.files) if task else {}
-  path = split_file(cfg, split, default_files,
-                     (task.dir_name, task.name) if task else ())
-  column_names = setting(cfg, 'column_names')
-  has_header = setting(cfg, 'has_header')
-  if column_names is None and task and split in task.headerless and has_header is None:
+  path = split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+  column_names = data.column_names or None
+  if column_names is None and task and split in task.headerless and data.has_header:
     column_names = task.headerless[split]
-  has_header = True if has_header is None else bool(has_header)
-  ex, stats = read_cls_file(path, fmt=setting(cfg, 'format', 'auto'), has_header=has_header,
+  ex, stats = read_cls_file(path, fmt=data.format, has_header=data.has_header,
                             column_names=column_names, **common)
   stats['file'] = str(path)
   return ex, stats, None
 
 
-def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
+def load_cls_split(data: ClsData, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
   """Reads and tokenizes one split of a sentence(-pair) classification task.
 
   Returns (arrays, info): arrays as in `encode_cls` (+ `weights` for the train split
@@ -506,21 +586,20 @@ def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarra
   n_examples, sources ('file:line' per row) and stats.
   """
   split = normalize_split(split)
-  s = cls_settings(data_cfg)
+  s = cls_settings(data)
   task = s['task']
   labels = s['labels']
   if labels is None and not s['is_regression']:
     # The label list must be the same for every split: derive it from train
     # (an HF ClassLabel column brings its own names and ids instead).
-    train_ex, _, train_names = read_cls_split(data_cfg, s, 'train', None, True)
+    train_ex, _, train_names = read_cls_split(data, s, 'train', None, True)
     if train_names is None:
       labels = sort_labels(train_ex.labels)
       logging.info('label set derived from the train split: %s', labels)
-  ex, stats, hf_names = read_cls_split(data_cfg, s, split, labels,
-                                        require_labels=not split.startswith('test'))
-  arrays, enc_stats = encode_cls(ex, tokenizer, max_len=int(setting(data_cfg, 'max_len', 128)),
-                                 truncation=setting(data_cfg, 'truncation', 'truncate'),
-                                 is_regression=s['is_regression'])
+  ex, stats, hf_names = read_cls_split(data, s, split, labels,
+                                       require_labels=not split.startswith('test'))
+  arrays, enc_stats = encode_cls(ex, tokenizer, max_len=int(data.max_len),
+                                 truncation=data.truncation, is_regression=s['is_regression'])
   keep = enc_stats.pop('keep')
   stats.update(enc_stats)
   stats['n_examples'] = int(len(keep))
@@ -533,7 +612,7 @@ def load_cls_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarra
     label_names = (list(task.label_names) if task and labels == list(task.label_values)
                    else list(labels))
   num_labels = 1 if s['is_regression'] else len(label_values)
-  arrays = apply_balance(data_cfg, arrays, num_labels, split, stats)
+  arrays = apply_balance(data, arrays, num_labels, split, stats)
   if 'labels' in arrays and not s['is_regression'] and arrays['labels'].size:
     stats['label_counts'] = np.bincount(arrays['labels'], minlength=num_labels).tolist()
   if task:

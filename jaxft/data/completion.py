@@ -33,36 +33,44 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, check_truncation,
-                               hf_column, hf_load, hf_split_name, normalize_split, setting,
-                               split_file)
+from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, TaskData,
+                               check_truncation, hf_column, hf_load, hf_split_name,
+                               normalize_split, split_file)
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'txt')
 
-DEFAULTS = dict(
-    source='files',             # files | hf
-    path='',                    # folder of the split files ('' = paths as given)
-    train_file='', dev_file='', test_file='',
-    format='auto',              # auto (from the extension) | csv | tsv | jsonl | txt
-    prompt_column='prompt', completion_column='completion',
-    template='{prompt}',        # the prompt as the model sees it; must contain {prompt}
-    completion_prefix=' ',      # put before the completion (GPT-2 BPE words start with a space)
-    append_eos=True,
-    loss_on_prompt=False,
-    max_len=128,
-    truncation='truncate',      # too long rows: truncate (the completion's end) | skip | error
-    packing=False,
-    dev_fraction=0.0,           # > 0 and no dev file: hold out this share of distinct prompts
-    split_seed=0,
-    on_bad_row='error',         # error | skip
-    hf_path='', hf_name='',
-)
 
+@dataclasses.dataclass(frozen=True)
+class CompletionData(TaskData):
+  """The `data` section of LM fine-tuning on (prompt, completion) pairs (files or HF
+  datasets as for every task: data.source, path, *_file, hf_*)."""
+  format: str = 'auto'            # auto (from the extension) | csv | tsv | jsonl | txt
+  prompt_column: str = 'prompt'  # csv / tsv header, jsonl key or HF column of the prompts
+  completion_column: str = 'completion'  # ... of the completions
+  template: str = '{prompt}'      # the prompt as the model sees it; must contain {prompt}
+  completion_prefix: str = ' '    # put before the completion (GPT-2 BPE words start with a space)
+  append_eos: bool = True         # end every completion with the tokenizer's EOS
+  loss_on_prompt: bool = False    # also score the prompt tokens
+  packing: bool = False           # several examples per row (segment_ids, position_ids)
+  dev_fraction: float = 0.0       # no dev split: hold out this share of distinct prompts
+  split_seed: int = 0             # of the dev_fraction hold-out and the packing order
 
-def default_data_config(**overrides):
-  """A ConfigDict with every `data.*` key of the LM fine-tuning stages (plus `tokenizer`)."""
-  import ml_collections
-  return ml_collections.ConfigDict({**DEFAULTS, 'tokenizer': '', **overrides})
+  def __post_init__(self):
+    super().__post_init__()
+    if self.class_balance != 'none':
+      raise ValueError(f"data.class_balance={self.class_balance!r}: (prompt, completion) pairs "
+                       "have no classes; leave it 'none'")
+    if self.format != 'auto' and self.format not in FORMATS:
+      raise ValueError(f"data.format must be 'auto' or one of {FORMATS}, got {self.format!r}")
+    if '{prompt}' not in self.template:
+      raise ValueError(f'data.template={self.template!r} must contain {{prompt}}')
+    if not 0 <= self.dev_fraction < 1:
+      raise ValueError(f'data.dev_fraction={self.dev_fraction} must be in [0, 1)')
+    if not self.prompt_column or not self.completion_column:
+      raise ValueError('data.prompt_column and data.completion_column must be set')
+    if self.source == 'hf' and not self.hf_path:
+      raise ValueError("data.source='hf' needs data.hf_path (a hub name, a local builder like "
+                       'csv or json, or a save_to_disk folder)')
 
 
 @dataclasses.dataclass
@@ -208,50 +216,35 @@ def read_pairs_hf(dataset, *, prompt_column: str, completion_column: str | None,
   return out
 
 
-def read_split(cfg, split: str, *, require_completion: bool = True) -> Pairs:
-  """One split named by the config (data.<split>_file under data.path, or an HF split)."""
+def read_split(data: CompletionData, split: str, *, require_completion: bool = True) -> Pairs:
+  """One split named by the data section (data.<split>_file under data.path, or an HF split)."""
   split = normalize_split(split)
-  kw = dict(prompt_column=setting(cfg, 'prompt_column', 'prompt'),
-            completion_column=setting(cfg, 'completion_column', 'completion') or None,
-            on_bad_row=setting(cfg, 'on_bad_row', 'error'), require_completion=require_completion)
-  source = setting(cfg, 'source', 'files')
-  if source == 'hf':
-    ds, where = hf_load(cfg, hf_split_name(cfg, split, None), setting(cfg, 'hf_path', ''),
-                        setting(cfg, 'hf_name', '') or None)
+  kw = dict(prompt_column=data.prompt_column, completion_column=data.completion_column or None,
+            on_bad_row=data.on_bad_row, require_completion=require_completion)
+  if data.source == 'hf':
+    ds, where = hf_load(data, hf_split_name(data, split, None), data.hf_path,
+                        data.hf_name or None)
     return read_pairs_hf(ds, name=where, **kw)
-  if source != 'files':
-    raise ValueError(f"data.source must be 'files' or 'hf', got {source!r}")
-  name = setting(cfg, f'{split}_file', '')
-  if not name:
-    raise MissingSplitError(f'no file for split {split!r}: set data.{split}_file')
-  if not setting(cfg, 'path', ''):
-    cfg = {**_as_dict(cfg), 'path': None}
-  path = split_file(cfg, split, {})
-  return read_pairs_file(path, fmt=setting(cfg, 'format', 'auto'), **kw)
+  return read_pairs_file(split_file(data, split, {}), fmt=data.format, **kw)
 
 
-def load_splits(cfg) -> tuple[Pairs, Pairs | None, dict]:
+def load_splits(data: CompletionData) -> tuple[Pairs, Pairs | None, dict]:
   """(train, dev or None, info) for LM fine-tuning: dev from data.dev_file, else a seeded
   `data.dev_fraction` of the distinct training prompts, else none."""
-  train = read_split(cfg, 'train')
+  train = read_split(data, 'train')
   dev = None
-  if setting(cfg, 'dev_file', '') or setting(cfg, 'source', 'files') == 'hf':
+  if data.dev_file or data.source == 'hf':
     try:
-      dev = read_split(cfg, 'dev')
+      dev = read_split(data, 'dev')
     except MissingSplitError:
       dev = None
-  fraction = float(setting(cfg, 'dev_fraction', 0.0) or 0.0)
-  if dev is None and fraction > 0:
-    train, dev = split_by_prompt(train, fraction, int(setting(cfg, 'split_seed', 0)))
+  if dev is None and data.dev_fraction > 0:
+    train, dev = split_by_prompt(train, data.dev_fraction, data.split_seed)
   info = {'n_train_rows': len(train), 'n_train_prompts': len(set(train.prompts)),
           'n_dev_rows': len(dev) if dev is not None else 0,
           'n_dev_prompts': len(set(dev.prompts)) if dev is not None else 0}
   logging.info('LM fine-tuning data: %s', info)
   return train, dev, info
-
-
-def _as_dict(cfg) -> dict:
-  return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
 
 
 # ------------------------------------------------------------------------- by prompt

@@ -8,11 +8,13 @@ per-process pieces by the train loop (`jax.make_array_from_process_local_data`).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import grain
 import jax
 import numpy as np
+from absl import logging
 
 
 class _Rows:
@@ -71,7 +73,48 @@ def _stack(rows):
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def num_batches(n_examples: int, global_batch_size: int, drop_remainder: bool = True) -> int:
-  if drop_remainder:
-    return n_examples // global_batch_size
-  return -(-n_examples // global_batch_size)
+def indexed(arrays: Mapping[str, np.ndarray], batch_size: int, ignore_index: int = -100):
+  """Pad to a multiple of batch_size with `valid`=0 rows and number rows by `index`, so an
+  eval covers every example exactly once whatever the batch and process layout (token
+  labels of padding rows are `ignore_index`)."""
+  n = len(next(iter(arrays.values())))
+  total = max(batch_size, math.ceil(n / batch_size) * batch_size)
+  out = {}
+  for k, v in arrays.items():
+    pad = np.zeros((total - n,) + v.shape[1:], v.dtype)
+    if k == 'labels' and v.ndim == 2:
+      pad[:] = ignore_index
+    out[k] = np.concatenate([v, pad])
+  out['valid'] = np.concatenate([np.ones(n, np.int32), np.zeros(total - n, np.int32)])
+  out['index'] = np.arange(total, dtype=np.int32)
+  return out
+
+
+def ordered(per_example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per-example eval outputs sorted back into dataset order, padding rows dropped."""
+  order = np.argsort(per_example['index'], kind='stable')
+  keep = per_example['valid'][order] > 0
+  return {k: v[order][keep] for k, v in per_example.items()}
+
+
+def eval_batches(arrays: Mapping[str, np.ndarray] | None, batch_size: int,
+                 exclude: tuple[str, ...] = ('word_ids', 'weights')):
+  """A callable giving a fresh pass over every example of `arrays` (`indexed`, so nothing
+  is dropped or repeated), or None without arrays."""
+  if arrays is None:
+    return None
+  padded = indexed({k: v for k, v in arrays.items() if k not in exclude}, batch_size)
+  return lambda: make_loader(padded, global_batch_size=batch_size, seed=0, shuffle=False,
+                             num_epochs=1, drop_remainder=True)
+
+
+def lm_eval_batches(arrays: Mapping[str, np.ndarray] | None, batch_size: int, seed: int):
+  """Packed LM eval rows in whole batches (every row is full text: a partial last batch is
+  dropped); None without arrays or with fewer rows than one batch."""
+  if arrays is None or len(arrays['input_ids']) < batch_size:
+    if arrays is not None:
+      logging.warning('eval set has %d rows < train.batch_size=%d: eval disabled',
+                      len(arrays['input_ids']), batch_size)
+    return None
+  return lambda: make_loader(arrays, global_batch_size=batch_size, seed=seed, shuffle=False,
+                             num_epochs=1, drop_remainder=True)

@@ -6,8 +6,30 @@ is `fold_in(seed, step)`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSettings:
+  """The `mlm` config section: dynamic masking rates. `max_predictions` > 0 projects only
+  that many positions per row through the vocabulary (fixed shapes); 0 projects every one."""
+  mask_prob: float = 0.15
+  mask_token_frac: float = 0.8
+  random_token_frac: float = 0.1
+  max_predictions: int = 20
+
+  def __post_init__(self):
+    for k in ('mask_prob', 'mask_token_frac', 'random_token_frac'):
+      if not 0.0 <= getattr(self, k) <= 1.0:
+        raise ValueError(f'mlm.{k}={getattr(self, k)} must be in [0, 1]')
+    if self.mask_token_frac + self.random_token_frac > 1.0:
+      raise ValueError(f'mlm.mask_token_frac + mlm.random_token_frac = '
+                       f'{self.mask_token_frac + self.random_token_frac} exceeds 1')
+    if self.max_predictions < 0:
+      raise ValueError(f'mlm.max_predictions={self.max_predictions} must be >= 0')
 
 
 def mlm_mask(rng, input_ids, special_tokens_mask, *, vocab_size: int, mask_token_id: int,

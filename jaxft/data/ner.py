@@ -11,16 +11,31 @@ from typing import Iterable, Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (BadRows, IGNORE_INDEX, apply_balance,
-                               check_truncation, hf_load, hf_column, hf_split_name, normalize_split,
-                               pad_id, setting, split_file, too_long_rows, wants_token_types)
+from jaxft.data.splits import (IGNORE_INDEX, BadRows, TaskData, apply_balance, bad_bytes,
+                               check_truncation, hf_column, hf_load, hf_split_name,
+                               normalize_split, open_text, pad_id, split_file, too_long_rows,
+                               wants_token_types)
 
-NER_DATA_DEFAULTS = dict(
-    source='files', path=None, train_file='train.txt', dev_file='valid.txt',
-    test_file='test.txt', token_column=0, tag_column=-1, tag_scheme='iob2', labels=None,
-    max_len=128, truncation='truncate', on_bad_row='error', class_balance='none', seed=0,
-    hf_path='conll2003', hf_name=None, hf_data_files=None, hf_cache_dir=None, hf_kwargs=None,
-    hf_tokens_column='tokens', hf_tags_column='ner_tags')
+@dataclasses.dataclass(frozen=True)
+class NerData(TaskData):
+  """The `data` section of CoNLL-style token classification; '' / () = unset."""
+  train_file: str = 'train.txt'
+  dev_file: str = 'valid.txt'
+  test_file: str = 'test.txt'
+  token_column: int = 0
+  tag_column: int = -1
+  tag_scheme: str = 'iob2'            # of the files: iob1 | iob2 (stored as IOB2)
+  labels: tuple[str, ...] = ()        # tag list; () = 'O' + sorted B-/I- tags of train
+  hf_tokens_column: str = 'tokens'
+  hf_tags_column: str = 'ner_tags'
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.tag_scheme not in ('iob1', 'iob2'):
+      raise ValueError(f"data.tag_scheme must be 'iob1' or 'iob2', got {self.tag_scheme!r}")
+    labels = self.labels.split(',') if isinstance(self.labels, str) else self.labels or ()
+    object.__setattr__(self, 'labels', tuple(str(x).strip() for x in labels))
+
 
 # ------------------------------------------------------------------------ NER: tags
 
@@ -94,6 +109,22 @@ def _check_sentence(tags, lines, scheme, label_set):
   return None, conv
 
 
+def looks_like_conll(path: str | os.PathLike, sample: int = 200) -> bool:
+  """True when a file reads as CoNLL (`token ... tag` lines: at least two columns, the last an
+  IOB tag) rather than one whitespace-tokenized sentence per line, whatever its name."""
+  tagged = lines = 0
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for line in f:
+      parts = line.split()
+      if not parts or parts[0] == '-DOCSTART-':
+        continue
+      lines += 1
+      tagged += len(parts) >= 2 and bool(_TAG_RE.match(parts[-1]))
+      if lines >= sample:
+        break
+  return lines > 0 and tagged / lines >= 0.9
+
+
 def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: int = -1,
                tag_scheme: str = 'iob2', labels: Sequence[str] | None = None,
                on_bad_row: str = 'error', require_tags: bool = True
@@ -101,7 +132,8 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
   """Reads a CoNLL-2003 style file: one `token ... tag` line per word, blank-line
   separated sentences, `-DOCSTART-` lines ignored. Tags are validated under
   `tag_scheme` and returned as IOB2. A file with one column is read without tags
-  (allowed unless `require_tags`).
+  (allowed unless `require_tags`). A line with bytes that are not UTF-8 makes its sentence
+  a bad row (named by file, line and byte).
   """
   path = Path(path)
   tag_error([], tag_scheme)  # validates the scheme name
@@ -131,7 +163,7 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
         sources.append(f'{path}:{cur_lines[0]}')
     cur_words, cur_tags, cur_lines, cur_bad = [], [], [], None
 
-  with open(path, encoding='utf-8') as f:
+  with open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       parts = line.split()
       if not parts:
@@ -141,6 +173,9 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
         flush()
         n_docstart += 1
         continue
+      why = bad_bytes(line)
+      if why is not None and cur_bad is None:
+        cur_bad = (lineno, 'bad_encoding', why)
       if ncols is None:
         ncols = len(parts)
         if ncols == 1 and require_tags:
@@ -248,6 +283,46 @@ def read_ner_hf(dataset, *, tokens_column: str = 'tokens', tags_column: str = 'n
 
 # ------------------------------------------------------------------------ NER: encode
 
+def _aligned_rows(examples: NerExamples, rows, ids_list, wid_list, tt_list, label_names,
+                  max_len: int, pad: int) -> dict[str, np.ndarray]:
+  """[len(rows), max_len] arrays of the kept sentences: ids, mask, (types), word ids and
+  each word's label on its first sub-token (-100 elsewhere)."""
+  m = len(rows)
+  label_index = {t: i for i, t in enumerate(label_names)}
+  input_ids = np.full((m, max_len), pad, np.int32)
+  attention_mask = np.zeros((m, max_len), np.int32)
+  word_ids = np.full((m, max_len), -1, np.int32)
+  token_type_ids = np.zeros((m, max_len), np.int32) if tt_list is not None else None
+  labeled = examples.tags is not None
+  labels = np.full((m, max_len), IGNORE_INDEX, np.int32) if labeled else None
+  for r, i in enumerate(rows):
+    ids, wids = ids_list[i], wid_list[i]
+    input_ids[r, :len(ids)] = ids
+    attention_mask[r, :len(ids)] = 1
+    if token_type_ids is not None:
+      token_type_ids[r, :len(ids)] = tt_list[i]
+    prev = None
+    for j, w in enumerate(wids):
+      if w is None:
+        prev = None
+        continue
+      word_ids[r, j] = w
+      if labeled and w != prev:
+        tag = examples.tags[i][w]
+        if tag not in label_index:
+          raise ValueError(f'{examples.sources[i]}: tag {tag!r} (word {w}) is not in the '
+                           f'label list {list(label_names)}')
+        labels[r, j] = label_index[tag]
+      prev = w
+  arrays = {'input_ids': input_ids, 'attention_mask': attention_mask}
+  if token_type_ids is not None:
+    arrays['token_type_ids'] = token_type_ids
+  if labeled:
+    arrays['labels'] = labels
+  arrays['word_ids'] = word_ids
+  return arrays
+
+
 def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
                max_len: int, truncation: str = 'truncate'
                ) -> tuple[dict[str, np.ndarray], dict]:
@@ -267,7 +342,6 @@ def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
   tt = wants_token_types(tokenizer)
   kw = dict(is_split_into_words=True, add_special_tokens=True, return_attention_mask=False,
             return_token_type_ids=tt)
-  label_index = {t: i for i, t in enumerate(label_names)}
   n = len(examples)
 
   def tokenize(words_list, **extra):
@@ -307,38 +381,8 @@ def encode_ner(examples: NerExamples, tokenizer, label_names: Sequence[str], *,
         tt_list[i] = enc2['token_type_ids'][j]
       n_words_cut += len(before - {w for w in wid_list[i] if w is not None})
   rows = np.flatnonzero(keep)
-  m = len(rows)
-  input_ids = np.full((m, max_len), pad_id(tokenizer), np.int32)
-  attention_mask = np.zeros((m, max_len), np.int32)
-  word_ids = np.full((m, max_len), -1, np.int32)
-  token_type_ids = np.zeros((m, max_len), np.int32) if tt else None
-  labeled = examples.tags is not None
-  labels = np.full((m, max_len), IGNORE_INDEX, np.int32) if labeled else None
-  for r, i in enumerate(rows):
-    ids, wids = ids_list[i], wid_list[i]
-    input_ids[r, :len(ids)] = ids
-    attention_mask[r, :len(ids)] = 1
-    if tt:
-      token_type_ids[r, :len(ids)] = tt_list[i]
-    prev = None
-    for j, w in enumerate(wids):
-      if w is None:
-        prev = None
-        continue
-      word_ids[r, j] = w
-      if labeled and w != prev:
-        tag = examples.tags[i][w]
-        if tag not in label_index:
-          raise ValueError(f'{examples.sources[i]}: tag {tag!r} (word {w}) is not in the '
-                           f'label list {list(label_names)}')
-        labels[r, j] = label_index[tag]
-      prev = w
-  arrays = {'input_ids': input_ids, 'attention_mask': attention_mask}
-  if tt:
-    arrays['token_type_ids'] = token_type_ids
-  if labeled:
-    arrays['labels'] = labels
-  arrays['word_ids'] = word_ids
+  arrays = _aligned_rows(examples, rows, ids_list, wid_list, tt_list if tt else None,
+                         label_names, max_len, pad_id(tokenizer))
   stats = {'keep': rows, 'n_truncated': len(too_long) if truncation == 'truncate' else 0,
            'n_words_truncated': n_words_cut,
            'n_too_long_skipped': len(too_long) if truncation == 'skip' else 0,
@@ -376,28 +420,22 @@ def predictions_to_tags(predictions: np.ndarray, word_ids: np.ndarray,
 
 # --------------------------------------------------------------------------- NER: entry
 
-def read_ner_split(cfg, split: str, labels, require_tags: bool):
-  scheme = setting(cfg, 'tag_scheme', 'iob2')
-  on_bad = setting(cfg, 'on_bad_row', 'error')
-  source = setting(cfg, 'source', 'files')
-  if source == 'hf':
-    split_name = hf_split_name(cfg, split, None)
-    ds, where = hf_load(cfg, split_name, 'conll2003', None)
-    return read_ner_hf(ds, tokens_column=setting(cfg, 'hf_tokens_column', 'tokens'),
-                       tags_column=setting(cfg, 'hf_tags_column', 'ner_tags'),
-                       tag_scheme=scheme, labels=labels, on_bad_row=on_bad,
+def read_ner_split(data: NerData, split: str, labels, require_tags: bool):
+  if data.source == 'hf':
+    split_name = hf_split_name(data, split, None)
+    ds, where = hf_load(data, split_name, 'conll2003', None)
+    return read_ner_hf(ds, tokens_column=data.hf_tokens_column, tags_column=data.hf_tags_column,
+                       tag_scheme=data.tag_scheme, labels=labels, on_bad_row=data.on_bad_row,
                        require_tags=require_tags, name=where)
-  if source != 'files':
-    raise ValueError(f"data.source must be 'files' or 'hf', got {source!r}")
-  defaults = {k: NER_DATA_DEFAULTS[f'{k}_file'] for k in ('train', 'dev', 'test')}
-  path = split_file(cfg, split, defaults)
-  ex, stats = read_conll(path, token_column=int(setting(cfg, 'token_column', 0)),
-                         tag_column=int(setting(cfg, 'tag_column', -1)), tag_scheme=scheme,
-                         labels=labels, on_bad_row=on_bad, require_tags=require_tags)
+  defaults = {k: getattr(NerData, f'{k}_file') for k in ('train', 'dev', 'test')}
+  path = split_file(data, split, defaults)
+  ex, stats = read_conll(path, token_column=int(data.token_column),
+                         tag_column=int(data.tag_column), tag_scheme=data.tag_scheme,
+                         labels=labels, on_bad_row=data.on_bad_row, require_tags=require_tags)
   return ex, stats, None
 
 
-def load_ner_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
+def load_ner_split(data: NerData, tokenizer, split: str) -> tuple[dict[str, np.ndarray], dict]:
   """Reads and tokenizes one split of a CoNLL-style NER task.
 
   Returns (arrays, info): arrays as in `encode_ner` (+ token `weights` for the train
@@ -406,29 +444,26 @@ def load_ner_split(data_cfg, tokenizer, split: str) -> tuple[dict[str, np.ndarra
   num_words, sources, metric_names, main_metric ('f1'), has_labels and stats.
   """
   split = normalize_split(split)
-  labels = setting(data_cfg, 'labels')
-  labels = None if labels is None else [str(x) for x in labels]
+  labels = list(data.labels) or None
   hf_names = None
   if labels is None:
-    if setting(data_cfg, 'source', 'files') == 'hf':
-      train_ex, _, hf_names = read_ner_split(data_cfg, 'train', None, True)
+    if data.source == 'hf':
+      train_ex, _, hf_names = read_ner_split(data, 'train', None, True)
       labels = hf_names if hf_names is not None else derive_tag_labels(train_ex.tags)
     else:
-      train_ex, _, _ = read_ner_split(data_cfg, 'train', None, True)
+      train_ex, _, _ = read_ner_split(data, 'train', None, True)
       labels = derive_tag_labels(train_ex.tags)
     logging.info('NER label list: %s', labels)
-  ex, stats, _ = read_ner_split(data_cfg, split, labels,
-                                 require_tags=not split.startswith('test'))
-  arrays, enc_stats = encode_ner(ex, tokenizer, labels,
-                                 max_len=int(setting(data_cfg, 'max_len', 128)),
-                                 truncation=setting(data_cfg, 'truncation', 'truncate'))
+  ex, stats, _ = read_ner_split(data, split, labels, require_tags=not split.startswith('test'))
+  arrays, enc_stats = encode_ner(ex, tokenizer, labels, max_len=int(data.max_len),
+                                 truncation=data.truncation)
   keep = enc_stats.pop('keep')
   stats.update(enc_stats)
   stats['n_examples'] = int(len(keep))
-  arrays = apply_balance(data_cfg, arrays, len(labels), split, stats)
+  arrays = apply_balance(data, arrays, len(labels), split, stats)
   words = [ex.words[i] for i in keep]
   info = dict(split=split, label_names=list(labels), num_labels=len(labels),
-              tag_scheme=setting(data_cfg, 'tag_scheme', 'iob2'), words=words,
+              tag_scheme=data.tag_scheme, words=words,
               tags=None if ex.tags is None else [ex.tags[i] for i in keep],
               num_words=[len(w) for w in words], sources=[ex.sources[i] for i in keep],
               metric_names=['precision', 'recall', 'f1'], main_metric='f1',

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -54,6 +56,44 @@ class BadRows:
 
   def stats(self) -> dict:
     return {'n_skipped': int(sum(self.counts.values())), 'skipped': dict(self.counts)}
+
+
+# ---------------------------------------------------------------------- text files
+
+_UNDECODABLE = re.compile('[\udc80-\udcff]')
+
+
+def open_text(path, newline: str | None = None):
+  """A UTF-8 text file (a BOM is dropped) whose undecodable bytes are kept as lone
+  surrogates (Python's surrogateescape) instead of stopping the read with a bare
+  UnicodeDecodeError: `bad_bytes` then names each one, and the row can be skipped."""
+  return open(path, encoding='utf-8-sig', errors='surrogateescape', newline=newline)
+
+
+def bad_bytes(text: str) -> str | None:
+  """'invalid UTF-8 byte 0xe9 at character 4 (...)' for the first byte of `text` that was
+  not UTF-8 (read through `open_text`), else None."""
+  m = _UNDECODABLE.search(text)
+  if m is None:
+    return None
+  return (f'invalid UTF-8 byte 0x{ord(m.group()) - 0xdc00:02x} at character {m.start() + 1} '
+          f'(the file is not UTF-8: convert it, e.g. iconv -f latin1 -t utf-8)')
+
+
+def read_text_lines(path, on_bad_row: str = 'error') -> tuple[list[tuple[str, str]], dict]:
+  """([('file:line', text)] of the non-blank lines of a plain text file, stats); lines with
+  bytes that are not UTF-8 raise naming file, line and byte, or are skipped and counted."""
+  bad = BadRows(on_bad_row)
+  rows = []
+  with open_text(path) as f:
+    for lineno, line in enumerate(f, 1):
+      text = line.rstrip('\n')
+      why = bad_bytes(text)
+      if why is not None:
+        bad(f'{path}:{lineno}', 'bad_encoding', why)
+      elif text.strip():
+        rows.append((f'{path}:{lineno}', text))
+  return rows, bad.stats()
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -100,15 +140,62 @@ class MissingSplitError(FileNotFoundError):
   """A split has no file / HF split: callers may treat dev and test as optional."""
 
 
-def setting(cfg, key: str, default=None):
-  """cfg.key or default when absent or None (works for ConfigDict, dict, None)."""
-  if cfg is None:
-    return default
-  try:
-    v = cfg.get(key, None)
-  except (AttributeError, TypeError):
-    v = getattr(cfg, key, None)
-  return default if v is None else v
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  """The `data` config keys every downstream task shares; '' (or ()) means unset.
+
+  Files: data.<split>_file, absolute or under data.path (or the preset's name).
+  HF datasets (source='hf'): hf_path (a hub name, a local builder like csv, or a
+  save_to_disk folder), hf_name, hf_data_files (a path/glob for train, or a mapping /
+  'split=path,split=path' per split), hf_kwargs (builder options, e.g. csv sep)."""
+  source: str = 'files'        # files | hf
+  path: str = ''
+  train_file: str = ''
+  dev_file: str = ''
+  test_file: str = ''
+  tokenizer: str = ''          # used when init_from brings none
+  max_len: int = 128
+  truncation: str = 'truncate'  # truncate | skip | error
+  on_bad_row: str = 'error'     # error | skip
+  class_balance: str = 'none'   # none | weights | resample (train split)
+  seed: int = 0                 # of the class_balance resampling
+  hf_path: str = ''
+  hf_name: str = ''
+  hf_data_files: Any = ''
+  hf_cache_dir: str = ''
+  hf_kwargs: Any = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.source not in ('files', 'hf'):
+      raise ValueError(f"data.source must be 'files' or 'hf', got {self.source!r}")
+    check_truncation(self.truncation)
+    if self.on_bad_row not in ('error', 'skip'):
+      raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+    if self.class_balance not in ('none', 'weights', 'resample'):
+      raise ValueError(f"data.class_balance must be 'none', 'weights' or 'resample', "
+                       f"got {self.class_balance!r}")
+
+  @property
+  def data_files(self):
+    """hf_data_files as `datasets` takes it: None, a path (train), a list, or {split: paths}."""
+    return _data_files(self.hf_data_files)
+
+  @property
+  def builder_kwargs(self) -> dict:
+    kwargs = self.hf_kwargs
+    return dict(kwargs.to_dict() if hasattr(kwargs, 'to_dict') else kwargs or {})
+
+
+def _data_files(value):
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  if isinstance(value, str):
+    if not value:
+      return None
+    if '=' in value:
+      pairs = [p.split('=', 1) for p in value.split(',') if p.strip()]
+      return {k.strip(): v.strip() for k, v in pairs}
+  return value or None
 
 
 def resolve_dir(path: str | os.PathLike) -> Path:
@@ -119,17 +206,17 @@ def resolve_dir(path: str | os.PathLike) -> Path:
   return _REPO_ROOT / p
 
 
-def split_file(cfg, split: str, default_files: Mapping[str, str],
-                subdirs: Sequence[str] = ()) -> Path:
+def split_file(data: TaskData, split: str, default_files: Mapping[str, str],
+               subdirs: Sequence[str] = ()) -> Path:
   """The file for `split`: data.<split>_file (absolute or under data.path) or preset."""
-  name = setting(cfg, f'{split}_file', default_files.get(split))
-  if name is None:
+  name = getattr(data, f'{split}_file', '') or default_files.get(split)
+  if not name:
     raise MissingSplitError(f'no file for split {split!r}: set data.{split}_file')
   p = Path(name).expanduser()
   if p.is_absolute():
     return p
-  root = setting(cfg, 'path')
-  if root is None:
+  root = data.path
+  if not root:
     if p.exists():
       return p
     raise MissingSplitError(f'{name} does not exist and data.path is not set (split '
@@ -141,16 +228,14 @@ def split_file(cfg, split: str, default_files: Mapping[str, str],
   raise MissingSplitError(f'{root / p} does not exist (split {split!r}, data.path={root})')
 
 
-def hf_load(cfg, split_name: str, default_path: str, default_name: str | None):
+def hf_load(data: TaskData, split_name: str, default_path: str, default_name: str | None):
   """A `datasets.Dataset` for one split: a save_to_disk folder or `load_dataset`."""
   import datasets
-  path = setting(cfg, 'hf_path', default_path)
+  path = data.hf_path or default_path
   # The GLUE task is the hub config name; local builders (csv, json) take none.
   is_default = path == default_path or str(path).endswith('/' + default_path)
-  name = setting(cfg, 'hf_name', default_name if is_default else None)
-  data_files = setting(cfg, 'hf_data_files')
-  if data_files is not None and hasattr(data_files, 'to_dict'):
-    data_files = data_files.to_dict()
+  name = data.hf_name or (default_name if is_default else None)
+  data_files = data.data_files
   local = Path(str(path)).expanduser()
   if local.is_dir() and ((local / 'dataset_dict.json').exists() or
                          (local / 'state.json').exists()):
@@ -168,16 +253,14 @@ def hf_load(cfg, split_name: str, default_path: str, default_name: str | None):
         split_name != 'train':
       raise MissingSplitError(f'data.hf_data_files without split names is the train '
                               f'split only; asked for {split_name!r}')
-    kwargs = setting(cfg, 'hf_kwargs', {})  # builder options, e.g. csv sep='\t', quoting=3
-    kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
     ds = datasets.load_dataset(path, name, data_files=data_files, split=split_name,
-                               cache_dir=setting(cfg, 'hf_cache_dir'), **kwargs)
+                               cache_dir=data.hf_cache_dir or None, **data.builder_kwargs)
     where = f'{path}' + (f'/{name}' if name else '') + f'[{split_name}]'
   return ds, where
 
 
-def hf_split_name(cfg, split: str, preset_splits: Mapping[str, str] | None) -> str:
-  data_files = setting(cfg, 'hf_data_files')
+def hf_split_name(data: TaskData, split: str, preset_splits: Mapping[str, str] | None) -> str:
+  data_files = data.data_files
   if data_files is not None and hasattr(data_files, 'keys'):
     keys = list(data_files.keys())
     for cand in (split, {'dev': 'validation'}.get(split, split)):
@@ -228,12 +311,10 @@ def balanced_resample_indices(labels: np.ndarray, *, seed: int = 0,
   return idx[rng.permutation(len(idx))]
 
 
-def apply_balance(cfg, arrays: dict, num_classes: int, split: str, stats: dict) -> dict:
+def apply_balance(data: TaskData, arrays: dict, num_classes: int, split: str,
+                  stats: dict) -> dict:
   """data.class_balance on the train split: 'weights' adds `weights`, 'resample' resamples."""
-  mode = setting(cfg, 'class_balance', 'none')
-  if mode not in ('none', 'weights', 'resample'):
-    raise ValueError(f"data.class_balance must be 'none', 'weights' or 'resample', "
-                     f"got {mode!r}")
+  mode = data.class_balance
   if mode == 'none' or split != 'train' or 'labels' not in arrays:
     return arrays
   labels = arrays['labels']
@@ -244,7 +325,7 @@ def apply_balance(cfg, arrays: dict, num_classes: int, split: str, stats: dict) 
     return {**arrays, 'weights': w.astype(np.float32)}
   if labels.ndim != 1:
     raise ValueError("data.class_balance='resample' needs one label per example")
-  idx = balanced_resample_indices(labels, seed=int(setting(cfg, 'seed', 0)))
+  idx = balanced_resample_indices(labels, seed=int(data.seed))
   stats['resampled_from'] = int(len(labels))
   return {k: v[idx] for k, v in arrays.items()}
 

@@ -26,13 +26,18 @@ def load_tokenizer(path: str | os.PathLike):
 
   Looked for, in order: `tokenizer.json` (with `tokenizer_config.json` if present),
   a WordPiece `vocab.txt` (-> BertTokenizerFast), GPT-2 `vocab.json` + `merges.txt`
-  (-> GPT2TokenizerFast). A tokenizer without a pad token gets pad = eos.
+  (-> GPT2TokenizerFast). A tokenizer without a pad token gets pad = eos. A directory
+  whose tokenizer_config.json (or config.json) names code to run (`auto_map`) is refused:
+  nothing from it is imported, and transformers never asks on stdin.
   """
   path = os.fspath(path)
   if not path:
     raise ValueError('data.tokenizer is empty: give a tokenizer directory or file')
   if not os.path.exists(path):
     raise FileNotFoundError(f'tokenizer path {path!r} does not exist')
+  d = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+  refuse_remote_code(os.path.join(d, 'tokenizer_config.json'))
+  refuse_remote_code(os.path.join(d, 'config.json'), only='AutoTokenizer')
   if os.path.isdir(path):
     tok = _load_dir(path)
   else:
@@ -77,12 +82,43 @@ def _load_file(f: str):
       f'tokenizer file {f!r} is not a tokenizer.json, vocab.txt, vocab.json or merges.txt')
 
 
+def refuse_remote_code(config_file: str, what: str = 'tokenizer', only: str | None = None
+                       ) -> None:
+  """ValueError when a config file (tokenizer_config.json, config.json) has an `auto_map`
+  (its entry `only`, when given): code shipped in the directory that transformers would
+  import, or ask about on stdin."""
+  if not os.path.isfile(config_file):
+    return
+  with open(config_file, encoding='utf-8') as f:
+    try:
+      auto_map = json.load(f).get('auto_map')
+    except (ValueError, AttributeError):
+      return  # not a JSON object: whoever reads it next reports that
+  if auto_map and only is not None:
+    auto_map = {only: auto_map[only]} if isinstance(auto_map, dict) and only in auto_map else {}
+  if auto_map:
+    modules = sorted({str(v).split('.')[0] for v in _flat_values(auto_map)})
+    raise ValueError(
+        f'{config_file}: "auto_map" names code ({", ".join(modules)}) to run for this '
+        f'{what}; jaxft never runs code from a model or tokenizer directory. Use a directory '
+        f'without custom code (or remove "auto_map" if the files hold a standard {what})')
+
+
+def _flat_values(d):
+  for v in (d.values() if isinstance(d, dict) else d):
+    if isinstance(v, (dict, list, tuple)):
+      yield from _flat_values(v)
+    elif v:
+      yield v
+
+
 def _load_pretrained_dir(d: str):
   from transformers import AutoTokenizer, PreTrainedTokenizerFast
   try:
-    return AutoTokenizer.from_pretrained(d, local_files_only=True)
+    return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False)
   except Exception:  # an unknown tokenizer_class: the tokenizer.json alone still works
-    return PreTrainedTokenizerFast.from_pretrained(d, local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(d, local_files_only=True,
+                                                   trust_remote_code=False)
 
 
 def _from_tokenizer_json(f: str):
@@ -150,6 +186,27 @@ def _finish(tok):
   if tok.pad_token is None and tok.eos_token is not None:
     tok.pad_token = tok.eos_token
   return tok
+
+
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike, max_length: int | None = None):
+  """`save_pretrained(out_dir)`, recording the model's real input limit.
+
+  `max_length` (the model's position count) caps `model_max_length` in the saved
+  tokenizer_config.json: a `transformers` pipeline then truncates where the model's
+  positions end instead of indexing past them. The tokenizer object is not changed.
+  """
+  out_dir = os.fspath(out_dir)
+  tokenizer.save_pretrained(out_dir)
+  if not max_length:
+    return
+  path = os.path.join(out_dir, 'tokenizer_config.json')
+  with open(path, encoding='utf-8') as f:
+    conf = json.load(f)
+  own = conf.get('model_max_length') or getattr(tokenizer, 'model_max_length', None)
+  conf['model_max_length'] = int(min(own, max_length) if own else max_length)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(conf, f, indent=2, ensure_ascii=False)
+    f.write('\n')
 
 
 def _expand(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

@@ -1,8 +1,6 @@
-"""Knowledge distillation (stage `distill`, docs/distill.md).
+"""Knowledge distillation's parts beside its objective (jaxft.objectives.distill) and stage
+(jaxft.stages.distill):
 
-  losses.py   KD / cosine / hidden-state / attention terms, per row, fp32
-  task.py     the classification and MLM distillation Tasks (teacher via the step's `extra`)
-  teacher.py  teacher loading and checks, the teacher-logits cache
-  init.py     student init: every k-th teacher layer (DistilBERT)
-  stage.py    the stage: data, teacher on the mesh, student, loop.train, results
+  teacher.py  teacher loading and checks (head, labels), the teacher-logits cache
+  student.py  the student model (+ projection), init from every k-th teacher layer, speed
 """

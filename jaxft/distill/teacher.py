@@ -13,11 +13,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxft.data.tokenizer import load_tokenizer
-from jaxft.models import build_model, count_params, flat_params
+from jaxft import sources
+from jaxft.models import build_model, count_params, flat_params, hf
 from jaxft.models.config import ModelConfig, to_dtype
-from jaxft.train import init as init_lib
 from jaxft.train.state import ModelDef
+from jaxft.trees import unflatten_like
 
 
 @dataclasses.dataclass
@@ -36,48 +36,12 @@ class Teacher:
     return count_params(self.params)
 
 
-def tokenizer_of(path: str, fallback: str = ''):
-  """The tokenizer saved with the teacher (the student shares it: same input ids)."""
-  for cand in (os.path.join(path, 'tokenizer'), path):
-    if any(os.path.exists(os.path.join(cand, f)) for f in
-           ('tokenizer.json', 'vocab.txt', 'vocab.json')):
-      return load_tokenizer(cand)
-  if not fallback:
-    raise ValueError(f'teacher {path} has no tokenizer; set data.tokenizer')
-  return load_tokenizer(fallback)
-
-
-def _labels_json(path: str) -> dict | None:
-  fn = os.path.join(path, 'labels.json')
-  if not os.path.exists(fn):
-    return None
-  with open(fn) as f:
-    return json.load(f)
-
-
-def teacher_config(path: str, vocab_size: int) -> ModelConfig:
-  """Architecture of a jaxft workdir (labels.json, else config.json) or an HF directory."""
-  if init_lib.is_jaxft_workdir(path):
-    labels = _labels_json(path)
-    d = dict(labels['model']) if labels and 'model' in labels else dict(
-        init_lib.workdir_config(path)['model'])
-    if 'type' in d:
-      d['model_type'] = d.pop('type')
-    d['vocab_size'] = d.get('vocab_size') or vocab_size
-    return ModelConfig.from_config_dict(d)
-  if init_lib.is_hf_dir(path):
-    from jaxft.models import hf
-    return hf.load_hf_config(path)
-  raise FileNotFoundError(f'teacher={path!r} is neither a jaxft workdir (config.json + '
-                          'checkpoints/) nor a Hugging Face checkpoint directory')
-
-
 def _check_labels(path: str, num_labels: int | None, label_values: list | None,
                   label_names: list | None) -> list | None:
   """The teacher's class order must be the task's: a permuted head would teach wrong labels."""
   if num_labels is None:
     return None
-  labels = _labels_json(path)
+  labels = sources.labels_of(path)
   if labels is not None:
     theirs = [str(x) for x in labels.get('label_values') or labels.get('label_names') or []]
     n = 1 if labels.get('is_regression') else len(theirs)
@@ -87,8 +51,7 @@ def _check_labels(path: str, num_labels: int | None, label_values: list | None,
       raise ValueError(f'teacher {path}/labels.json: label order {theirs} differs from the '
                        f'task\'s {list(label_values)}')
     return theirs
-  if init_lib.is_hf_dir(path):
-    from jaxft.models import hf
+  if sources.is_hf_dir(path):
     id2label = hf.load_hf_labels(path) or {}
     names = [str(id2label[i]) for i in sorted(id2label)]
     if names and len(names) != num_labels:
@@ -118,21 +81,14 @@ def fingerprint(mcfg: ModelConfig, head: str, params) -> str:
 
 def read_params(path: str, model_def: ModelDef, head: str):
   """Every parameter from the checkpoint, cast to the model's param dtype. Unlike
-  `init.load_init` nothing is freshly initialised, so no throwaway copy is built."""
-  if init_lib.is_jaxft_workdir(path):
-    values, report = init_lib.match_params(model_def.abstract_params,
-                                           init_lib.read_workdir_params(path), path)
-    missing = report['missing']
-  else:
-    from jaxft.models import hf
-    loaded, rep = hf.load_hf_into(model_def.abstract_params, path)
-    missing = list(rep.missing)
-    values = {k: v for k, v in flat_params(loaded).items() if k not in set(missing)}
+  `sources.load_init` nothing is freshly initialised, so no throwaway copy is built."""
+  values, report = sources.read_params(path, model_def)
+  missing = report['missing']
   if missing:
     raise ValueError(f'teacher {path} lacks {len(missing)} parameter(s) of a '
                      f'{head!r} model, e.g. {missing[:4]}: a teacher needs a '
                      f'trained head')
-  params = init_lib.unflatten_like(model_def.abstract_params, values)
+  params = unflatten_like(model_def.abstract_params, values)
   return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, model_def.abstract_params)
 
 
@@ -142,7 +98,7 @@ def load_teacher(path: str, head: str, *, vocab_size: int, num_labels: int | Non
   """The teacher's host params; every parameter must come from the checkpoint."""
   if not path:
     raise ValueError('teacher is not set: --config.teacher=A_JAXFT_WORKDIR_OR_HF_DIR')
-  mcfg = teacher_config(path, vocab_size)
+  mcfg = sources.model_config_of(path, vocab_size)
   # Forward only and deterministic: no dropout; `dtype` (e.g. bf16) for matmuls and storage.
   over = dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, remat=False)
   if dtype:

@@ -1,9 +1,9 @@
 """Model zoo: BERT and GPT-2 with task heads, built from a ModelConfig."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -12,6 +12,7 @@ from jaxft.models.bert import (BertForMaskedLM, BertForSequenceClassification,
 from jaxft.models.config import ModelConfig, gpt2_defaults
 from jaxft.models.decoding import DecodeSettings, decode, generate
 from jaxft.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from jaxft.trees import flat_params
 
 HEADS = {
     'bert': {'none': BertModel, 'mlm': BertForMaskedLM, 'cls': BertForSequenceClassification,
@@ -41,21 +42,22 @@ def abstract_model(cfg: ModelConfig, head: str, **kw):
   return nnx.eval_shape(lambda: build_model(cfg, head, **kw))
 
 
-def flat_params(tree) -> dict[str, object]:
-  """{'a.b.c': leaf} for a module, nnx.State or nested dict."""
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree, nnx.Param)
-  if isinstance(tree, nnx.State):
-    tree = nnx.to_pure_dict(tree)
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, tuple))[0]:
-    out['.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
-  return out
-
-
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in flat_params(tree).values()))
+
+
+_LAYER = re.compile(r'\.layers\.(\d+)\.')
+_EMBEDDINGS = ('bert.embeddings.', 'transformer.wte.', 'transformer.wpe.')
+
+
+def layer_index(name: str) -> int | None:
+  """The transformer layer a parameter's dotted name belongs to, or None."""
+  m = _LAYER.search(name + '.')
+  return int(m.group(1)) if m else None
+
+
+def is_embedding(name: str) -> bool:
+  return name.startswith(_EMBEDDINGS)
 
 
 def params_by_module(tree, depth: int = 2) -> dict[str, int]:
@@ -67,4 +69,5 @@ def params_by_module(tree, depth: int = 2) -> dict[str, int]:
 
 
 __all__ = ['ModelConfig', 'gpt2_defaults', 'build_model', 'abstract_model', 'count_params',
-           'params_by_module', 'flat_params', 'generate', 'decode', 'DecodeSettings', 'HEADS']
+           'params_by_module', 'flat_params', 'generate', 'decode', 'DecodeSettings', 'HEADS',
+           'layer_index', 'is_embedding']

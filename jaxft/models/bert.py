@@ -142,12 +142,14 @@ def classifier_head(cfg: ModelConfig, num_labels: int, rngs: nnx.Rngs) -> Dense:
                rngs=rngs)
 
 
-class BertForSequenceClassification(nnx.Module):
-  """Encoder + pooler ([CLS] dense-tanh) + dropout + classifier."""
+class _BertClassifier(nnx.Module):
+  """Encoder + dropout + classifier over one encoder output (`FEATURE`)."""
+  FEATURE = ''
 
   def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.bert = BertModel(cfg, add_pooler=True, rngs=rngs)
+    self.feature = self.FEATURE  # an instance attribute: PEFT re-hangs the module's own ones
+    self.bert = BertModel(cfg, add_pooler=self.feature == 'pooled', rngs=rngs)
     self.dropout = Dropout(cfg.classifier_dropout)
     self.classifier = classifier_head(cfg, num_labels, rngs)
 
@@ -155,22 +157,16 @@ class BertForSequenceClassification(nnx.Module):
                rngs=None, **kw):
     out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                     rngs=rngs, **kw)
-    pooled = self.dropout(out['pooled'], deterministic=deterministic, rngs=rngs)
-    out['logits'] = self.classifier(pooled).astype(jnp.float32)
-    return out
-
-
-class BertForTokenClassification(nnx.Module):
-  def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.bert = BertModel(cfg, rngs=rngs)
-    self.dropout = Dropout(cfg.classifier_dropout)
-    self.classifier = classifier_head(cfg, num_labels, rngs)
-
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
-               rngs=None, **kw):
-    out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
-                    rngs=rngs, **kw)
-    x = self.dropout(out['last_hidden_state'], deterministic=deterministic, rngs=rngs)
+    x = self.dropout(out[self.feature], deterministic=deterministic, rngs=rngs)
     out['logits'] = self.classifier(x).astype(jnp.float32)
     return out
+
+
+class BertForSequenceClassification(_BertClassifier):
+  """Encoder + pooler ([CLS] dense-tanh) + dropout + classifier."""
+  FEATURE = 'pooled'
+
+
+class BertForTokenClassification(_BertClassifier):
+  """Encoder + dropout + a classifier at every position."""
+  FEATURE = 'last_hidden_state'

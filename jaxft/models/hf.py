@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import files
+from jaxft.data.tokenizer import refuse_remote_code, save_tokenizer
 from jaxft.models import HEADS, abstract_model, build_model
 from jaxft.models.config import ModelConfig
+from jaxft.trees import dotted
 
 SUPPORTED_MODEL_TYPES = ('bert', 'gpt2')
 
@@ -134,10 +137,14 @@ TABLES = {'bert': bert_table, 'gpt2': gpt2_table}
 
 
 def read_hf_config(path: str) -> dict:
-  """config.json as a dict (parsed as JSON only; nothing from the directory is run)."""
+  """config.json as a dict (parsed as JSON only; nothing from the directory is run).
+
+  A config with an `auto_map` is refused: its model is code shipped in the directory, which
+  jaxft never runs, and its own BERT / GPT-2 would silently be another model."""
   fn = os.path.join(path, 'config.json')
   if not os.path.isfile(fn):
     raise FileNotFoundError(f'{fn}: no config.json; is {path!r} a Hugging Face model directory?')
+  refuse_remote_code(fn, 'model')
   with open(fn) as f:
     return json.load(f)
 
@@ -150,6 +157,65 @@ def _check_type(hf: dict, where: str) -> str:
   return mt
 
 
+# config.json keys checked before anything is built from them (a stage allocates what they
+# say): sizes are integers in range, probabilities and epsilons numbers in range.
+_SIZES = {'bert': {'vocab_size': 1, 'hidden_size': 1, 'num_hidden_layers': 1,
+                   'num_attention_heads': 1, 'intermediate_size': 1,
+                   'max_position_embeddings': 1, 'type_vocab_size': 0},
+          'gpt2': {'vocab_size': 1, 'n_embd': 1, 'n_layer': 1, 'n_head': 1, 'n_inner': 1,
+                   'n_positions': 1}}
+_MAX_SIZE = 2**31 - 1  # token ids and positions are int32
+_EPS = {'bert': ('layer_norm_eps',), 'gpt2': ('layer_norm_epsilon',)}
+_PROBS = {'bert': ('hidden_dropout_prob', 'attention_probs_dropout_prob', 'classifier_dropout'),
+          'gpt2': ('resid_pdrop', 'attn_pdrop', 'embd_pdrop', 'summary_first_dropout')}
+_MAX_PARAMS = 10**11  # BERT / GPT-2 models are < 2e9; more is a wrong file, not a model
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def check_hf_config(hf: Mapping, where: str, mt: str) -> None:
+  """ValueError naming `where` and the key for a size that is not a positive integer in
+  range, a probability outside [0, 1), an epsilon outside (0, 1), heads that do not divide
+  the hidden size, a pad id outside the vocabulary, or sizes whose model would be absurd."""
+  for key, lo in _SIZES[mt].items():
+    v = hf.get(key)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or
+                          not lo <= v <= _MAX_SIZE):
+      raise ValueError(f'{where}: {key}={v!r} is not a valid size (an integer in '
+                       f'{lo}..{_MAX_SIZE})')
+  for key in _EPS[mt]:
+    v = hf.get(key)
+    if v is not None and not (_is_number(v) and 0 < v < 1):
+      raise ValueError(f'{where}: {key}={v!r} is not a number in (0, 1)')
+  for key in _PROBS[mt]:
+    v = hf.get(key)
+    if v is not None and not (_is_number(v) and 0 <= v < 1):
+      raise ValueError(f'{where}: {key}={v!r} is not a number in [0, 1) (a probability)')
+  hidden_key, heads_key, layers_key, inter_key, pos_key = (
+      ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'intermediate_size',
+       'max_position_embeddings') if mt == 'bert' else
+      ('n_embd', 'n_head', 'n_layer', 'n_inner', 'n_positions'))
+  h, heads, vocab = hf[hidden_key], hf[heads_key], hf['vocab_size']
+  if h % heads:
+    raise ValueError(f'{where}: {heads_key}={heads!r}: {hidden_key}={h} is not divisible by it')
+  pad = hf.get('pad_token_id')
+  if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or
+                          not 0 <= pad < vocab):
+    raise ValueError(f'{where}: pad_token_id={pad!r} is outside the vocabulary '
+                     f'(vocab_size={vocab})')
+  inter = hf.get(inter_key) or 4 * h
+  positions = hf.get(pos_key) or 0
+  n = (vocab + positions + (hf.get('type_vocab_size') or 0)) * h + hf[layers_key] * (
+      4 * h * h + 2 * h * inter)
+  if n > _MAX_PARAMS:
+    sizes = ', '.join(f'{k}={hf.get(k)!r}' for k in ('vocab_size', hidden_key, layers_key,
+                                                     inter_key, pos_key))
+    raise ValueError(f'{where}: {sizes} describe a model of {n:.2g} parameters (more than '
+                     f'{_MAX_PARAMS:.0e}); is this the right config.json?')
+
+
 def load_hf_config(path: str, **overrides) -> ModelConfig:
   """ModelConfig from an HF config.json (`bert` or `gpt2`); `overrides` win (e.g. dtype)."""
   hf = read_hf_config(path)
@@ -160,6 +226,7 @@ def load_hf_config(path: str, **overrides) -> ModelConfig:
   absent = [k for k in required if hf.get(k) is None]
   if absent:
     raise ValueError(f'{where}: missing key(s) {absent} for model_type {mt!r}')
+  check_hf_config(hf, where, mt)
   if mt == 'bert':
     if hf.get('position_embedding_type', 'absolute') != 'absolute':
       raise ValueError(f'{where}: position_embedding_type='
@@ -306,6 +373,21 @@ def read_raw_hf_weights(path: str) -> dict[str, np.ndarray]:
                           f'(TF / Flax checkpoints are not read: convert them with transformers)')
 
 
+def _weights_file(path: str, name: str) -> str:
+  """The file of `path` that holds tensor `name` (the one read_raw_hf_weights read)."""
+  if not os.path.isdir(path):
+    return path
+  for fn in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+             'pytorch_model.bin.index.json'):
+    full = os.path.join(path, fn)
+    if os.path.isfile(full):
+      if not fn.endswith('.index.json'):
+        return full
+      with open(full) as f:
+        return os.path.join(path, json.load(f)['weight_map'].get(name, fn))
+  return path
+
+
 def _normalize(raw: Mapping[str, np.ndarray], model_type: str | None) -> dict[str, tuple]:
   """{name without base prefix: (original name, array)}; old TF names gamma/beta renamed."""
   prefixes = [_PREFIXES[model_type]] if model_type else list(_PREFIXES.values())
@@ -344,13 +426,9 @@ def _pure(model_or_params):
   return model_or_params
 
 
-def _key_str(k) -> str:
-  return str(getattr(k, 'key', getattr(k, 'idx', k)))
-
-
 def _flatten(tree) -> tuple[dict[str, Any], list[str], Any]:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  names = ['.'.join(_key_str(k) for k in path) for path, _ in leaves]
+  names = [dotted(path) for path, _ in leaves]
   return dict(zip(names, (x for _, x in leaves))), names, treedef
 
 
@@ -501,6 +579,10 @@ def _load_into(tree, raw: Mapping[str, np.ndarray], where: str):
     if e.hf not in weights or not all(o in flat for o in e.ours):
       continue
     orig, a = weights[e.hf]
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f'{_weights_file(where, orig)}: tensor {orig!r} has dtype '
+                       f'{np.dtype(a.dtype).name}, not floating point (converting it to '
+                       f'{np.dtype(flat[e.ours[0]].dtype).name} would silently change it)')
     shapes = [tuple(flat[o].shape) for o in e.ours]
     expected = _hf_shape(e.kind, shapes, e.n_in)
     if tuple(a.shape) != expected:
@@ -573,6 +655,39 @@ def from_pretrained(path: str, head: str | None = None, num_labels: int | None =
 # ----------------------------------------------------------------------------- export
 
 
+def _export_name(e: Entry, base: str) -> str:
+  return e.hf if e.root else base + e.hf
+
+
+@dataclasses.dataclass(frozen=True)
+class HfSlot:
+  """Where one jaxft tensor lives in the exported HF model."""
+  name: str    # full HF tensor name, e.g. 'bert.encoder.layer.0.attention.self.query.weight'
+  kind: str    # conversion kind (LIN, CONV, QKV_W, ...)
+  n_in: int    # leading contracted dims of our kernel
+  part: int    # index among a fused tensor's parts (GPT-2 c_attn: 0 q, 1 k, 2 v), else 0
+
+  @property
+  def module(self) -> str:
+    return self.name.rsplit('.', 1)[0]
+
+
+def hf_slots(names, head: str) -> dict[str, HfSlot]:
+  """{jaxft dotted name: HfSlot} for the plain-model `names` (an iterable of dotted names or
+  a param tree) exported as the HF architecture of `head`: the same table `save_hf` uses,
+  so PEFT exports name modules exactly as the exported base model does."""
+  flat = (dict.fromkeys(names) if isinstance(names, (list, tuple, set, frozenset))
+          else _flatten(_pure(names))[0])
+  mt, prefix, num_layers, _ = _describe(flat)
+  base = _PREFIXES[mt] if head != 'none' else ''
+  out = {}
+  for e in TABLES[mt](num_layers, prefix):
+    if all(o in flat for o in e.ours):
+      for i, o in enumerate(e.ours):
+        out[o] = HfSlot(_export_name(e, base), e.kind, e.n_in, i)
+  return out
+
+
 def to_hf_state_dict(model_or_params, head: str) -> dict[str, np.ndarray]:
   """{HF name: contiguous fp32 array} for the HF architecture of `head`, tied copies included."""
   flat, _, _ = _flatten(_pure(model_or_params))
@@ -587,7 +702,7 @@ def to_hf_state_dict(model_or_params, head: str) -> dict[str, np.ndarray]:
     if not all(o in flat for o in e.ours):
       continue
     arrs = [np.asarray(jax.device_get(flat[o]), dtype=np.float32) for o in e.ours]
-    out[e.hf if e.root else base + e.hf] = np.ascontiguousarray(_to_hf(arrs, e.kind, e.n_in))
+    out[_export_name(e, base)] = np.ascontiguousarray(_to_hf(arrs, e.kind, e.n_in))
     used.update(e.ours)
   left = sorted(set(flat) - used)
   if left:
@@ -660,7 +775,10 @@ def save_hf(model_or_params, cfg: ModelConfig, out_dir: str, head: str, tokenize
             id2label: Mapping[int, str] | None = None) -> str:
   """Write an HF model directory (config.json, model.safetensors, tokenizer) -> out_dir.
 
-  The result opens with `transformers.AutoModelFor*.from_pretrained(out_dir)`.
+  The result opens with `transformers.AutoModelFor*.from_pretrained(out_dir)`; the
+  tokenizer's model_max_length is capped at the model's positions. Written to a hidden
+  sibling directory and renamed into place: a crash or a full disk leaves the previous
+  export (or none), never a mix; a full or read-only disk raises files.OutputWriteError.
   """
   from safetensors.numpy import save_file
   sd = to_hf_state_dict(model_or_params, head)
@@ -675,17 +793,17 @@ def save_hf(model_or_params, cfg: ModelConfig, out_dir: str, head: str, tokenize
     conf['transformers_version'] = transformers.__version__
   except ImportError:
     pass
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(conf, f, indent=2, sort_keys=True)
-    f.write('\n')
-  save_file(sd, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
+  with files.AtomicDir(out_dir, 'the Hugging Face export') as tmp:
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(conf, f, indent=2, sort_keys=True)
+      f.write('\n')
+    save_file(sd, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    if tokenizer is not None:
+      save_tokenizer(tokenizer, tmp, max_length=cfg.max_position_embeddings)
   return out_dir
 
 
 __all__ = ['load_hf_config', 'load_hf_labels', 'read_hf_config', 'read_hf_weights',
            'read_raw_hf_weights', 'load_hf_into', 'from_pretrained', 'save_hf',
-           'to_hf_state_dict', 'hf_config_dict', 'LoadReport', 'bert_table', 'gpt2_table',
-           'SUPPORTED_MODEL_TYPES']
+           'to_hf_state_dict', 'hf_config_dict', 'hf_slots', 'HfSlot', 'LoadReport', 'bert_table',
+           'gpt2_table', 'SUPPORTED_MODEL_TYPES']

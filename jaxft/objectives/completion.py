@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxft.data.splits import IGNORE_INDEX
 from jaxft.models import decoding
-from jaxft.train.step import Task, cross_entropy_sums
+from jaxft.train.step import Objective, cross_entropy_sums
 
 
 def target_positions(labels, count: int):
@@ -62,8 +62,8 @@ def lm_logits(model, batch, rng, deterministic: bool, max_targets: int | None):
 
 def completion_objective(*, max_targets: int | None = None,
                          decode_settings: decoding.DecodeSettings | None = None,
-                         label_smoothing: float = 0.0) -> Task:
-  """The Task for causal-LM fine-tuning on (prompt, completion) rows.
+                         label_smoothing: float = 0.0) -> Objective:
+  """The Objective for causal-LM fine-tuning on (prompt, completion) rows.
 
   loss: summed token cross-entropy over completion tokens, normalised by their count.
   evaluate: loss sums on loss rows; decoded tokens (`per_example`: tokens, length, index,
@@ -86,4 +86,4 @@ def completion_objective(*, max_targets: int | None = None,
     loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
     return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
 
-  return Task(head='clm', loss=loss, evaluate=evaluate)
+  return Objective(head='clm', loss=loss, evaluate=evaluate)

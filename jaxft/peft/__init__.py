@@ -1,12 +1,16 @@
 """Parameter-efficient fine-tuning: LoRA, Houlsby adapters, BitFit, prompt tuning, freezing.
 
-`setup(cfg, model_def, init_params, trainable)` turns a stage's ModelDef into its PEFT
+`setup(pcfg, model_def, init_params, trainable)` turns a stage's ModelDef into its PEFT
 version (module surgery, see `modules`), extends the starting parameters with the new
 PEFT tensors, and returns the `trainable` mask the train step and optimizer already honour
 (frozen leaves: stop_gradient and no optimizer state). Nothing else in the engine changes:
 params stay a pure nested dict, PEFT params carry logical axes and shard on any mesh.
 
   python -m jaxft.main --config configs/finetune_cls.py:sst2 --config.peft.method=lora ...
+
+After training, `load_trained` rebuilds the model exactly as evaluated (what predict runs)
+and `export_peft` writes every form the method allows: a merged plain model, a Hugging Face
+`peft` adapter, and jaxft's own PEFT checkpoint with its base (`export.py`, `hf_peft.py`).
 
 See docs/peft.md.
 """
@@ -20,11 +24,13 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxft.models import flat_params
 from jaxft.peft.checkpoint import (apply_lora_checkpoint, checkpoint_dir, is_peft_name,
-                                   load_checkpoint, load_into, merged_params, save_checkpoint)
+                                   load_checkpoint, load_into, merged_params, save_checkpoint,
+                                   strip_peft, write_checkpoint)
 from jaxft.peft.config import ADAPTER_TARGETS, LORA_TARGETS, METHODS, PeftConfig
+from jaxft.peft.export import EXPORT_MANIFEST, export_peft, load_export, load_trained, trained_def
 from jaxft.peft.modules import PeftDense, PeftModel, inject, layernorm_paths
+from jaxft.trees import dotted, flat_params
 
 # Task heads created fresh for fine-tuning: trained alongside the PEFT params by default.
 HEAD_RE = re.compile(r'^(classifier|score)\.')
@@ -33,27 +39,10 @@ _WORD_EMBEDDINGS = ('bert.embeddings.word.embedding', 'embeddings.word.embedding
                     'transformer.wte.embedding', 'wte.embedding')
 
 
-def config(cfg) -> PeftConfig:
-  return PeftConfig.from_config(cfg)
-
-
-def enabled(cfg) -> bool:
-  return PeftConfig.from_config(cfg).enabled
-
-
-def exportable(cfg) -> bool:
-  """True when `merged_params` gives a plain model (LoRA, BitFit), so HF export works."""
-  return PeftConfig.from_config(cfg).mergeable
-
-
 def _host_kernel(name: str) -> str | None:
   """The base kernel a PEFT tensor belongs to (its freeze flag is inherited)."""
   m = re.match(r'^(.*)\.(lora_a|lora_b|adapter\..*)$', name)
   return f'{m.group(1)}.kernel' if m else None
-
-
-def _name(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
 def trainable_mask(pcfg: PeftConfig, model, abstract_params, base_trainable=None,
@@ -83,7 +72,7 @@ def trainable_mask(pcfg: PeftConfig, model, abstract_params, base_trainable=None
     return bool(base.get(host, True)) if host else True
 
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: selected(_name(path)) and allowed(_name(path)), abstract_params)
+      lambda path, _: selected(dotted(path)) and allowed(dotted(path)), abstract_params)
 
 
 def count(params, trainable=None) -> dict[str, int]:
@@ -106,26 +95,21 @@ def _vocab_prompt(word: np.ndarray, k: int, seed: int) -> np.ndarray:
   return np.asarray(word[ids])
 
 
-def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[str] = ()):
-  """(peft ModelDef, starting params or None, trainable mask), or None without peft.method.
+def setup(pcfg: PeftConfig, model_def, init_params=None, trainable=None, *,
+          fresh: Sequence[str] = (), max_len: int = 0):
+  """(peft ModelDef, starting params or None, trainable mask), or None without a method.
 
   `init_params`: host params of the base model (from init_from) or None (fresh init of
-  everything). `trainable`: finetune's freeze mask over the base tree, or None. `fresh`:
-  dotted names init_from did not provide (trained when peft.train_fresh).
+  everything). `trainable`: the freeze mask over the base tree, or None. `fresh`: dotted
+  names init_from did not provide (trained when peft.train_fresh). `max_len`: the data's
+  row length (a soft prompt must fit beside it in the position table).
   """
-  from jaxft.train.state import ModelDef
-  pcfg = PeftConfig.from_config(cfg)
   if not pcfg.enabled:
     return None
-  base_build = model_def.build
-
-  def build():
-    return inject(base_build(), pcfg)
-
-  new_def = ModelDef.create(build)
+  new_def = trained_def(pcfg, model_def)
+  build = new_def.build
   model = nnx.merge(new_def.graphdef, new_def.abstract_state)
   if 'prompt' in pcfg.methods:
-    max_len = int(cfg.get('data', {}).get('max_len', 0) or 0) if 'data' in cfg else 0
     limit = model.cfg.max_position_embeddings
     if max_len + pcfg.prompt_length > limit:
       raise ValueError(f'data.max_len={max_len} + peft.prompt.length={pcfg.prompt_length} '
@@ -142,7 +126,7 @@ def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[s
       word = next(flat[n] for n in _WORD_EMBEDDINGS if n in flat)
       flat['prompt'] = _vocab_prompt(word, pcfg.prompt_length, pcfg.seed).astype(
           flat['prompt'].dtype)
-    params = jax.tree_util.tree_map_with_path(lambda path, _: flat[_name(path)],
+    params = jax.tree_util.tree_map_with_path(lambda path, _: flat[dotted(path)],
                                               new_def.abstract_params)
 
   c = count(new_def.abstract_params, mask)
@@ -161,6 +145,7 @@ def setup(cfg, model_def, init_params=None, trainable=None, *, fresh: Sequence[s
 
 
 __all__ = ['PeftConfig', 'METHODS', 'LORA_TARGETS', 'ADAPTER_TARGETS', 'PeftDense', 'PeftModel',
-           'inject', 'setup', 'trainable_mask', 'count', 'merged_params', 'exportable',
-           'enabled', 'config', 'save_checkpoint', 'load_checkpoint', 'apply_lora_checkpoint',
-           'load_into', 'checkpoint_dir', 'is_peft_name']
+           'inject', 'setup', 'trainable_mask', 'count', 'merged_params', 'save_checkpoint',
+           'load_checkpoint', 'apply_lora_checkpoint', 'load_into', 'checkpoint_dir',
+           'is_peft_name', 'strip_peft', 'write_checkpoint', 'EXPORT_MANIFEST', 'export_peft',
+           'load_export', 'load_trained', 'trained_def']

@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models import flat_params
+from safetensors.numpy import load_file, save_file
+
 from jaxft.peft.config import PeftConfig
 from jaxft.peft.modules import PEFT_KEYS
+from jaxft.train.state import to_host
+from jaxft.trees import flat_params
 
 WEIGHTS = 'adapter_model.safetensors'
 CONFIG = 'peft_config.json'
@@ -39,6 +42,14 @@ def _lora_delta(a, b, scale: float, dtype):
                                axes=1)).astype(dtype)
 
 
+def strip_peft(tree):
+  """The nested param dict without its PEFT tensors (LoRA pairs, adapters, the prompt): the
+  base model's tree, with whatever else trained (head, biases) at its trained values."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: strip_peft(v) for k, v in tree.items() if str(k) not in PEFT_KEYS}
+
+
 def _merge_tree(tree, scale: float):
   """Nested dict: fold every {kernel, lora_a, lora_b} into kernel, drop the LoRA leaves."""
   if not isinstance(tree, dict):
@@ -50,11 +61,10 @@ def _merge_tree(tree, scale: float):
   return out
 
 
-def merged_params(cfg, params):
+def merged_params(pcfg: PeftConfig, params):
   """A plain-model parameter tree: LoRA folded into its kernels (W + alpha/r * A B), so the
   result exports to Hugging Face and runs without jaxft.peft. BitFit/freezing change no
   structure. Adapters and soft prompts cannot be folded into a plain model: ValueError."""
-  pcfg = PeftConfig.from_config(cfg)
   if not pcfg.mergeable:
     raise ValueError(f'peft.method={"+".join(pcfg.methods)}: adapters and soft prompts change '
                      'the computation and cannot be merged into a plain model; keep the PEFT '
@@ -70,18 +80,20 @@ def checkpoint_dir(workdir: str, pcfg: PeftConfig) -> str:
   return os.path.join(workdir, '_'.join(pcfg.methods))
 
 
-def save_checkpoint(cfg, params, trainable, workdir: str, *, extra: dict | None = None) -> str:
+def save_checkpoint(pcfg: PeftConfig, params, trainable, workdir: str, *,
+                    extra: dict | None = None) -> str:
   """Write the trainable tensors (PEFT params + whatever else trained, e.g. the task head)
   with their config to workdir/<method>/; returns the directory. Process 0 writes."""
-  from safetensors.numpy import save_file
+  return write_checkpoint(pcfg, params, trainable, checkpoint_dir(workdir, pcfg), extra=extra)
 
-  from jaxft.train.state import to_host
-  pcfg = PeftConfig.from_config(cfg)
+
+def write_checkpoint(pcfg: PeftConfig, params, trainable, out: str, *,
+                     extra: dict | None = None) -> str:
+  """save_checkpoint into the directory `out` itself (export_peft puts one in export/)."""
   flat = flat_params(params)
   mask = flat_params(trainable) if trainable is not None else {n: True for n in flat}
   keep = {n: x for n, x in flat.items() if bool(mask[n])}
   host = to_host(keep)
-  out = checkpoint_dir(workdir, pcfg)
   if jax.process_index() != 0:
     return out
   os.makedirs(out, exist_ok=True)
@@ -99,7 +111,6 @@ def save_checkpoint(cfg, params, trainable, workdir: str, *, extra: dict | None 
 
 def load_checkpoint(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(meta, {dotted name: array}) of a directory written by save_checkpoint."""
-  from safetensors.numpy import load_file
   cfg_path, w_path = os.path.join(directory, CONFIG), os.path.join(directory, WEIGHTS)
   for p in (cfg_path, w_path):
     if not os.path.exists(p):

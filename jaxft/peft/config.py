@@ -10,6 +10,8 @@ import dataclasses
 import re
 from typing import Any
 
+from jaxft.models.config import ACTIVATIONS
+
 METHODS = ('lora', 'adapter', 'bitfit', 'prompt')
 
 # Named target sets for LoRA (regexes over the dotted path of a Dense module).
@@ -68,18 +70,8 @@ class PeftConfig:
     return not ({'adapter', 'prompt'} & set(self.methods))
 
   @classmethod
-  def from_config(cls, cfg) -> 'PeftConfig':
-    """From a full config (reads `cfg.peft`), the `peft` section itself, or a dict."""
-    if cfg is None:
-      return cls()
-    if isinstance(cfg, PeftConfig):
-      return cfg
-    if 'method' in cfg:  # the section itself
-      p, seed = cfg, int(cfg.get('seed', 0) or 0)
-    else:
-      p, seed = cfg.get('peft', None), int(cfg.get('seed', 0) or 0)
-    if p is None:
-      return cls()
+  def from_section(cls, p, seed: int = 0) -> 'PeftConfig':
+    """From the `peft` config section (or a dict of it); `seed` draws the prompt init."""
     method = str(p.get('method', 'none') or 'none')
     methods = tuple(m.strip() for m in method.replace(',', '+').split('+') if m.strip())
     methods = tuple(m for m in methods if m != 'none')
@@ -88,23 +80,44 @@ class PeftConfig:
         raise ValueError(f'peft.method={method!r}: unknown method {m!r}; choose none or one of '
                          f'{METHODS} (join with + to combine, e.g. lora+bitfit)')
     lora, adapter, prompt = (dict(p.get(k, {}) or {}) for k in ('lora', 'adapter', 'prompt'))
+    d = cls()
     c = cls(
         methods=methods,
-        lora_rank=int(lora.get('rank', 8)), lora_alpha=float(lora.get('alpha', 16.0)),
-        lora_dropout=float(lora.get('dropout', 0.0)),
+        lora_rank=int(lora.get('rank', d.lora_rank)),
+        lora_alpha=float(lora.get('alpha', d.lora_alpha)),
+        lora_dropout=float(lora.get('dropout', d.lora_dropout)),
         lora_targets=_regex(str(lora.get('targets', 'qv')), LORA_TARGETS, 'peft.lora.targets'),
-        adapter_size=int(adapter.get('size', 64)), adapter_act=str(adapter.get('act', 'gelu')),
+        adapter_size=int(adapter.get('size', d.adapter_size)),
+        adapter_act=str(adapter.get('act', d.adapter_act)),
         adapter_targets=_regex(str(adapter.get('targets', 'houlsby')), ADAPTER_TARGETS,
                                'peft.adapter.targets'),
-        adapter_train_layernorm=bool(adapter.get('train_layernorm', True)),
-        prompt_length=int(prompt.get('length', 20)), prompt_init=str(prompt.get('init', 'vocab')),
-        train_head=bool(p.get('train_head', True)), train_fresh=bool(p.get('train_fresh', True)),
-        train_patterns=tuple(p.get('train_patterns', ()) or ()), seed=seed)
+        adapter_train_layernorm=bool(adapter.get('train_layernorm', d.adapter_train_layernorm)),
+        prompt_length=int(prompt.get('length', d.prompt_length)),
+        prompt_init=str(prompt.get('init', d.prompt_init)),
+        train_head=bool(p.get('train_head', d.train_head)),
+        train_fresh=bool(p.get('train_fresh', d.train_fresh)),
+        train_patterns=tuple(p.get('train_patterns', ()) or ()), seed=int(seed))
     c.check()
     return c
 
+  @staticmethod
+  def section_defaults() -> dict:
+    """The `peft` config section at its defaults. method: none | lora | adapter | bitfit |
+    prompt, or several joined by '+'; targets are presets or regexes over Dense paths."""
+    d = PeftConfig()
+    return dict(
+        method='none',
+        lora=dict(rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
+                  targets='qv'),  # qv | qkv | qkvo | all | regex
+        adapter=dict(size=d.adapter_size, act=d.adapter_act, targets='houlsby',
+                     train_layernorm=d.adapter_train_layernorm),
+        prompt=dict(length=d.prompt_length, init=d.prompt_init),  # vocab | random
+        train_head=d.train_head,    # also train the task head (classifier / score)
+        train_fresh=d.train_fresh,  # also train tensors init_from did not provide
+        train_patterns=(),          # regexes of further base tensors to train
+    )
+
   def check(self):
-    from jaxft.models.config import ACTIVATIONS
     if self.lora_rank <= 0:
       raise ValueError(f'peft.lora.rank={self.lora_rank} must be > 0')
     if not 0.0 <= self.lora_dropout < 1.0:

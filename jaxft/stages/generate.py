@@ -11,66 +11,108 @@ they are taken from `data.*`). Rows sharing a prompt give one output, scored aga
 their completions (BLEU, chrF, ROUGE-L in results.json). Decoding: `generate.*`
 (docs/generation.md), batched and jitted with a KV cache; prompts are left-padded to the
 longest one, so a single compile serves the file and each output is what that prompt gives
-alone (sampling draws from a key per input, fold_in(seed, index)).
+alone (sampling draws from a key per input, fold_in(seed, index)). A workdir is loaded
+exactly as trained (its PEFT modules included, nothing freshly initialised).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 
-import jax
-import ml_collections
-import numpy as np
-from absl import logging
-from tqdm import tqdm
-
-from jaxft import peft
+from jaxft import config as config_lib
+from jaxft import generation, sources
 from jaxft.data import completion as lm_data
 from jaxft.data.splits import pad_id as pad_id_of
+from jaxft.generation import DecodingSection
 from jaxft.models import build_model
-from jaxft.models.decoding import decode
-from jaxft.stages.finetune_lm import completion_texts, decode_settings, write_generations
-from jaxft.train import init as init_lib
+from jaxft.models.config import ModelConfig
+from jaxft.train import loop
 from jaxft.train import metrics as metrics_lib
-from jaxft.train.finetune import resolve_model_config, resolve_tokenizer
+from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
 
-TEXT_KEYS = ('prompt_column', 'completion_column', 'template', 'completion_prefix', 'format')
+SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
+            'train', 'checkpoint', 'export', 'peft', 'finetune', 'generate')
 
 
-def load_lm(cfg):
-  """(model_def, params, mcfg, tokenizer, trained data config) of init_from; a PEFT workdir
-  is rebuilt with its PEFT modules. A source that lacks any tensor of the model is refused:
-  generating from freshly initialised weights would be a silent wrong result."""
-  src = cfg.init_from
-  if not src:
-    raise ValueError('generate needs init_from: a finetune_lm workdir or an HF GPT-2 directory')
-  tokenizer = resolve_tokenizer(cfg)
-  mcfg = resolve_model_config(cfg, tokenizer)
+@dataclasses.dataclass(frozen=True)
+class GenerateSection(DecodingSection):
+  """The `generate` config section of the generate stage: decoding, input and output."""
+  input: str = ''             # a csv / tsv / jsonl file like the training data, or a txt file
+  output: str = ''            # default WORKDIR/generations.jsonl
+  batch_size: int = 32        # prompts per decoding call (one compile for the file)
+  checkpoint: str = 'best'    # best | latest (a jaxft workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateData:
+  """The `data` section of the generate stage: '' = as the trained workdir (or the defaults)."""
+  tokenizer: str = ''          # when init_from brings none
+  prompt_column: str = ''
+  completion_column: str = ''  # references to score against, when the input has them
+  template: str = ''           # must contain {prompt}
+  completion_prefix: str = ''
+  format: str = ''             # auto | csv | tsv | jsonl | txt
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  source: str  # a finetune_lm workdir or an HF GPT-2 directory
+  generate: GenerateSection
+  data: GenerateData
+  model: ModelConfig  # runtime fields (dtype) only: the architecture is the source's
+  seed: int = 0
+
+
+def parse(cfg) -> Settings:
+  config_lib.check_sections(cfg, SECTIONS)
+  g = config_lib.section(GenerateSection, cfg.get('generate'), 'generate')
+  if not g.method:
+    raise config_lib.ConfigError("generate.method is empty; choose 'greedy', 'beam' or "
+                                 "'sample'")
+  if g.checkpoint not in ('best', 'latest'):
+    raise config_lib.ConfigError(f"generate.checkpoint={g.checkpoint!r}; allowed: 'best', "
+                                 "'latest'")
+  if g.batch_size < 1:
+    raise config_lib.ConfigError(f'generate.batch_size={g.batch_size} must be >= 1')
+  if not g.input:
+    raise config_lib.ConfigError('set generate.input: a csv / tsv / jsonl / txt file of prompts')
+  source = config_lib.scalar(cfg, 'init_from', '')
+  if not source:
+    raise config_lib.ConfigError('generate needs init_from: a finetune_lm workdir or an HF '
+                                 'GPT-2 directory')
+  return Settings(source=source, generate=g,
+                  data=config_lib.section(GenerateData, cfg.get('data'), 'data'),
+                  model=config_lib.model_section(cfg), seed=config_lib.scalar(cfg, 'seed', 0))
+
+
+def load_lm(s: Settings):
+  """(model_def, host params, mcfg, tokenizer, the trained data section): a workdir exactly as
+  trained (PEFT modules included); an HF directory must hold every tensor of a GPT-2 LM
+  (generating from freshly initialised weights would be a silent wrong result)."""
+  src = s.source
+  tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
+  mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
   if mcfg.model_type != 'gpt2':
     raise ValueError(f'generate needs a GPT-2 model; {src} holds {mcfg.model_type!r}')
-  model_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
-  trained = {}
-  if init_lib.is_jaxft_workdir(src):
-    wcfg = ml_collections.ConfigDict(init_lib.workdir_config(src))
-    trained = wcfg.get('data', {}).to_dict() if 'data' in wcfg else {}
-    if 'peft' in wcfg and peft.enabled(wcfg):
-      model_def = peft.setup(wcfg, model_def)[0]
-  params, report = init_lib.load_init(src, model_def, which=cfg.generate.checkpoint)
+  base_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
+  if sources.is_jaxft_workdir(src):
+    model_def, params = sources.trained_model(src, base_def, which=s.generate.checkpoint)
+    return model_def, params, mcfg, tokenizer, sources.workdir_config(src).get('data') or {}
+  params, report = sources.load_init(src, base_def)
   if report['missing']:
     raise ValueError(f'{src} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
                      f'{report["missing"][:3]}): not a causal-LM checkpoint')
-  return model_def, params, mcfg, tokenizer, trained
+  return base_def, params, mcfg, tokenizer, {}
 
 
-def text_settings(cfg, trained: dict) -> dict:
-  """data.* here when set, else the trained run's, else the defaults."""
-  out = {}
-  for k in TEXT_KEYS:
-    mine = cfg.data.get(k, '') if 'data' in cfg else ''
-    out[k] = mine if mine else trained.get(k) or lm_data.DEFAULTS[k]
-  return out
+def text_settings(data: GenerateData, trained: dict) -> dict:
+  """data.* here when set, else the trained run's, else CompletionData's defaults."""
+  defaults = lm_data.CompletionData()
+  return {k: getattr(data, k) or trained.get(k) or getattr(defaults, k)
+          for k in ('prompt_column', 'completion_column', 'template', 'completion_prefix',
+                    'format')}
 
 
 def read_inputs(path: str, ts: dict):
@@ -78,71 +120,41 @@ def read_inputs(path: str, ts: dict):
   pairs = lm_data.read_pairs_file(path, prompt_column=ts['prompt_column'],
                                   completion_column=ts['completion_column'] or None,
                                   fmt=ts['format'], require_completion=False)
-  prompts, refs, sources = lm_data.group_by_prompt(pairs)
-  return prompts, (refs if pairs.completions is not None else None), sources
+  prompts, refs, where = lm_data.group_by_prompt(pairs)
+  return prompts, (refs if pairs.completions is not None else None), where
 
 
-def generate_ids(model_def, params, prompt_ids, settings, *, batch_size: int, pad_id: int,
-                 seed: int):
-  """Decode `prompt_ids` (token lists) in fixed-shape batches: [(tokens, length)] per prompt."""
-  length = max(len(p) for p in prompt_ids)
-  fn = jax.jit(lambda p, ids, mask, keys: decode(model_def.merge(p), ids, mask, settings, keys))
-  params = jax.device_put(params)  # once, not with every batch
-  base = jax.random.key(seed)
-  tokens, lengths = [], []
-  for start in tqdm(range(0, len(prompt_ids), batch_size), desc='generate', unit='batch',
-                    disable=jax.process_index() != 0):
-    arr = lm_data.prompt_arrays(prompt_ids[start:start + batch_size], pad_id, batch_size, length)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(arr['index'] + start)
-    out = jax.device_get(fn(params, arr['prompt_ids'], arr['prompt_mask'], keys))
-    n = int(arr['valid'].sum())
-    tokens.append(np.asarray(out['tokens'])[:n])
-    lengths.append(np.asarray(out['length'])[:n])
-  return np.concatenate(tokens), np.concatenate(lengths)
-
-
-def run(cfg, workdir: str) -> dict:
+def run(s: Settings, workdir: str) -> dict:
   t0 = time.time()
-  g = cfg.generate
-  if not g.input:
-    raise ValueError('set generate.input: a csv / tsv / jsonl / txt file of prompts')
-  model_def, params, mcfg, tokenizer, trained = load_lm(cfg)
-  ts = text_settings(cfg, trained)
-  settings = decode_settings(g, tokenizer)
-  if settings is None:
-    raise ValueError("generate.method is empty; choose 'greedy', 'beam' or 'sample'")
-  prompts, refs, sources = read_inputs(g.input, ts)
+  g = s.generate
+  model_def, params, mcfg, tokenizer, trained = load_lm(s)
+  ts = text_settings(s.data, trained)
+  decode = generation.decode_settings(g, tokenizer)
+  prompts, refs, where = read_inputs(g.input, ts)
   if not prompts:
     raise ValueError(f'{g.input}: no prompts')
   prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'])
-  room = mcfg.max_position_embeddings - settings.max_new_tokens
-  too_long = [i for i, p in enumerate(prompt_ids) if len(p) > room]
-  if too_long:
-    i = too_long[0]
-    raise ValueError(f'{sources[i]}: the prompt has {len(prompt_ids[i])} tokens; with '
-                     f'generate.max_new_tokens={settings.max_new_tokens} at most {room} fit the '
-                     f'model ({len(too_long)} such prompts)')
+  generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)
   t1 = time.time()
-  tokens, lengths = generate_ids(model_def, params, prompt_ids, settings,
-                                 batch_size=int(g.batch_size), pad_id=pad_id_of(tokenizer),
-                                 seed=int(cfg.seed))
+  tokens, lengths = generation.generate_ids(model_def, params, prompt_ids, decode,
+                                            batch_size=g.batch_size,
+                                            pad_id=pad_id_of(tokenizer), seed=s.seed)
   dt = time.time() - t1
-  texts = completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
-  results = {'stage': 'generate', 'init_from': cfg.init_from, 'input': g.input,
-             'n_inputs': len(prompts), 'decoding': settings.__dict__,
+  texts = generation.completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
+  results = {'stage': 'generate', 'init_from': s.source, 'input': g.input,
+             'n_inputs': len(prompts), 'decoding': dataclasses.asdict(decode),
              'new_tokens': int(lengths.sum()), 'decode_sec': dt,
              'tokens_per_sec': float(lengths.sum() / max(dt, 1e-9)),
              'wall_time_sec': time.time() - t0}
   if refs is not None:
     results['scores'] = metrics_lib.generation_metrics(texts, refs)
-  out = g.output or os.path.join(workdir, 'generations.jsonl')
-  write_generations(out, prompts, texts, results.get('scores'))
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
-    s = results.get('scores')
+  out = g.output or os.path.join(workdir, generation.GENERATIONS)
+  results['output'] = out
+  generation.write_generations(out, prompts, texts, results.get('scores'))
+  if loop.is_main():
+    sc = results.get('scores')
     print(f'generate: {len(prompts)} inputs -> {out}'
-          + (f"; BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f}, ROUGE-L {s['rouge_l']:.2f}"
-             if s else ''))
+          + (f"; BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}, ROUGE-L {sc['rouge_l']:.2f}"
+             if sc else ''))
+  write_results(workdir, results)
   return results

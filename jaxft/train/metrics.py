@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+from absl import logging
+
+from jaxft import files
+from jaxft.data.classification import GLUE_TASKS
 
 _ALIASES = {'mcc': 'matthews', 'matthews_corrcoef': 'matthews', 'acc': 'accuracy',
             'pearsonr': 'pearson', 'spearmanr': 'spearman'}
@@ -22,7 +27,6 @@ _REG_METRICS = ('pearson', 'spearman')
 
 def _metric_names(task_or_metric_names: str | Sequence[str]) -> list[str]:
   if isinstance(task_or_metric_names, str):
-    from jaxft.data.classification import GLUE_TASKS
     key = task_or_metric_names.lower().replace('-', '')
     if key in GLUE_TASKS:
       return list(GLUE_TASKS[key].metrics)
@@ -180,6 +184,8 @@ class MetricsWriter:
 
   Non-finite values are written as JSON null (strict JSON parsers reject NaN) and
   skipped in TensorBoard; non-scalar values are kept in JSON only when serialisable.
+  A last line torn by a crash mid-write is cut off (with a warning) before appending, so a
+  resumed run never writes onto it.
   """
 
   def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
@@ -191,6 +197,7 @@ class MetricsWriter:
     self._tb = None
     if enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
+      repair_torn_tail(self.path)
       self._file = open(self.path, 'a', encoding='utf-8')
       if tensorboard:
         from tensorboardX import SummaryWriter
@@ -234,10 +241,90 @@ class MetricsWriter:
     self.close()
 
 
+def _torn_tail(path: Path) -> tuple[int, bytes]:
+  """(offset, bytes) of the text after the last newline of `path` ((size, b'') if none)."""
+  with open(path, 'rb') as f:
+    end = f.seek(0, os.SEEK_END)
+    pos, tail = end, b''
+    while pos > 0:
+      step = min(pos, 1 << 16)
+      pos -= step
+      f.seek(pos)
+      tail = f.read(step) + tail
+      cut = tail.rfind(b'\n')
+      if cut >= 0:
+        return pos + cut + 1, tail[cut + 1:]
+    return 0, tail
+
+
+def _is_record(text: bytes) -> bool:
+  try:
+    return isinstance(json.loads(text.decode('utf-8')), dict)
+  except ValueError:
+    return False
+
+
+def repair_torn_tail(path: str | os.PathLike) -> None:
+  """Make `path` end at a line boundary: a complete last record only lacking its newline
+  gets one; a torn last line (a crash mid-write) is cut off, with a warning."""
+  path = Path(path)
+  if not path.exists():
+    return
+  offset, tail = _torn_tail(path)
+  if not tail:
+    return
+  with open(path, 'r+b') as f:
+    if _is_record(tail):
+      f.seek(0, os.SEEK_END)
+      f.write(b'\n')
+      return
+    f.truncate(offset)
+  with open(path, 'rb') as f:
+    line = f.read(offset).count(b'\n') + 1
+  logging.warning('%s:%d: cut a torn last line (%d bytes, a crash mid-write?): %r', path, line,
+                  len(tail), tail[:80])
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-  """All records of workdir/metrics.jsonl (for tests, scripts and reports)."""
+  """All records of workdir/metrics.jsonl (for tests, scripts and reports).
+
+  A torn last line (a crash mid-write) is skipped with a warning; any other line that is
+  not a JSON record raises ValueError naming file and line."""
   path = Path(workdir) / 'metrics.jsonl'
   if not path.exists():
     return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, 'rb') as f:
+    data = f.read()
+  lines = data.split(b'\n')
+  out = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line.decode('utf-8'))
+    except ValueError as e:
+      if lineno == len(lines):  # no newline after it: torn by a crash mid-write
+        logging.warning('%s:%d: skipping a torn last line (a crash mid-write?): %r', path,
+                        lineno, line[:80])
+        continue
+      raise ValueError(f'{path}:{lineno}: not a JSON record ({e})') from None
+    out.append(rec)
+  return out
+
+
+def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str:
+  """workdir/results.json, written atomically by process 0: a stage's last output, so its
+  presence says the stage finished (host values; numpy scalars and arrays converted)."""
+  path = os.path.join(workdir, 'results.json')
+  if jax.process_index() == 0:
+    files.atomic_write(path, json.dumps(results, indent=2, default=_json_default),
+                       what='results')
+  return path
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft import partitioning
+from jaxft.trees import path_keys
 
 
 @dataclasses.dataclass
@@ -51,21 +52,17 @@ class ModelDef:
                      out_shardings=shardings)()
 
 
-def _path_key(path) -> tuple:
-  return tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
-
-
 def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
   """Optimizer moments take the sharding of the parameter they mirror (matched by the
   trailing tree path and shape); everything else (counts, scalars) is replicated."""
   by_path = {}
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                           jax.tree.leaves(param_shardings)):
-    by_path[_path_key(path)] = (x.shape, s)
+    by_path[path_keys(path)] = (x.shape, s)
   repl = partitioning.replicated(mesh)
 
   def pick(path, x):
-    key = _path_key(path)
+    key = path_keys(path)
     for i in range(len(key)):
       hit = by_path.get(key[i:])
       if hit is not None and hit[0] == x.shape:

@@ -1,6 +1,6 @@
 """Pure, jitted train and eval steps over a sharded train state.
 
-A task supplies three pure functions (see `Task`); the step owns gradients, gradient
+An objective supplies three pure functions (see `Objective`); the step owns gradients, gradient
 accumulation, the optimizer update, the non-finite policy and the RNG discipline:
 rng(step) = fold_in(state.rng, state.step), so a resumed run redraws the same masks and
 dropout as an uninterrupted one.
@@ -20,8 +20,8 @@ Batch = dict[str, Any]
 
 
 @dataclasses.dataclass
-class Task:
-  """What a stage plugs into the one loop.
+class Objective:
+  """What a stage plugs into the one loop: how a batch becomes a loss and eval outputs.
 
   prepare(batch, rng) -> batch: on the whole global batch inside the step (e.g. MLM masking),
     so gradient accumulation sees exactly what one big batch would.
@@ -74,47 +74,56 @@ def _microbatches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
+def _accumulate(grad_fn, params, batch, rng, constants, k: int):
+  """Summed (loss_sum, sums, grads) over k micro-batches of `batch`, one at a time (scan):
+  the sums of one big batch, so dividing by the summed weight gives the same step."""
+  micro = _microbatches(batch, k)
+
+  def body(carry, xs):
+    i, mb = xs
+    (ls, s), g = grad_fn(params, mb, jax.random.fold_in(jax.random.fold_in(rng, 2), i),
+                         constants)
+    acc_l, acc_s, acc_g = carry
+    return (acc_l + ls, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
+
+  zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, constants)[0][1]))
+  init = (jnp.zeros((), jnp.float32), zeros_s, jax.tree.map(jnp.zeros_like, params))
+  (loss_sum, sums, grads), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+  return loss_sum, sums, grads
+
+
+def make_train_step(model_def, objective: Objective, tx, state_shardings, mesh, rules, *,
                     grad_accum: int = 1, trainable=None, nonfinite: str = 'skip',
-                    schedule=None, extra_shardings=None):
+                    schedule=None, constants_shardings=None):
   """Returns step(state, batch) -> (state, metrics): one jax.jit with in/out shardings.
 
-  `extra_shardings`: shardings of a constant input (e.g. a frozen teacher's params); the step
-  is then step(state, batch, extra) and the task's loss gets `extra=extra`. It stays outside
-  the train state: not differentiated, updated, donated or checkpointed.
+  `constants_shardings`: shardings of a constant input (e.g. a frozen teacher's params); the
+  step is then step(state, batch, constants) and the objective's loss gets
+  `constants=constants`. They stay outside the train state: not differentiated, updated,
+  donated or checkpointed.
   """
   if nonfinite not in ('skip', 'halt', 'rollback'):
     raise ValueError(f"train.nonfinite={nonfinite!r}; allowed: 'skip', 'halt', 'rollback'")
 
-  def loss_of(params, batch, key, extra):
+  def loss_of(params, batch, key, constants):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     model = model_def.merge(params)
-    kw = {} if extra_shardings is None else {'extra': extra}
-    loss_sum, sums = task.loss(model, batch, key, False, **kw)
+    kw = {} if constants_shardings is None else {'constants': constants}
+    loss_sum, sums = objective.loss(model, batch, key, False, **kw)
     return loss_sum, sums
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-  def step(state, batch, extra=None):
+  def step(state, batch, constants=None):
     rng = jax.random.fold_in(state['rng'], state['step'])
-    batch = task.prepare(batch, jax.random.fold_in(rng, 1))
+    batch = objective.prepare(batch, jax.random.fold_in(rng, 1))
     params = state['params']
     if grad_accum == 1:
-      (loss_sum, sums), grads = grad_fn(params, batch, jax.random.fold_in(rng, 2), extra)
+      (loss_sum, sums), grads = grad_fn(params, batch, jax.random.fold_in(rng, 2), constants)
     else:
-      micro = _microbatches(batch, grad_accum)
-
-      def body(carry, xs):
-        i, mb = xs
-        (ls, s), g = grad_fn(params, mb, jax.random.fold_in(jax.random.fold_in(rng, 2), i), extra)
-        acc_l, acc_s, acc_g = carry
-        return (acc_l + ls, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
-
-      zeros_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng, extra)[0][1]))
-      init = (jnp.zeros((), jnp.float32), zeros_s, jax.tree.map(jnp.zeros_like, params))
-      (loss_sum, sums, grads), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), micro))
+      loss_sum, sums, grads = _accumulate(grad_fn, params, batch, rng, constants, grad_accum)
     denom = jnp.maximum(sums['weight'], 1e-9)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
@@ -148,21 +157,22 @@ def make_train_step(model_def, task: Task, tx, state_shardings, mesh, rules, *,
 
   # Batches arrive already sharded (global_batch), so their in_sharding is taken as is.
   repl = partitioning.replicated(mesh)
-  in_shardings = (state_shardings, None) + (() if extra_shardings is None else (extra_shardings,))
+  in_shardings = (state_shardings, None) + (
+      () if constants_shardings is None else (constants_shardings,))
   jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, repl),
                    donate_argnums=(0,))
 
-  def run(state, batch, *extra):
+  def run(state, batch, *constants):
     with partitioning.use_mesh(mesh, rules):
-      return jitted(state, batch, *extra)
+      return jitted(state, batch, *constants)
 
   run.jitted = jitted
   return run
 
 
-def make_eval_step(model_def, task: Task, mesh, rules, param_shardings):
+def make_eval_step(model_def, objective: Objective, mesh, rules, param_shardings):
   def step(params, batch):
-    return task.evaluate(model_def.merge(params), batch)
+    return objective.evaluate(model_def.merge(params), batch)
 
   jitted = jax.jit(step, in_shardings=(param_shardings, None))
 

@@ -9,8 +9,8 @@ Kill moments (`Kill.kind`):
 mid-save and step kills wait until the start has finished a checkpoint of its own (the
 first async save of a process is slow: it compiles Orbax's transfers), so the run always
 moves forward; a mid-save kill cuts the start's second or later save.
-Every start of the job appends to metrics.jsonl; the lines written by the last start are
-found by the file's size when it began. Compilation is cached on disk
+Every start of the job appends to metrics.jsonl (after cutting a line torn by a kill); the
+lines written by the last start are found by the file's size when it began. Compilation is cached on disk
 (JAX_COMPILATION_CACHE_DIR), so a restart costs imports and restore, not compiles.
 
   python tests/reliability/harness.py [--kills 6] [--seed 0] [--steps 60]  # prints a table
@@ -81,6 +81,10 @@ def _metrics_after(path: str, offset: int) -> list[dict]:
 
 
 def _size(path: str) -> int:
+  """Where the next start's lines begin: the size once the job's writer has cut a line torn
+  by the previous kill (done here first, as the job would)."""
+  from jaxft.train.metrics import repair_torn_tail
+  repair_torn_tail(path)
   return os.path.getsize(path) if os.path.exists(path) else 0
 
 
@@ -210,7 +214,6 @@ def crash_run(root: str, num_steps: int = 60, kills=('startup', 'mid-save', 'ste
               min_cut: int = 1, max_extra: int = 4, cache_dir: str | None = None,
               reference: str | None = None) -> Outcome:
   """The uninterrupted reference, then the killed-and-restarted job; compare both."""
-  import numpy as np
   rng = random.Random(seed)
   cache_dir = cache_dir or os.path.join(root, 'jax-cache')
   os.makedirs(root, exist_ok=True)

@@ -1,6 +1,7 @@
 """Config errors are caught before anything is compiled or written, each naming the key and
 what is allowed; the CLI reports them in one line (exit code 2, no traceback)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from jaxft import config as config_lib
 from jaxft import main as main_lib
+from jaxft import stages
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,9 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def stub_stage(monkeypatch):
-  from jaxft.train import pretrain
+  from jaxft.stages import pretrain
   calls = []
-  monkeypatch.setattr(pretrain, 'run', lambda cfg, wd: calls.append(wd))
+  monkeypatch.setattr(pretrain, 'run', lambda settings, wd: calls.append(wd))
   return calls
 
 
@@ -55,7 +57,7 @@ CASES = {
         'data.max_len=64 exceeds model.max_position_embeddings=16'),
     'stage that does not exist': (_with(stage='pretrain_mlmm'),
                                   "stage='pretrain_mlmm' does not exist (did you mean "
-                                  "'pretrain_mlm'?); stages: ("),
+                                  "'pretrain_mlm'?); stages: ["),
     'unknown nonfinite policy': (_with(train__nonfinite='ignore'),
                                  "train.nonfinite='ignore'; allowed: 'skip', 'halt', 'rollback'"),
 }
@@ -93,12 +95,16 @@ def test_every_bundled_config_validates():
   import importlib.util
   for name, variants in {'quickstart': ['', 'pretrain', 'smoke'], 'bert_mlm': ['tiny', 'base'],
                          'gpt2_clm': [''], 'finetune_cls': [''], 'finetune_ner': [''],
-                         'predict': ['']}.items():
+                         'predict': [''], 'finetune_lm': ['e2e', 'tiny', 'custom'],
+                         'generate': ['']}.items():
     spec = importlib.util.spec_from_file_location(name, f'{REPO}/configs/{name}.py')
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for v in variants:
-      config_lib.validate(mod.get_config(v))
+      cfg = mod.get_config(v)
+      if name == 'generate':  # what the command line must give (docs/generation.md)
+        cfg.init_from, cfg.generate.input = '/some/workdir', 'prompts.txt'
+      stages.validate(cfg)
 
 
 CLI = {
@@ -122,7 +128,9 @@ def test_cli_reports_one_line(case, tmp_path):
                       *args], capture_output=True, text=True, cwd=REPO, timeout=300,
                      env={**env, 'JAX_PLATFORMS': 'cpu'})
   assert r.returncode == 2, r.stderr[-3000:]
-  lines = [ln for ln in r.stderr.splitlines() if ln.strip() and ' main.py:' not in ln]
+  # absl INFO lines (what was resolved before the error was found) are progress, not report
+  lines = [ln for ln in r.stderr.splitlines()
+           if ln.strip() and ' main.py:' not in ln and not re.match(r'I\d{4} ', ln)]
   assert lines == [lines[-1]] and lines[-1].startswith(expected), r.stderr[-3000:]
   assert 'Traceback' not in r.stderr
   assert not os.path.exists(tmp_path / 'w')
@@ -133,6 +141,6 @@ def test_max_len_is_checked_against_the_init_from_model_not_the_config_default()
   model.* defaults in the config must not veto data.max_len."""
   c = _with(data={'max_len': 64})
   with pytest.raises(config_lib.ConfigError, match='exceeds model.max_position_embeddings=16'):
-    config_lib.validate(c)
+    stages.validate(c)
   c.init_from = '/some/checkpoint'
-  config_lib.validate(c)  # no error: the stage compares with the checkpoint's table
+  stages.validate(c)  # no error: the stage compares with the checkpoint's table

@@ -103,6 +103,20 @@ _ZSTD_MAGIC = bytes([0x28, 0xB5, 0x2F, 0xFD])
 _flip_every_data_file = _each(_flip)
 
 
+def _flip_json_value(path, key):
+  """One flipped bit in the number after `"key": ` of a JSON item (the file stays valid
+  JSON: the dangerous case, read back without error as another number)."""
+  with open(path, 'rb') as f:
+    data = bytearray(f.read())
+  at = data.index(f'"{key}": '.encode()) + len(key) + 4
+  while chr(data[at + 1]).isdigit():
+    at += 1  # the last digit: a leading '1' -> '0' would not be JSON
+  assert chr(data[at]).isdigit(), data
+  data[at] ^= 0x01  # '6' -> '7', '0' -> '1'
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+
+
 def _empty(step_dir):
   shutil.rmtree(step_dir)
   os.makedirs(step_dir)
@@ -118,6 +132,11 @@ DAMAGE = {
     'flipped bit in array data': lambda d: _flip(_largest(d)),
     'missing item (meta)': lambda d: shutil.rmtree(f'{d}/meta'),
     'truncated data-iterator position': lambda d: _truncate(f'{d}/data/metadata', 5),
+    'flipped bit in data-iterator position': lambda d: _flip_json_value(f'{d}/data/metadata',
+                                                                        'next_index'),
+    'flipped bit in meta': lambda d: _flip_json_value(f'{d}/meta/metadata', 'num_steps'),
+    'flipped bit in a saved fingerprint': lambda d: _flip_json_value(f'{d}/meta/metadata',
+                                                                     'params.emb'),
     'empty step directory': _empty,
 }
 
@@ -145,6 +164,10 @@ def test_damaged_newest_step_falls_back_and_says_why(kind, saved, tmp_path, capl
   assert 'resumed from step 4 after skipping damaged step(s) [6]' in text, text
   if kind == 'flipped bit in array data':
     assert 'checksum mismatch' in text, text  # Orbax itself restores it without error
+  if kind == 'flipped bit in data-iterator position':
+    assert 'data item (data-iterator position) does not match its digest' in text, text
+  if kind == 'flipped bit in meta':
+    assert 'meta item does not match its digest' in text, text
 
   # the damaged step is moved aside (kept for inspection), so the resumed run can save
   # step 6 again instead of finding it "already saved" and keeping the damaged copy
@@ -211,7 +234,7 @@ def test_init_from_a_workdir_verifies_param_checksums(tmp_path):
   """init_from reads another run's checkpoint outside the resume path: a parameter that
   no longer matches its saved fingerprint is refused, not silently loaded."""
   import json
-  from jaxft.train import init as init_lib
+  from jaxft import sources as init_lib
   ref = tiny.reference()
   wd = tiny.copy_workdir(ref['workdir'], str(tmp_path / 'w'))
   params = init_lib.read_workdir_params(wd, 'latest')  # intact: loads
@@ -225,3 +248,41 @@ def test_init_from_a_workdir_verifies_param_checksums(tmp_path):
     json.dump(meta, f)
   with pytest.raises(checkpointing.CorruptCheckpoint, match=f'checksum mismatch.*{key}'):
     init_lib.read_workdir_params(wd, 'latest')
+
+
+def test_train_never_resumes_at_a_damaged_data_position(tmp_path, caplog):
+  """A flipped bit in the data-iterator position of the newest step: without a digest the
+  run resumed at the wrong batch (every later loss differed); now the step is skipped and
+  the run equals the uninterrupted one."""
+  ref = tiny.reference()
+  wd = tiny.copy_workdir(ref['workdir'], str(tmp_path / 'w'))
+  _flip_json_value(f'{wd}/checkpoints/8/data/metadata', 'next_index')
+  with caplog.at_level(py_logging.INFO):
+    res = tiny.train(wd, tiny.config(8))
+  text = '\n'.join(r.getMessage() for r in caplog.records)
+  assert 'resumed from step 6 after skipping damaged step(s) [8]' in text, text
+  assert tiny.same_tree(res['state'], ref['state'])
+  losses = tiny.logged(wd)
+  assert {s: losses[s] for s in (7, 8)} == {s: ref['losses'][s] for s in (7, 8)}
+
+
+def test_a_changed_optimizer_setup_is_named_not_called_damage(tmp_path):
+  """optimizer.clip_norm 1.0 -> 0.0 changes the optimizer-state tree: the restart says what
+  changed and what the options are (it was reported as damage on every step, then
+  NoIntactCheckpoint suggesting a fresh start); checkpoint.reset_optimizer=True continues
+  from the saved parameters with fresh Adam moments."""
+  from jaxft import checkpointing
+  wd = str(tmp_path / 'w')
+  tiny.train(wd, tiny.config(8))
+  cfg = tiny.config(12)
+  cfg.optimizer.clip_norm = 0.0
+  with pytest.raises(checkpointing.StateMismatch) as e:
+    tiny.train(wd, cfg)
+  msg = str(e.value)
+  assert 'holds a train state of another structure than this config builds' in msg, msg
+  assert 'opt_state.' in msg and 'checkpoint.reset_optimizer=True' in msg, msg
+  assert sorted(os.listdir(f'{wd}/checkpoints')) == ['4', '6', '8']  # nothing quarantined
+  cfg.checkpoint.reset_optimizer = True
+  res = tiny.train(wd, cfg)
+  assert res['step'] == 12
+  assert tiny.logged(wd)[9] != tiny.logged(wd)[8]  # trained on from step 8

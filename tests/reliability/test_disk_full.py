@@ -141,3 +141,74 @@ def test_disk_full_while_saving_is_clear_and_resumable(tmp_path, caplog):
     losses = tiny.logged(wd)
     assert {s: losses[s] for s in range(1, 9)} == {s: ref['losses'][s] for s in range(1, 9)}
     assert sorted(os.listdir(f'{wd}/checkpoints')) == ['4', '6', '8']  # partial step 6 gone
+
+
+def _export_model():
+  """A BERT classifier whose model.safetensors (~70 KB) does not fit in SLACK / the limit."""
+  from jaxft.models import ModelConfig, build_model
+  cfg = ModelConfig(vocab_size=1024, hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=32, max_position_embeddings=32)
+  return build_model(cfg, 'cls', num_labels=2), cfg
+
+
+def _files(d):
+  return {n: open(os.path.join(d, n), 'rb').read() for n in sorted(os.listdir(d))}
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path):
+  from jaxft import files
+  from jaxft import main as main_lib
+  from jaxft.models import hf
+  model, cfg = _export_model()
+  with _limited_workdir(tmp_path) as (root, disk):
+    out = os.path.join(root, 'w', 'export')
+    hf.save_hf(model, cfg, out, 'cls')
+    before = _files(out)
+    disk.fill()
+    try:
+      with pytest.raises(files.OutputWriteError) as e:
+        hf.save_hf(model, cfg, out, 'cls')
+    finally:
+      disk.free()
+    msg = str(e.value)
+    reason = 'No space left on device' if disk.name == 'tmpfs' else 'File too large'
+    assert msg == (f'could not write the Hugging Face export to {out}: {reason} (the previous '
+                   'one, if any, is unchanged); free space (or raise the quota) and rerun the '
+                   'same command'), msg
+    assert main_lib._user_error(e.value) == 1  # the CLI prints it as one line
+    assert _files(out) == before
+    assert sorted(os.listdir(os.path.dirname(out))) == ['export']  # partial copy removed
+
+
+def test_config_json_on_a_full_disk_is_one_line_and_keeps_the_old(tmp_path):
+  from jaxft import config as config_lib
+  from jaxft import files
+  with _limited_workdir(tmp_path) as (root, disk):
+    wd = os.path.join(root, 'w')
+    config_lib.save_config(tiny.config(8), wd)
+    before = _files(wd)
+    big = tiny.config(8)
+    big.note = 'x' * (64 << 10)  # bigger than SLACK / the file size limit
+    disk.fill()
+    try:
+      with pytest.raises(files.OutputWriteError, match=f'could not write config.json to '
+                                                       f'{wd}/config.json: '):
+        config_lib.save_config(big, wd)
+    finally:
+      disk.free()
+    assert _files(wd) == before  # the old config.json, no temporary file
+
+
+def test_export_to_a_read_only_disk_is_one_line(read_only_dir):
+  from jaxft import files
+  from jaxft.models import hf
+  root, make_read_only = read_only_dir
+  model, cfg = _export_model()
+  make_read_only()
+  out = os.path.join(root, 'export')
+  with pytest.raises(files.OutputWriteError) as e:
+    hf.save_hf(model, cfg, out, 'cls')
+  msg = str(e.value)
+  assert msg.startswith(f'could not write the Hugging Face export to {out}: '), msg
+  assert 'Read-only file system' in msg or 'Permission denied' in msg, msg
+  assert 'make it writable, or use another --workdir' in msg, msg

@@ -53,3 +53,17 @@ def test_rollback_reloads_last_checkpoint_and_skips_the_bad_batch(tmp_path, capl
                                                                    rows.items()})
   assert tiny.same_tree(res['state']['params'], clean['state']['params'])
   assert tiny.same_tree(res['state']['opt_state'], clean['state']['opt_state'])
+
+
+def test_rollback_with_a_persistent_cause_halts_after_max_rollbacks(tmp_path):
+  """Every batch from the 5th on is bad (as with lr=1e10): after train.max_rollbacks
+  rollbacks in a row that never get past step 5 the run halts, naming the cause, instead of
+  rolling back forever."""
+  wd = str(tmp_path / 'w')
+  poison = {b: 1 for b in range(BAD, 64)}
+  with pytest.raises(FloatingPointError) as e:
+    tiny.train(wd, tiny.config(8, nonfinite='rollback', max_rollbacks=3), poison=poison)
+  msg = str(e.value)
+  assert 'non-finite loss at step 5 again: 3 rollbacks in a row to step 4 did not get past ' \
+         'step 5' in msg, msg
+  assert 'raise train.max_rollbacks' in msg

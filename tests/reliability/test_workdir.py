@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from jaxft import config as config_lib
 from jaxft import main as main_lib
 from jaxft import workdir as workdir_lib
 import tiny
@@ -21,12 +20,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture
 def stub_stages(monkeypatch):
   """The stage runners replaced by a recorder: these tests stop before any training."""
-  from jaxft.train import finetune, predict, pretrain
+  from jaxft.stages import finetune, predict, pretrain
   calls = []
 
-  def fake(cfg, workdir):
-    calls.append((cfg.stage, workdir))
-    return {'stage': cfg.stage}
+  stage_of = {'mlm': 'pretrain_mlm', 'clm': 'pretrain_clm', 'cls': 'finetune_cls',
+              'ner': 'finetune_ner'}
+
+  def fake(settings, workdir):
+    name = stage_of.get(getattr(settings, 'kind', None), 'predict')
+    calls.append((name, workdir))
+    return {'stage': name}
 
   for mod in (pretrain, finetune, predict):
     monkeypatch.setattr(mod, 'run', fake)
@@ -83,6 +86,38 @@ def test_second_process_via_the_cli_gets_one_line(tmp_path):
   assert last.startswith(f'error: {wd} is in use by another jaxft run (pid '
                          f'{holder.pid} on '), r.stderr[-2000:]
   assert 'Traceback' not in r.stderr
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path, stub_stages):
+  """The lock is on the workdir directory itself: deleting .jaxft.lock (a cleanup script,
+  rm -rf of dot files) while a run holds it does not let a second run in."""
+  wd = str(tmp_path / 'w')
+  holder = _hold_lock(wd)
+  try:
+    os.remove(os.path.join(wd, workdir_lib.LOCK_NAME))
+    with pytest.raises(workdir_lib.WorkdirError, match=f'{wd} is in use by another jaxft run'):
+      main_lib.run_stage(_cfg(), wd)
+    assert not stub_stages and not os.path.exists(f'{wd}/config.json')
+  finally:
+    holder.kill()
+    holder.wait()
+  main_lib.run_stage(_cfg(), wd)
+  assert stub_stages == [('pretrain_mlm', wd)]
+
+
+def test_read_only_workdir_is_one_line_naming_the_path(read_only_dir, stub_stages):
+  root, make_read_only = read_only_dir
+  fresh, existing = os.path.join(root, 'fresh'), os.path.join(root, 'run')
+  main_lib.run_stage(_cfg(), existing)  # a finished run, then the disk turns read-only
+  make_read_only()
+  for wd in (fresh, existing):
+    with pytest.raises(workdir_lib.WorkdirError) as e:
+      main_lib.run_stage(_cfg(), wd)
+    msg = str(e.value)
+    assert msg.startswith(f'cannot write to the workdir {wd}: '), msg
+    assert ('Read-only file system' in msg or 'Permission denied' in msg), msg
+    assert 'use a writable --workdir' in msg and '\n' not in msg, msg
+  assert stub_stages == [('pretrain_mlm', existing)]
 
 
 def test_different_run_is_refused_before_anything_is_written(tmp_path, stub_stages):
@@ -149,7 +184,6 @@ def test_a_stage_reading_the_workdir_is_allowed_and_keeps_its_config(tmp_path, s
   assert open(f'{wd}/config.json').read() == before
 
 
-@pytest.mark.skipif(not hasattr(main_lib, 'run_pipeline'), reason='no pipeline stage yet')
 def test_pipeline_locks_its_root_and_each_sub_workdir(tmp_path, stub_stages, monkeypatch):
   import importlib.util
   spec = importlib.util.spec_from_file_location('q', f'{REPO}/configs/quickstart.py')
@@ -158,9 +192,9 @@ def test_pipeline_locks_its_root_and_each_sub_workdir(tmp_path, stub_stages, mon
   root = str(tmp_path / 'w')
   held = []
 
-  from jaxft.train import pretrain
+  from jaxft.stages import pretrain
 
-  def check_locks(cfg, workdir):
+  def check_locks(settings, workdir):
     for d in (root, workdir):
       with pytest.raises(workdir_lib.WorkdirError, match=f'pid {os.getpid()}'):
         workdir_lib.WorkdirLock(d).acquire()

@@ -17,11 +17,12 @@ import numpy as np
 
 from jaxft import config as config_lib
 from jaxft.data import loader as loader_lib
+from jaxft.data.masking import MaskingSettings
 from jaxft.models import ModelConfig, build_model
+from jaxft.objectives.lm import mlm
 from jaxft.train import loop
-from jaxft.train.pretrain import mlm_task
 from jaxft.train.state import ModelDef, to_host
-from jaxft.train.step import Task
+from jaxft.train.step import Objective
 
 VOCAB, LEN, BATCH = 64, 16, 8
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -55,7 +56,7 @@ def model_def():
   return ModelDef.create(lambda: build_model(MCFG, 'mlm', seed=0))
 
 
-def _poisoned(base: Task) -> Task:
+def _poisoned(base: Objective) -> Objective:
   @jax.custom_vjp
   def nan_grad(x, p):
     return x
@@ -74,14 +75,12 @@ def _poisoned(base: Task) -> Task:
     loss_sum = loss_sum + jnp.where(p == 1, jnp.nan, 0.0)
     return nan_grad(loss_sum, (p == 2).astype(jnp.float32)), sums
 
-  return Task(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
 
 
 @functools.cache
 def task():
-  mlm = ml_collections.ConfigDict(dict(mask_prob=0.15, mask_token_frac=0.8,
-                                       random_token_frac=0.1, max_predictions=4))
-  return _poisoned(mlm_task(MCFG, _Tokenizer(), mlm))
+  return _poisoned(mlm(_Tokenizer(), MaskingSettings(max_predictions=4)))
 
 
 def rows(n_batches: int, poison: dict[int, int] | None = None, seed: int = 0) -> dict:
@@ -123,15 +122,16 @@ class _Hooked:
 
 def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None,
           rows: dict | None = None) -> dict:
-  """Run the real loop; returns its results dict with 'state' as host numpy arrays."""
+  """Run the real loop (the ConfigDict parsed as a stage would); returns its results dict with
+  'state' (the state it ends with) as host numpy arrays."""
   cfg = cfg or config()
   data = rows if rows is not None else globals()['rows'](n_batches, poison)
   it = loader_lib.make_loader(data, global_batch_size=BATCH, seed=0, shuffle=False)
   if hook is not None:
     it = _Hooked(it, hook)
-  res = loop.train(cfg, workdir, model_def(), task(), loop.Data(train_iter=it))
-  res['state'] = to_host(res['state'])
-  return res
+  out = loop.train(config_lib.loop_settings(cfg), workdir, model_def(), task(),
+                   loop.Data(train_iter=it))
+  return {**out.results, 'state': to_host(out.state)}
 
 
 def same_tree(a, b) -> bool:

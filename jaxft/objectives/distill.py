@@ -1,11 +1,12 @@
-"""Distillation Tasks for the one train loop: classification and MLM.
+"""Knowledge distillation as an objective on the one train loop: classification and MLM.
 
 The student is the model the loop trains. The teacher reaches the loss as the step's
-constant `extra` input (its params, sharded on the same mesh, never differentiated or
-donated) and runs forward only, deterministically; with cached logits it does not run at
-all and `batch['teacher_logits']` is read instead. Every term is a per-row loss summed
+`constants` input (its params, sharded on the same mesh, never differentiated or donated)
+and runs forward only, deterministically; with cached logits it does not run at all and
+`batch['teacher_logits']` is read instead. Every term is a per-row loss in fp32, summed
 with the same weights as fine-tuning / pretraining, so `sums['weight']` normalises all of
-them and alpha=0 (no feature terms) is exactly the plain task's loss.
+them: alpha=0 (no feature terms) is exactly the plain objective's loss, and gradient
+accumulation equals one big batch.
 """
 from __future__ import annotations
 
@@ -15,10 +16,64 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.distill import losses
-from jaxft.train import finetune
-from jaxft.train import pretrain
-from jaxft.train.step import Task, cross_entropy_sums
+from jaxft.data.masking import MaskingSettings
+from jaxft.objectives import classification, lm
+from jaxft.train.step import Objective, cross_entropy_sums
+
+
+# ----------------------------------------------------------------------------- losses
+
+def kl_soft_targets(student_logits, teacher_logits, temperature: float):
+  """T^2 * KL(softmax(t/T) || softmax(s/T)) over the last axis (Hinton et al.); the T^2
+  keeps soft-target gradients on the scale of the hard-label ones."""
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  log_pt = jax.nn.log_softmax(t, axis=-1)
+  log_ps = jax.nn.log_softmax(s, axis=-1)
+  kl = (jnp.exp(log_pt) * (log_pt - log_ps)).sum(-1)
+  return (temperature ** 2) * kl
+
+
+def squared_error(student, teacher):
+  """Soft-target loss for regression heads: (s - t)^2 on the single output."""
+  return jnp.square(student.astype(jnp.float32)[..., 0] -
+                    jax.lax.stop_gradient(teacher).astype(jnp.float32)[..., 0])
+
+
+def _token_mean(per_token, mask):
+  """[B, L] -> [B]: mean over the example's real tokens."""
+  m = mask.astype(jnp.float32)
+  return (per_token * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+
+
+def cosine_per_example(student_h, teacher_h, mask):
+  """Mean over real tokens of 1 - cos(h_s, h_t) (DistilBERT's cosine embedding loss)."""
+  s = student_h.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_h).astype(jnp.float32)
+  cos = (s * t).sum(-1) * jax.lax.rsqrt(
+      jnp.maximum((s * s).sum(-1) * (t * t).sum(-1), 1e-24))
+  return _token_mean(1.0 - cos, mask)
+
+
+def hidden_mse_per_example(student_h, teacher_h, mask):
+  """Mean over real tokens and features of (h_s - h_t)^2 (TinyBERT hidden-state loss;
+  the student side is already projected to the teacher's width)."""
+  d = student_h.astype(jnp.float32) - jax.lax.stop_gradient(teacher_h).astype(jnp.float32)
+  return _token_mean(jnp.square(d).mean(-1), mask)
+
+
+def attention_mse_per_example(student_a, teacher_a, mask):
+  """Mean over heads and real (query, key) pairs of (a_s - a_t)^2, a = [B, H, L, L]
+  attention probabilities (TinyBERT attention loss; padding rows and columns excluded)."""
+  m = mask.astype(jnp.float32)
+  pair = m[:, None, :, None] * m[:, None, None, :]
+  d = jnp.square(student_a.astype(jnp.float32) -
+                 jax.lax.stop_gradient(teacher_a).astype(jnp.float32))
+  n = jnp.maximum(m.sum(-1), 1.0)
+  return (d * pair).sum((1, 2, 3)) / (student_a.shape[1] * n * n)
+
+
+# ----------------------------------------------------------------------------- objectives
 
 PROJ = 'distill_proj'  # the student-side projection to the teacher's width (a param group)
 
@@ -64,18 +119,18 @@ def feature_terms(model, s_out, t_out, mask, example_weights, spec: Spec):
   sums = {}
   ew = example_weights.astype(jnp.float32)
   if spec.cosine_weight > 0:
-    per = losses.cosine_per_example(_project(model, s_out['last_hidden_state']),
+    per = cosine_per_example(_project(model, s_out['last_hidden_state']),
                                     t_out['last_hidden_state'], mask)
     sums['cosine_sum'] = (per * ew).sum()
     total = total + spec.cosine_weight * sums['cosine_sum']
   if spec.hidden_states:
-    per = sum(losses.hidden_mse_per_example(_project(model, s_out['hidden_states'][i]),
+    per = sum(hidden_mse_per_example(_project(model, s_out['hidden_states'][i]),
                                             t_out['hidden_states'][j], mask)
               for i, j in spec.layer_map)
     sums['hidden_mse_sum'] = (per * ew).sum()
     total = total + spec.hidden_weight * sums['hidden_mse_sum']
   if spec.attentions:
-    per = sum(losses.attention_mse_per_example(s_out['attentions'][i - 1],
+    per = sum(attention_mse_per_example(s_out['attentions'][i - 1],
                                                t_out['attentions'][j - 1], mask)
               for i, j in spec.layer_map if i >= 1 and j >= 1)
     sums['attention_mse_sum'] = (per * ew).sum()
@@ -89,33 +144,28 @@ def _teacher_out(teacher_def, teacher_params, args, spec: Spec, **head_kw):
                  output_attentions=spec.attentions, **head_kw)
 
 
-def cls_task(num_labels: int, is_regression: bool, spec: Spec, teacher_def=None, *,
-             cached: bool = False) -> Task:
+def cls(num_labels: int, is_regression: bool, spec: Spec, teacher_def=None, *,
+        cached: bool = False) -> Objective:
   """alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE (MSE for regression),
-  + feature terms. Evaluation is finetune's (student dev metrics)."""
+  + feature terms. Evaluation is classification's (student dev metrics)."""
   if not cached and teacher_def is None:
     raise ValueError('a live teacher needs its ModelDef')
-  base = finetune.cls_task(num_labels, is_regression)
+  base = classification.cls(num_labels, is_regression)
 
-  def loss(model, batch, rng, deterministic, extra=None):
-    args = (batch['input_ids'], batch['attention_mask'], batch.get('token_type_ids'))
+  def loss(model, batch, rng, deterministic, constants=None):
+    args = classification.inputs(batch)
     s_out = model(*args, deterministic=deterministic, rngs=_rngs(rng, deterministic),
                   output_hidden_states=spec.hidden_states, output_attentions=spec.attentions)
     logits = s_out['logits']
-    w = batch.get('weights', jnp.ones(logits.shape[:1], jnp.float32)).astype(jnp.float32)
-    if is_regression:
-      hard_sum = (jnp.square(logits[:, 0] - batch['labels'].astype(jnp.float32)) * w).sum()
-      sums = {'weight': w.sum()}
-    else:
-      hard_sum, wsum, correct = cross_entropy_sums(logits, batch['labels'], w)
-      sums = {'weight': wsum, 'accuracy_sum': correct}
+    w = classification.example_weights(batch, logits)
+    hard_sum, sums = classification.hard_loss(logits, batch['labels'], w, is_regression)
     if cached:
       t_out, t_logits = None, batch['teacher_logits']
     else:
-      t_out = _teacher_out(teacher_def, extra, args, spec)
+      t_out = _teacher_out(teacher_def, constants, args, spec)
       t_logits = t_out['logits']
-    soft = (losses.squared_error(logits, t_logits) if is_regression else
-            losses.kl_soft_targets(logits, t_logits, spec.temperature))
+    soft = (squared_error(logits, t_logits) if is_regression else
+            kl_soft_targets(logits, t_logits, spec.temperature))
     soft_sum = (soft * w).sum()
     loss_sum = spec.alpha * soft_sum + (1.0 - spec.alpha) * hard_sum
     sums.update(kd_sum=soft_sum, ce_sum=hard_sum)
@@ -125,17 +175,17 @@ def cls_task(num_labels: int, is_regression: bool, spec: Spec, teacher_def=None,
       sums.update(extra_sums)
     return loss_sum, sums
 
-  return Task(head='cls', loss=loss, evaluate=base.evaluate, num_labels=num_labels)
+  return Objective(head='cls', loss=loss, evaluate=base.evaluate, num_labels=num_labels)
 
 
-def mlm_task(mcfg, tokenizer, mlm_cfg, spec: Spec, teacher_def) -> Task:
+def mlm(tokenizer, masking: MaskingSettings, spec: Spec, teacher_def) -> Objective:
   """DistilBERT: soft targets over the masked positions (one masking, shared by teacher and
   student, drawn in `prepare`), + (1 - alpha) * MLM CE, + feature terms (cosine over real
-  tokens). Evaluation is pretraining's (masked-token loss / accuracy)."""
-  base = pretrain.mlm_task(mcfg, tokenizer, mlm_cfg)
-  max_pred = int(mlm_cfg.get('max_predictions', 0) or 0)
+  tokens). Evaluation is the MLM's (masked-token loss / accuracy)."""
+  base = lm.mlm(tokenizer, masking)
+  max_pred = int(masking.max_predictions or 0)
 
-  def loss(model, batch, rng, deterministic, extra=None):
+  def loss(model, batch, rng, deterministic, constants=None):
     args = (batch['input_ids'], batch['attention_mask'])
     head_kw = {'masked_positions': batch['masked_positions']} if max_pred else {}
     s_out = model(*args, deterministic=deterministic, rngs=_rngs(rng, deterministic),
@@ -146,8 +196,8 @@ def mlm_task(mcfg, tokenizer, mlm_cfg, spec: Spec, teacher_def) -> Task:
     else:
       labels, weights = batch['labels'], batch['weights']
     hard_sum, wsum, correct = cross_entropy_sums(s_out['logits'], labels, weights)
-    t_out = _teacher_out(teacher_def, extra, args, spec, **head_kw)
-    soft = losses.kl_soft_targets(s_out['logits'], t_out['logits'], spec.temperature)
+    t_out = _teacher_out(teacher_def, constants, args, spec, **head_kw)
+    soft = kl_soft_targets(s_out['logits'], t_out['logits'], spec.temperature)
     soft_sum = (soft * weights.astype(jnp.float32)).sum()
     loss_sum = spec.alpha * soft_sum + (1.0 - spec.alpha) * hard_sum
     sums = {'weight': wsum, 'accuracy_sum': correct, 'kd_sum': soft_sum, 'ce_sum': hard_sum}
@@ -159,4 +209,4 @@ def mlm_task(mcfg, tokenizer, mlm_cfg, spec: Spec, teacher_def) -> Task:
       sums.update(extra_sums)
     return loss_sum, sums
 
-  return Task(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)

@@ -1,14 +1,24 @@
-"""Student initialisation: every k-th teacher layer (DistilBERT), a checkpoint, or random."""
+"""The student: its model (with a projection to the teacher's width when feature terms need
+one), its initialisation (every k-th teacher layer as DistilBERT, a checkpoint, or random),
+and the inference speed that distillation is for."""
 from __future__ import annotations
 
 import re
+import time
 
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 
-from jaxft.models import flat_params
-from jaxft.train import init as init_lib
+from jaxft import sources
+from jaxft.data import loader as loader_lib
+from jaxft.models import build_model, flat_params
+from jaxft.models.layers import Dense
+from jaxft.objectives.distill import PROJ
+from jaxft.train.state import ModelDef
+from jaxft.train.step import global_batch
+from jaxft.trees import unflatten_like
 
 MODES = ('auto', 'teacher_every_k', 'init_from', 'random')
 _SAME_WIDTH = ('model_type', 'vocab_size', 'hidden_size', 'num_heads', 'intermediate_size',
@@ -63,9 +73,8 @@ def from_teacher(teacher_params, student_def, layer_ids: list[int]):
       used.add(src)
     else:
       missing.append(name)
-  if missing:  # one jitted init rather than an eager one (op-by-op is slow)
-    fresh = flat_params(jax.jit(lambda: init_lib.nnx_state_pure(student_def.build()))())
-    out.update({k: np.asarray(fresh[k], target[k].dtype) for k in missing})
+  fresh = sources.fresh_params(student_def, missing)
+  out.update({k: np.asarray(fresh[k], target[k].dtype) for k in missing})
   unused = sorted(set(source) - used)
   report = {'mode': 'teacher_every_k', 'teacher_layers': layer_ids, 'loaded': len(copied),
             'missing': missing,
@@ -73,4 +82,39 @@ def from_teacher(teacher_params, student_def, layer_ids: list[int]):
                                              if m}),
             'unused': [n for n in unused if not _LAYER.search(n)]}
   logging.info('student from teacher layers %s; fresh: %s', layer_ids, missing)
-  return init_lib.unflatten_like(student_def.abstract_params, out), report
+  return unflatten_like(student_def.abstract_params, out), report
+
+
+def student_def(mcfg, head, num_labels, seed: int, project_to: int | None) -> ModelDef:
+  """The student; with `project_to`, a `distill_proj` Dense (student width -> teacher width,
+  logical axes embed/embed_out) beside its own params, so the student's paths are unchanged."""
+  def build():
+    m = build_model(mcfg, head, num_labels=num_labels, seed=seed)
+    if project_to:
+      setattr(m, PROJ, Dense((mcfg.hidden_size,), (project_to,), ('embed', 'embed_out'),
+                             init_std=mcfg.initializer_range, dtype=mcfg.dtype,
+                             param_dtype=mcfg.param_dtype, rngs=nnx.Rngs(params=seed + 7)))
+    return m
+  return ModelDef.create(build)
+
+
+def without_projection(params):
+  return {k: v for k, v in params.items() if k != PROJ}
+
+
+def examples_per_sec(eval_step, params, arrays, batch_size: int, mesh, rules,
+                     max_batches: int = 0) -> float:
+  """Inference throughput of a jitted forward over device-resident batches (after a warm-up):
+  the data pipeline is not timed, only the model."""
+  padded = loader_lib.indexed({k: v for k, v in arrays.items() if k in
+                               ('input_ids', 'attention_mask', 'token_type_ids')}, batch_size)
+  local = list(loader_lib.make_loader(padded, global_batch_size=batch_size, seed=0,
+                                      shuffle=False, num_epochs=1, drop_remainder=True))
+  if max_batches:
+    local = local[:max_batches]
+  batches = [global_batch(b, mesh, rules) for b in local]
+  jax.block_until_ready(eval_step(params, batches[0]))
+  t0 = time.perf_counter()
+  outs = [eval_step(params, b) for b in batches]
+  jax.block_until_ready(outs)
+  return len(batches) * batch_size / (time.perf_counter() - t0)

@@ -1,0 +1,119 @@
+"""What every fine-tuning stage shares (finetune, finetune_lm, distill, cloze): the model and
+tokenizer from init_from, a downstream split, epochs -> steps, the default early-stopping
+metric, the eval summary, the test-split hook and the export of the trained model."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from absl import logging
+
+from jaxft import peft as peft_lib
+from jaxft import sources
+from jaxft.data import classification, ner
+from jaxft.data import loader as loader_lib
+from jaxft.data.splits import MissingSplitError
+from jaxft.export import ExportSettings, export_hf
+from jaxft.models.config import ModelConfig
+from jaxft.objectives import classification as objectives
+from jaxft.peft import PeftConfig
+from jaxft.train import loop
+
+
+def model_and_tokenizer(init_from: str, model: ModelConfig, tokenizer_path: str,
+                        max_len: int):
+  """(ModelConfig, tokenizer): init_from's architecture and tokenizer when given (with this
+  config's runtime fields), else the config's model and data.tokenizer; checked together."""
+  tokenizer = sources.tokenizer_of(init_from, tokenizer_path)
+  mine = model if model.vocab_size else model.replace(vocab_size=len(tokenizer))
+  mcfg = sources.model_config_of(init_from).with_runtime_of(mine) if init_from else mine
+  if max_len > mcfg.max_position_embeddings:
+    raise ValueError(f"data.max_len={max_len} exceeds the model's max_position_embeddings="
+                     f'{mcfg.max_position_embeddings}')
+  if len(tokenizer) > mcfg.vocab_size:
+    raise ValueError(f'the tokenizer has {len(tokenizer)} tokens but the model vocabulary has '
+                     f'{mcfg.vocab_size}: use the tokenizer the model was trained with')
+  return mcfg, tokenizer
+
+
+def load_split(data, tokenizer, split: str):
+  """(arrays, info) of one split, or (None, None) when a dev/test split is absent."""
+  read = classification.load_cls_split if isinstance(data, classification.ClsData) else \
+      ner.load_ner_split
+  try:
+    return read(data, tokenizer, split)
+  except MissingSplitError:
+    if split == 'train':
+      raise
+    return None, None
+
+
+def resolve_steps(train: loop.TrainSettings, n_train: int) -> tuple[loop.TrainSettings, int]:
+  """(train settings with num_steps resolved, steps per epoch). train.num_steps > 0 is the
+  count (it wins over num_epochs: an explicit --config.train.num_steps=N is never overridden
+  by a preset's epochs); num_steps = 0 means num_epochs whole epochs."""
+  bs = train.batch_size
+  if n_train < bs:
+    raise ValueError(f'{n_train} training examples < train.batch_size={bs}')
+  per_epoch = max(n_train // bs, 1)
+  if train.num_steps:
+    if train.num_epochs:
+      logging.info('train.num_steps=%d is set: %d steps (train.num_epochs=%d is ignored; '
+                   '%d steps per epoch)', train.num_steps, train.num_steps, train.num_epochs,
+                   per_epoch)
+    return train, per_epoch
+  if not train.num_epochs:
+    raise ValueError('train.num_steps=0 and train.num_epochs=0: set one of them')
+  train = dataclasses.replace(train, num_steps=train.num_epochs * per_epoch)
+  logging.info('train.num_epochs=%d x %d steps per epoch -> %d steps (train.num_steps=0; '
+               'config.json keeps the requested config)', train.num_epochs, per_epoch,
+               train.num_steps)
+  return train, per_epoch
+
+
+def with_default_metric(train: loop.TrainSettings, info: dict | None) -> loop.TrainSettings:
+  """Early stopping (and the best checkpoint) on the data's main metric unless one is set."""
+  if train.early_stopping.metric or info is None:
+    return train
+  main = info['main_metric']
+  es = dataclasses.replace(train.early_stopping, metric=main,
+                           mode='min' if main == 'loss' else 'max')
+  return dataclasses.replace(train, early_stopping=es)
+
+
+def summary(kind: str, info: dict, arrays: dict):
+  return (objectives.cls_summary(info) if kind == 'cls' else
+          objectives.ner_summary(info, arrays['word_ids']))
+
+
+def test_hook(kind: str, test_arrays, test_info, batch_size: int) -> list[loop.Hook]:
+  """Score the final (best) parameters on a labelled test split."""
+  if test_arrays is None or not test_info.get('has_labels'):
+    return []
+
+  def test(trained: loop.Trained) -> dict:
+    metrics = trained.evaluate(loader_lib.eval_batches(test_arrays, batch_size)(),
+                               summary(kind, test_info, test_arrays))
+    logging.info('test: %s', metrics)
+    return metrics
+
+  return [loop.Hook('test', test)]
+
+
+def export_trained(pcfg: PeftConfig, export: ExportSettings, params, trainable, mcfg, head: str,
+                   workdir: str, tokenizer, *, init_from: str = '', id2label=None,
+                   extra: dict | None = None) -> None:
+  """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
+  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export)."""
+  extra = {'init_from': init_from, **(extra or {})}
+  if pcfg.enabled:
+    out = peft_lib.save_checkpoint(pcfg, params, trainable, workdir,
+                                   extra={**extra, 'head': head, 'model': mcfg.to_dict()})
+    logging.info('saved the PEFT weights to %s', out)
+  if not export.hf:
+    return
+  if pcfg.enabled:
+    peft_lib.export_peft(pcfg, params, trainable, mcfg, head, os.path.join(workdir, 'export'),
+                         tokenizer=tokenizer, id2label=id2label, extra=extra)
+  else:
+    export_hf(params, mcfg, head, workdir, tokenizer, id2label=id2label)

@@ -1,0 +1,92 @@
+"""Language-model objectives: masked LM (BERT, RoBERTa-style dynamic masking drawn inside
+the step, no NSP) and causal LM (GPT-2, optionally no loss across document boundaries)."""
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from jaxft.data import masking
+from jaxft.data.masking import MaskingSettings
+from jaxft.train.step import Objective, cross_entropy_sums
+
+EVAL_MASK_SEED = 1234  # eval masks are fixed so eval losses are comparable across steps
+
+
+def _rngs(rng, deterministic):
+  return None if deterministic else nnx.Rngs(dropout=rng)
+
+
+def mlm(tokenizer, settings: MaskingSettings) -> Objective:
+  """Masked LM: `prepare` masks the global batch (so accumulation sees one big batch's
+  masks); with max_predictions only the masked positions go through the vocabulary."""
+  mask_id = tokenizer.mask_token_id
+  if mask_id is None:
+    raise ValueError('the tokenizer has no mask token; MLM pretraining needs one ([MASK])')
+  max_pred = int(settings.max_predictions or 0) or None
+  kw = dict(vocab_size=len(tokenizer), mask_token_id=mask_id, mask_prob=settings.mask_prob,
+            mask_token_frac=settings.mask_token_frac,
+            random_token_frac=settings.random_token_frac, max_predictions=max_pred)
+
+  def prepare(batch, rng):
+    masked = masking.mlm_mask(rng, batch['input_ids'], batch['special_tokens_mask'],
+                              attention_mask=batch['attention_mask'], **kw)
+    return {**batch, **masked}
+
+  def forward(model, batch, rng, deterministic):
+    rngs = _rngs(rng, deterministic)
+    if max_pred:
+      out = model(batch['input_ids'], batch['attention_mask'], deterministic=deterministic,
+                  rngs=rngs, masked_positions=batch['masked_positions'])
+      return out['logits'], batch['masked_labels'], batch['masked_weights']
+    out = model(batch['input_ids'], batch['attention_mask'], deterministic=deterministic,
+                rngs=rngs)
+    return out['logits'], batch['labels'], batch['weights']
+
+  def loss(model, batch, rng, deterministic):
+    logits, labels, weights = forward(model, batch, rng, deterministic)
+    loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
+    return loss_sum, {'weight': w, 'accuracy_sum': correct}
+
+  def evaluate(model, batch):
+    batch = prepare(batch, jax.random.PRNGKey(EVAL_MASK_SEED))
+    logits, labels, weights = forward(model, batch, None, True)
+    loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
+    return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
+
+  return Objective(head='mlm', loss=loss, evaluate=evaluate, prepare=prepare)
+
+
+def clm(mask_boundaries: bool) -> Objective:
+  """Causal LM on packed rows; `mask_boundaries`: no loss predicting across documents."""
+  def prepare(batch, rng):
+    del rng
+    return {**batch, **masking.clm_labels(batch['input_ids'], batch['attention_mask'],
+                                          batch.get('segment_ids'), mask_boundaries)}
+
+  def forward(model, batch, rng, deterministic):
+    return model(batch['input_ids'], batch['attention_mask'], deterministic=deterministic,
+                 rngs=_rngs(rng, deterministic))['logits']
+
+  def loss(model, batch, rng, deterministic):
+    loss_sum, w, correct = cross_entropy_sums(forward(model, batch, rng, deterministic),
+                                              batch['labels'], batch['weights'])
+    return loss_sum, {'weight': w, 'accuracy_sum': correct}
+
+  def evaluate(model, batch):
+    batch = prepare(batch, None)
+    loss_sum, w, correct = cross_entropy_sums(forward(model, batch, None, True),
+                                              batch['labels'], batch['weights'])
+    return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
+
+  return Objective(head='clm', loss=loss, evaluate=evaluate, prepare=prepare)
+
+
+def summarize(sums, per_example):
+  """Eval metrics of either LM: token loss, accuracy, perplexity, tokens scored."""
+  del per_example
+  w = max(sums.get('weight', 0.0), 1e-9)
+  loss = sums['loss_sum'] / w
+  return {'loss': loss, 'accuracy': sums['correct'] / w, 'perplexity': math.exp(min(loss, 50.0)),
+          'tokens': sums['weight']}

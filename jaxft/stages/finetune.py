@@ -1,0 +1,129 @@
+"""Stages `finetune_cls` (GLUE-style sequence classification / regression) and `finetune_ner`.
+
+Init from a jaxft workdir (its best, else latest checkpoint) or a Hugging Face directory:
+architecture and tokenizer come from there, training-time settings (dropout, dtypes) from
+this config. The loop validates every `train.eval_every` steps and at each epoch end, keeps
+the best checkpoints by the data's main metric, stops early with patience, and at the end
+scores the best parameters on the test split when it has labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import logging
+
+from jaxft import config as config_lib
+from jaxft import peft as peft_lib
+from jaxft import sources
+from jaxft.data import classification, ner
+from jaxft.data import loader as loader_lib
+from jaxft.export import ExportSettings
+from jaxft.finetuning import (export_trained, load_split, model_and_tokenizer, resolve_steps,
+                              summary, test_hook, with_default_metric)
+from jaxft.models import build_model
+from jaxft.models.config import ModelConfig
+from jaxft.objectives import classification as objectives
+from jaxft.peft import PeftConfig
+from jaxft.train import loop
+from jaxft.train import optimizer as optim
+from jaxft.train.metrics import write_results
+from jaxft.train.optimizer import FreezeSettings
+from jaxft.train.state import ModelDef
+
+SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
+            'train', 'checkpoint', 'export', 'peft', 'finetune')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  kind: str  # 'cls' | 'ner'
+  loop: loop.LoopSettings
+  model: ModelConfig  # the architecture when there is no init_from; its runtime fields always
+  data: classification.ClsData | ner.NerData
+  freeze: FreezeSettings
+  peft: PeftConfig
+  export: ExportSettings
+  init_from: str = ''
+
+  @property
+  def head(self) -> str:
+    return 'cls' if self.kind == 'cls' else 'token_cls'
+
+
+def parse(cfg) -> Settings:
+  config_lib.check_sections(cfg, SECTIONS)
+  kind = 'cls' if cfg.stage == 'finetune_cls' else 'ner'
+  data_cls = classification.ClsData if kind == 'cls' else ner.NerData
+  s = Settings(kind=kind, loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
+               data=config_lib.section(data_cls, cfg.get('data'), 'data'),
+               freeze=config_lib.section(FreezeSettings, cfg.get('finetune'), 'finetune'),
+               peft=config_lib.peft_settings(cfg),
+               export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
+               init_from=config_lib.scalar(cfg, 'init_from', ''))
+  if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
+    raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
+                                 f'model.max_position_embeddings={s.model.max_position_embeddings}')
+  return s
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(s: Settings, workdir: str) -> dict:
+  return finetune(s, workdir).results
+
+
+def finetune(s: Settings, workdir: str) -> loop.Outcome:
+  """The stage, returning the state it ends with (on device) beside the results."""
+  mcfg, tokenizer = model_and_tokenizer(s.init_from, s.model, s.data.tokenizer, s.data.max_len)
+  if s.kind == 'ner' and mcfg.model_type != 'bert':
+    raise ValueError('finetune_ner supports model.type=bert')
+  train_arrays, info = load_split(s.data, tokenizer, 'train')
+  dev_arrays, dev_info = load_split(s.data, tokenizer, 'dev')
+  test_arrays, test_info = load_split(s.data, tokenizer, 'test')
+  train, per_epoch = resolve_steps(s.loop.train, len(train_arrays['input_ids']))
+  settings = dataclasses.replace(
+      s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
+  sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
+  sources.save_labels(workdir, s.kind, info, mcfg)
+  sources.record_model(workdir, mcfg)
+
+  num_labels = info['num_labels']
+  model_def = ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
+                                                  seed=s.loop.seed))
+  init_params, report = (sources.load_init(s.init_from, model_def) if s.init_from else
+                         (None, None))
+  if report:
+    logging.info('init_from %s: %d tensors loaded; new task head/params: %s; dropped: %s',
+                 s.init_from, report['loaded'], report['missing'], report['unused'])
+  ls = float(s.freeze.label_smoothing or 0.0)
+  objective = (objectives.cls(num_labels, info['is_regression'], label_smoothing=ls)
+               if s.kind == 'cls' else objectives.ner(num_labels, label_smoothing=ls))
+  trainable = optim.trainable_mask(s.freeze, model_def.abstract_params)
+  peft_parts = peft_lib.setup(s.peft, model_def, init_params, trainable,
+                              fresh=report['missing'] if report else (), max_len=s.data.max_len)
+  if peft_parts is not None:
+    model_def, init_params, trainable = peft_parts
+  lr_scale = optim.layerwise_lr_scale(s.freeze, model_def.abstract_params, mcfg.num_layers)
+
+  bs = settings.train.batch_size
+  data = loop.Data(
+      train_iter=loader_lib.make_loader({k: v for k, v in train_arrays.items() if k != 'word_ids'},
+                                        global_batch_size=bs, seed=s.loop.seed),
+      eval_batches=loader_lib.eval_batches(dev_arrays, bs),
+      summarize=summary(s.kind, dev_info, dev_arrays) if dev_arrays is not None else None,
+      steps_per_epoch=per_epoch)
+  out = loop.train(settings, workdir, model_def, objective, data, init_params=init_params,
+                   trainable=trainable, lr_scale=lr_scale,
+                   hooks=test_hook(s.kind, test_arrays, test_info, bs))
+  results = {**out.results, 'labels': info['label_names'], 'init_report': report,
+             'steps_per_epoch': per_epoch}
+  if not results['preempted']:
+    _export(s, out.params, trainable, mcfg, tokenizer, workdir, info['label_names'])
+  write_results(workdir, results)
+  return loop.Outcome(results, out.state)
+
+
+def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names) -> None:
+  id2label = dict(enumerate(label_names)) if label_names else None
+  export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
+                 init_from=s.init_from, id2label=id2label, extra={'labels': label_names})

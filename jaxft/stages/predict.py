@@ -1,0 +1,242 @@
+"""Stage `predict`: run a fine-tuned workdir on a file of texts (or a split) -> JSONL.
+
+  python -m jaxft.main --config configs/predict.py --config.init_from=FINETUNE_WORKDIR \
+      --config.predict.input=texts.txt --workdir out
+
+Inputs: a split name of the trained config's data ('dev', 'test', 'train'), a .txt file
+(one text per line; for NER one whitespace-tokenized sentence per line), or a file in the
+trained task's format (TSV/CSV/JSONL with the same columns; CoNLL for NER, recognised by
+its content whatever the file's name). Each output line holds the input, the predicted
+label with class probabilities (classification) or tagged tokens and entities (NER), and the
+gold label when the input has one; with gold labels the task's metrics (accuracy / F1 / MCC
+/ correlations, entity F1) go to results.json: an eval-only run of any workdir. Inference
+runs in predict.dtype (float32 by default, whatever the training used).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxft import config as config_lib
+from jaxft import partitioning, sources
+from jaxft.data import classification, ner
+from jaxft.data import loader as loader_lib
+from jaxft.data.splits import MissingSplitError, read_text_lines
+from jaxft.models import build_model
+from jaxft.models.config import ModelConfig
+from jaxft.objectives.outputs import outputs
+from jaxft.partitioning import MeshSettings
+from jaxft.train import loop
+from jaxft.train import metrics as metrics_lib
+from jaxft.train.metrics import write_results
+from jaxft.train.state import ModelDef
+from jaxft.train.step import make_eval_step
+
+SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
+            'train', 'checkpoint', 'export', 'peft', 'predict', 'finetune')
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSettings:
+  """The `predict` config section."""
+  input: str = 'dev'        # a split name of the trained data, or a file
+  output: str = ''          # default WORKDIR/predictions.jsonl
+  batch_size: int = 64
+  checkpoint: str = 'best'  # best | latest
+  dtype: str = 'float32'    # inference precision, whatever the training used (bfloat16: faster)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  source: str  # the fine-tuned workdir
+  predict: PredictSettings
+  mesh: MeshSettings
+
+
+def parse(cfg) -> Settings:
+  config_lib.check_sections(cfg, SECTIONS)
+  p = config_lib.section(PredictSettings, cfg.get('predict'), 'predict')
+  if p.checkpoint not in ('best', 'latest'):
+    raise config_lib.ConfigError(f"predict.checkpoint={p.checkpoint!r}; allowed: 'best', "
+                                 "'latest'")
+  if p.dtype not in ('float32', 'bfloat16'):
+    raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', 'bfloat16'")
+  return Settings(source=config_lib.scalar(cfg, 'init_from', ''), predict=p,
+                  mesh=config_lib.section(MeshSettings, cfg.get('mesh'), 'mesh'))
+
+
+def _trained(src: str) -> dict:
+  labels = sources.labels_of(src)
+  if labels is None:
+    raise FileNotFoundError(f'{src} is not a fine-tuned jaxft workdir (no labels.json); '
+                            'set init_from to a finetune_cls / finetune_ner workdir')
+  return labels
+
+
+def trained_data(src: str, kind: str):
+  """The data section the workdir was trained with (keys of older versions ignored)."""
+  data_cls = classification.ClsData if kind == 'cls' else ner.NerData
+  saved = sources.workdir_config(src).get('data', {})
+  known = {f.name for f in dataclasses.fields(data_cls)}
+  return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
+
+
+def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
+  """(arrays, examples-info) for a split name or a file."""
+  # Every row once, in file order (resampling would reorder the rows under their sources).
+  label_key = 'label_values' if kind == 'cls' else 'label_names'
+  data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
+      'is_regression') else tuple(labels[label_key]))
+  is_file = os.path.isfile(spec)
+  if is_file and spec.endswith('.txt') and not (kind == 'ner' and ner.looks_like_conll(spec)):
+    return _txt_inputs(spec, kind, data, tokenizer, labels)
+  split = spec
+  if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
+    data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
+  try:
+    return _split_inputs(split, kind, data, tokenizer)
+  except MissingSplitError as e:
+    raise ValueError(f'predict.input={spec!r}: {e}. Set predict.input to a split the '
+                     'training data has (dev, train, ...) or to a file') from None
+
+
+def _split_inputs(split: str, kind: str, data, tokenizer):
+  if kind == 'cls':
+    arrays, info = classification.load_cls_split(data, tokenizer, split)
+    return arrays, {'texts': info['texts'], 'pairs': info['pairs'], 'gold': arrays.get('labels'),
+                    'sources': info['sources']}
+  arrays, info = ner.load_ner_split(data, tokenizer, split)
+  return arrays, {'words': info['words'], 'num_words': info['num_words'], 'gold': info['tags'],
+                  'sources': info['sources']}
+
+
+def _txt_inputs(path: str, kind: str, data, tokenizer, labels: dict):
+  rows, _ = read_text_lines(path, data.on_bad_row)
+  if kind == 'cls':
+    ex = classification.ClsExamples([t for _, t in rows], None, None, [s for s, _ in rows])
+    arrays, st = classification.encode_cls(ex, tokenizer, max_len=data.max_len,
+                                           truncation=data.truncation,
+                                           is_regression=bool(labels.get('is_regression')))
+    keep = st['keep']
+    return arrays, {'texts': [ex.texts[i] for i in keep], 'pairs': None, 'gold': None,
+                    'sources': [ex.sources[i] for i in keep]}
+  ex = ner.NerExamples([t.split() for _, t in rows], None, [s for s, _ in rows])
+  arrays, st = ner.encode_ner(ex, tokenizer, labels['label_names'], max_len=data.max_len,
+                              truncation=data.truncation)
+  words = [ex.words[i] for i in st['keep']]
+  return arrays, {'words': words, 'num_words': [len(w) for w in words], 'gold': None,
+                  'sources': [ex.sources[i] for i in st['keep']]}
+
+
+def entities(words, tags):
+  """[(type, start, end_exclusive, text)] spans of IOB2 tags."""
+  out, cur = [], None
+  for i, t in enumerate(list(tags) + ['O']):
+    if cur is not None and (t == 'O' or t.startswith('B-') or t[2:] != cur[0]):
+      out.append({'type': cur[0], 'start': cur[1], 'end': i,
+                  'text': ' '.join(words[cur[1]:i])})
+      cur = None
+    if t.startswith('B-') or (t.startswith('I-') and cur is None):
+      cur = (t[2:], i)
+  return out
+
+
+def run(s: Settings, workdir: str) -> dict:
+  src = s.source or workdir
+  labels = _trained(src)
+  kind = labels['kind']
+  tokenizer = sources.tokenizer_of(src)
+  dtype = s.predict.dtype  # inference precision: fp32 unless asked, whatever trained
+  mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
+  head = 'cls' if kind == 'cls' else 'token_cls'
+  num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
+  base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
+  model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
+  scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
+  out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
+  if loop.is_main():
+    records = (_cls_records(ex, scores, labels) if kind == 'cls' else
+               _ner_records(ex, scores, arrays, labels))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, 'w') as f:
+      for rec in records:
+        f.write(json.dumps(rec) + '\n')
+    logging.info('wrote %d predictions to %s', len(records), out_path)
+  metrics = _metrics(kind, scores, arrays, ex, labels)
+  result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
+            **metrics}
+  if loop.is_main() and metrics:
+    print(f'predict on {s.predict.input}: ' + ', '.join(f'{k}={v:.4f}' for k, v in
+                                                         metrics.items()))
+  write_results(workdir, result)
+  return result
+
+
+def _metrics(kind: str, scores: np.ndarray, arrays: dict, ex: dict, labels: dict) -> dict:
+  """The task's metrics on a labelled input (eval-only): GLUE metrics or entity F1."""
+  if ex.get('gold') is None or not len(scores):
+    return {}
+  if kind == 'cls':
+    preds = scores[:, 0] if labels.get('is_regression') else scores
+    return metrics_lib.glue_metrics(labels['metric_names'], preds, np.asarray(ex['gold']))
+  tags = ner.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], labels['label_names'],
+                                 ex['num_words'])
+  m = metrics_lib.ner_metrics(tags, ex['gold'])
+  return {k: m[k] for k in ('precision', 'recall', 'f1', 'accuracy')}
+
+
+def _scores(model_def, params, arrays, softmax: bool, s: Settings) -> np.ndarray:
+  """Per-example class probabilities (scores for regression / NER logits), in order."""
+  mesh, rules = s.mesh.build()
+  dp = partitioning.data_parallel_size(mesh, rules)
+  bs = max(s.predict.batch_size // dp, 1) * dp
+  p_sh = model_def.param_shardings(mesh, rules)
+  params = jax.device_put(params, p_sh)
+  transform = (lambda x: jax.nn.softmax(x.astype(jnp.float32), -1)) if softmax else None
+  eval_step = make_eval_step(model_def, outputs('logits', transform), mesh, rules, p_sh)
+  batches = loader_lib.eval_batches(
+      {k: v for k, v in arrays.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')},
+      bs)()
+  return loop.evaluate(eval_step, params, batches, mesh, rules,
+                       lambda sums, per: loader_lib.ordered(per)['logits'])
+
+
+def _cls_records(ex: dict, scores: np.ndarray, labels: dict) -> list[dict]:
+  names = labels['label_names']
+  out = []
+  for i in range(len(scores)):
+    rec = {'source': ex['sources'][i]}
+    if ex.get('texts'):
+      rec['text'] = ex['texts'][i]
+    if ex.get('pairs'):
+      rec['text_pair'] = ex['pairs'][i]
+    if labels.get('is_regression'):
+      rec['score'] = float(scores[i][0])
+    else:
+      k = int(np.argmax(scores[i]))
+      rec['label'] = names[k]
+      rec['probs'] = {names[j]: float(scores[i][j]) for j in range(len(names))}
+      if ex['gold'] is not None:
+        rec['gold'] = names[int(ex['gold'][i])]
+    out.append(rec)
+  return out
+
+
+def _ner_records(ex: dict, scores: np.ndarray, arrays: dict, labels: dict) -> list[dict]:
+  tags = ner.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], labels['label_names'],
+                                 ex['num_words'])
+  out = []
+  for i in range(len(tags)):
+    rec = {'source': ex['sources'][i], 'tokens': ex['words'][i], 'tags': tags[i],
+           'entities': entities(ex['words'][i], tags[i])}
+    if ex['gold'] is not None:
+      rec['gold'] = ex['gold'][i]
+    out.append(rec)
+  return out
