@@ -1,18 +1,22 @@
-"""What every fine-tuning stage shares (finetune, distill, cloze): the model and tokenizer
-from init_from, a downstream split, epochs -> steps, the default early-stopping metric, the
-eval summary and the test-split hook."""
+"""What every fine-tuning stage shares (finetune, finetune_lm, distill, cloze): the model and
+tokenizer from init_from, a downstream split, epochs -> steps, the default early-stopping
+metric, the eval summary, the test-split hook and the export of the trained model."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import logging
 
+from jaxft import peft as peft_lib
 from jaxft import sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError
+from jaxft.export import ExportSettings, export_hf
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification as objectives
+from jaxft.peft import PeftConfig
 from jaxft.train import loop
 
 
@@ -94,3 +98,22 @@ def test_hook(kind: str, test_arrays, test_info, batch_size: int) -> list[loop.H
     return metrics
 
   return [loop.Hook('test', test)]
+
+
+def export_trained(pcfg: PeftConfig, export: ExportSettings, params, trainable, mcfg, head: str,
+                   workdir: str, tokenizer, *, init_from: str = '', id2label=None,
+                   extra: dict | None = None) -> None:
+  """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
+  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export)."""
+  extra = {'init_from': init_from, **(extra or {})}
+  if pcfg.enabled:
+    out = peft_lib.save_checkpoint(pcfg, params, trainable, workdir,
+                                   extra={**extra, 'head': head, 'model': mcfg.to_dict()})
+    logging.info('saved the PEFT weights to %s', out)
+  if not export.hf:
+    return
+  if pcfg.enabled:
+    peft_lib.export_peft(pcfg, params, trainable, mcfg, head, os.path.join(workdir, 'export'),
+                         tokenizer=tokenizer, id2label=id2label, extra=extra)
+  else:
+    export_hf(params, mcfg, head, workdir, tokenizer, id2label=id2label)

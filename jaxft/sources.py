@@ -148,7 +148,7 @@ def _best_step(d: str, steps: list[int]) -> int:
 def read_workdir_params(workdir: str, which: str = 'best') -> dict[str, np.ndarray]:
   """Flat {dotted path: array} of a workdir's checkpointed parameters, verified against
   the checksums saved beside them."""
-  step_dir = checkpoint_step_dir(workdir, which)
+  step_dir = checkpoint_step_dir(os.path.abspath(workdir), which)  # Orbax: absolute paths only
   ckptr = ocp.StandardCheckpointer()
   try:
     meta = ckptr.metadata(os.path.join(step_dir, 'state'))

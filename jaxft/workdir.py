@@ -39,7 +39,7 @@ LOCK_NAME = '.jaxft.lock'
 # keyed by content).
 RUN_FILES = ('config.json', 'checkpoints', 'checkpoints.damaged', 'best', 'best.damaged',
              'metrics.jsonl', 'results.json', 'tb', 'export', 'tokenizer', 'labels.json',
-             'predictions.jsonl')
+             'predictions.jsonl', 'generations.jsonl')
 
 
 class WorkdirError(RuntimeError):
@@ -155,6 +155,8 @@ def differences(saved: dict, cfg) -> list[str]:
   if not (new.get('init_from') or new.get('teacher')):
     old_m, new_m = saved.get('model') or {}, new.get('model') or {}
     for k in sorted(set(old_m) | set(new_m)):
+      if k == 'vocab_size' and not new_m.get(k):
+        continue  # 0 = the tokenizer's size; config.json records the size it resolved to
       if k not in RUNTIME_FIELDS and old_m.get(k) != new_m.get(k):
         out.append(f'model.{k}: {old_m.get(k)!r} -> {new_m.get(k)!r}')
   old_t = (saved.get('data') or {}).get('task')

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from jaxft import stages
 from jaxft.config import ConfigError
+from jaxft.data.completion import CompletionData
 from jaxft.data.pretrain import CHOICES, LmDataSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,3 +135,39 @@ def test_show_config_lists_every_key_with_its_default_and_meaning(config):
   assert any(ln.startswith('train.nonfinite = ') and '# skip | halt | rollback' in ln
              for ln in lines)
   assert any(ln.startswith('optimizer.lr = ') and '# peak learning rate' in ln for ln in lines)
+
+
+def test_every_documented_generation_key_is_settable_and_described():
+  """docs/generation.md's key tables: each key is a key of finetune_lm's or generate's config,
+  settable from the command line, and --show_config (stages.describe) gives its meaning."""
+  keys = documented_keys(REPO / 'docs/generation.md')
+  assert {'data.template', 'data.packing', 'generate.num_beams', 'generate.top_p',
+          'generate.input', 'generate.checkpoint'} <= set(keys)
+  configs = {name: parse_cli(name) for name in ('finetune_lm.py:custom', 'generate.py')}
+  described = {name: stages.describe(cfg).splitlines() for name, cfg in configs.items()}
+  for key in keys:
+    where = [n for n, c in configs.items() if _has(c, key)]
+    assert where, f'{key} is in neither configs/finetune_lm.py nor configs/generate.py'
+    base = configs[where[0]]
+    cfg = parse_cli(where[0], _override(base, key))
+    assert str(_get(cfg, key)) != str(_get(base, key)), key
+    ours = key.startswith('generate.') or key.removeprefix('data.') in \
+        CompletionData.__annotations__  # the sections the generation stages add
+    if ours and not hasattr(_get(base, key), 'keys'):
+      line = next(ln for ln in described[where[0]] if ln.split()[0] == key)
+      assert '  # ' in line, f'--show_config gives {key} no meaning: {line}'
+  stages.validate(configs['finetune_lm.py:custom'])  # the defaults parse
+
+
+def _get(cfg, key: str):
+  for part in key.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def _has(cfg, key: str) -> bool:
+  try:
+    _get(cfg, key)
+  except (KeyError, AttributeError):
+    return False
+  return True

@@ -10,7 +10,8 @@ from flax import nnx
 from jaxft.models.bert import (BertForMaskedLM, BertForSequenceClassification,
                                BertForTokenClassification, BertModel)
 from jaxft.models.config import ModelConfig, gpt2_defaults
-from jaxft.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model, generate
+from jaxft.models.decoding import DecodeSettings, decode, generate
+from jaxft.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from jaxft.trees import flat_params
 
 HEADS = {
@@ -68,4 +69,5 @@ def params_by_module(tree, depth: int = 2) -> dict[str, int]:
 
 
 __all__ = ['ModelConfig', 'gpt2_defaults', 'build_model', 'abstract_model', 'count_params',
-           'params_by_module', 'flat_params', 'generate', 'HEADS', 'layer_index', 'is_embedding']
+           'params_by_module', 'flat_params', 'generate', 'decode', 'DecodeSettings', 'HEADS',
+           'layer_index', 'is_embedding']

@@ -2,13 +2,17 @@
 
 Matches Hugging Face `GPT2LMHeadModel` / `GPT2ForSequenceClassification`. Incremental
 decoding keeps a functional KV cache: `init_cache()` makes it, each call with `cache=`
-returns the updated cache in `out['cache']`.
+returns the updated cache in `out['cache']` (the decoding loops are in `decoding.py`).
+
+Two optional inputs serve packed and left-padded rows: `position_ids` [B, T] (HF's
+`position_ids`: positions restart per packed example, and skip left padding while decoding)
+and `segment_ids` [B, T] (1, 2, ... per packed example, 0 on padding): attention stays
+within a segment, so a packed row computes what its examples compute alone.
 """
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -59,19 +63,26 @@ class GPT2Model(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
                rngs=None, output_hidden_states=False, output_attentions=False,
-               inputs_embeds=None, cache=None):
+               inputs_embeds=None, cache=None, position_ids=None, segment_ids=None):
     del token_type_ids  # GPT-2 has none
     x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.dtype)
     length = x.shape[1]
-    if cache is not None:
+    wpe = self.wpe.embedding[...]
+    if position_ids is not None:
+      x = x + jnp.take(wpe, position_ids.astype(jnp.int32), axis=0).astype(x.dtype)
+    elif cache is not None:
       pos = cache[0]['index'] + jnp.arange(length)
-      x = x + jnp.take(self.wpe.embedding[...], pos, axis=0).astype(x.dtype)[None]
+      x = x + jnp.take(wpe, pos, axis=0).astype(x.dtype)[None]
     else:
-      x = x + self.wpe.embedding[...][:length].astype(x.dtype)[None]
+      x = x + wpe[:length].astype(x.dtype)[None]
     x = constrain(self.dropout(x, deterministic=deterministic, rngs=rngs), ACT)
     # Padding mask over keys; causality is added in attention. With a cache the mask
     # covers the whole cache length.
     mask = None if attention_mask is None else padding_mask(attention_mask)
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError('segment_ids (packed rows) cannot be combined with a KV cache')
+      mask = _and(mask, segment_mask(segment_ids))
     hidden, attns, new_cache = [x], [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
@@ -101,6 +112,16 @@ class GPT2Model(nnx.Module):
     dtype = dtype or cfg.dtype
     return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
              'index': jnp.array(0, jnp.int32)} for _ in range(cfg.num_layers)]
+
+
+def segment_mask(segment_ids):
+  """[B, T] segment ids -> [B, 1, T, T] bool: query and key in the same non-padding segment."""
+  seg = jnp.asarray(segment_ids)
+  return ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
+
+
+def _and(a, b):
+  return b if a is None else a & b
 
 
 class GPT2LMHeadModel(nnx.Module):
@@ -145,61 +166,3 @@ class GPT2ForSequenceClassification(nnx.Module):
     pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     out['logits'] = self.score(pooled).astype(jnp.float32)
     return out
-
-
-def generate(model: GPT2LMHeadModel, input_ids, max_new_tokens: int, *, use_cache: bool = True,
-             temperature: float = 0.0, rng=None):
-  """Greedy (temperature 0) or sampled continuation of equal-length prompts [B, T].
-
-  With the cache, the prompt is prefilled once and each new token costs one position;
-  without it the whole sequence is re-run each step (the reference the cache must match).
-  """
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  batch, prompt_len = input_ids.shape
-  total = prompt_len + max_new_tokens
-  if total > model.cfg.max_position_embeddings:
-    raise ValueError(f'prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds '
-                     f'max_position_embeddings={model.cfg.max_position_embeddings}')
-  graphdef, state = nnx.split(model)
-  rng = jax.random.key(0) if rng is None else rng
-
-  def pick(logits, key):
-    if temperature and temperature > 0:
-      return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  if use_cache:
-    @jax.jit
-    def run(state, input_ids, rng):
-      m = nnx.merge(graphdef, state)
-      cache = m.init_cache(batch, total)
-      out = m(input_ids, cache=cache)
-      tok = pick(out['logits'][:, -1], jax.random.fold_in(rng, 0))
-
-      def body(carry, i):
-        cache, tok = carry
-        out = m(tok[:, None], cache=cache)
-        nxt = pick(out['logits'][:, -1], jax.random.fold_in(rng, i))
-        return (out['cache'], nxt), tok
-
-      (_, last), toks = jax.lax.scan(body, (out['cache'], tok), jnp.arange(1, max_new_tokens))
-      return jnp.concatenate([toks.T, last[:, None]], axis=1)
-
-    new = run(state, input_ids, rng)
-  else:
-    @jax.jit
-    def run(state, input_ids, rng):
-      m = nnx.merge(graphdef, state)
-      seq = jnp.concatenate([input_ids, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
-
-      def body(seq, i):
-        pos = prompt_len + i - 1
-        out = m(seq, logits_positions=jnp.full((batch, 1), pos))
-        tok = pick(out['logits'][:, 0], jax.random.fold_in(rng, i))
-        return seq.at[:, pos + 1].set(tok), None
-
-      seq, _ = jax.lax.scan(body, seq, jnp.arange(max_new_tokens))
-      return seq[:, prompt_len:]
-
-    new = run(state, input_ids, rng)
-  return jnp.concatenate([input_ids, new], axis=1)

@@ -5,4 +5,5 @@
   outputs         a model's per-example outputs (inference: predict, teacher logits)
   distill         knowledge-distillation losses and objectives (teacher as a step constant)
   cloze           PET-style cloze classification with the MLM head
+  completion      LM fine-tuning on (prompt, completion) rows; decoding inside the eval step
 """

@@ -141,6 +141,8 @@ class PeftModel(nnx.Module):
   inserted after [CLS] for BERT (the pooler and cloze templates still see [CLS] first)
   and before everything for GPT-2; the attention mask gets k ones, token types k zeros,
   `masked_positions` are shifted, and per-position outputs drop the prompt rows again.
+  While decoding with a KV cache, `init_cache` runs the soft prompt into the cache once and
+  every later call only extends the mask and shifts `position_ids` past it.
   """
 
   def __init__(self, base: nnx.Module, pcfg: PeftConfig, *, rngs: nnx.Rngs):
@@ -166,7 +168,10 @@ class PeftModel(nnx.Module):
 
   def _prompted(self, input_ids, attention_mask, token_type_ids, **kw):
     if kw.get('cache') is not None:
-      raise ValueError('prompt tuning does not support incremental decoding (cache=)')
+      return self._prompted_cached(input_ids, attention_mask, token_type_ids, **kw)
+    if kw.get('segment_ids') is not None:
+      raise ValueError('prompt tuning prepends one soft prompt per row: packed rows '
+                       '(segment_ids) are not supported')
     embeds = kw.pop('inputs_embeds', None)
     if embeds is None:
       embeds = _word_embed(self)(input_ids)
@@ -184,6 +189,11 @@ class PeftModel(nnx.Module):
     attention_mask = extend(attention_mask, 1)
     if token_type_ids is not None:
       token_type_ids = extend(token_type_ids, 0)
+    if kw.get('position_ids') is not None:  # the prompt takes positions 0..k-1 (GPT-2)
+      pos = kw['position_ids']
+      kw['position_ids'] = jnp.concatenate(
+          [pos[:, :at], jnp.broadcast_to(jnp.arange(k, dtype=pos.dtype), (b, k)),
+           pos[:, at:] + k], axis=1)
     positional = True
     for key in ('masked_positions', 'logits_positions'):
       if kw.get(key) is not None:
@@ -198,8 +208,33 @@ class PeftModel(nnx.Module):
       out['logits'] = drop(out['logits'])
     return out
 
-  def init_cache(self, *args, **kw):
-    return self.base_cls.init_cache(self, *args, **kw)
+  def _prompted_cached(self, input_ids, attention_mask, token_type_ids, **kw):
+    """Incremental decoding: the soft prompt is already in the cache (`init_cache` put it
+    there), so the mask gets its k leading ones and positions move past it."""
+    k = self.prompt.shape[0]
+    if attention_mask is not None:
+      b = attention_mask.shape[0]
+      attention_mask = jnp.concatenate([jnp.ones((b, k), attention_mask.dtype), attention_mask],
+                                       axis=1)
+    if kw.get('position_ids') is not None:
+      kw['position_ids'] = kw['position_ids'] + k
+    return self.base_cls.__call__(self, input_ids, attention_mask, token_type_ids, **kw)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    """The base model's KV cache; with a soft prompt, k positions longer and already holding
+    the prompt's keys and values (what a prompted forward would put first)."""
+    if self.prompt is None:
+      return self.base_cls.init_cache(self, batch_size, max_length, dtype)
+    if self.prompt_at != 0:
+      raise ValueError('incremental decoding with a soft prompt needs a decoder (GPT-2)')
+    k = self.prompt.shape[0]
+    cache = self.base_cls.init_cache(self, batch_size, max_length + k, dtype)
+    word = _word_embed(self).embedding[...]
+    embeds = jnp.broadcast_to(self.prompt[...].astype(word.dtype)[None],
+                              (batch_size, k, word.shape[1]))
+    out = self.base_cls.__call__(self, None, None, None, inputs_embeds=embeds, cache=cache,
+                                 logits_positions=jnp.full((batch_size, 1), k - 1, jnp.int32))
+    return out['cache']
 
 
 def _get(tree, path):

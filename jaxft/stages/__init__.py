@@ -21,14 +21,17 @@ from jaxft import distributed, partitioning
 from jaxft import workdir as workdir_lib
 from jaxft.config import ConfigError
 from jaxft.data.classification import ClsData
+from jaxft.data.completion import CompletionData
 from jaxft.data.masking import MaskingSettings
 from jaxft.data.ner import NerData
 from jaxft.data.pretrain import LmDataSettings
 from jaxft.export import ExportSettings
+from jaxft.generation import DecodingSection
 from jaxft.models.config import ModelConfig
 from jaxft.partitioning import MeshSettings
 from jaxft.peft import PeftConfig
-from jaxft.stages import cloze, distill, finetune, info, predict, prepare_data, pretrain
+from jaxft.stages import (cloze, distill, finetune, finetune_lm, generate, info, predict,
+                          prepare_data, pretrain)
 from jaxft.train.loop import CheckpointSettings, EarlyStoppingSettings, TrainSettings
 from jaxft.train.optimizer import FreezeSettings, OptimizerSettings
 
@@ -70,6 +73,10 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage('finetune_cls', finetune, 'sequence classification / regression, GLUE metrics'),
     Stage('finetune_ner', finetune, 'token classification on CoNLL files, entity-level F1'),
     Stage('predict', predict, 'a fine-tuned workdir on a split or a file -> predictions.jsonl'),
+    Stage('finetune_lm', finetune_lm,
+          'GPT-2 causal-LM fine-tuning on (prompt, completion) pairs, validated by decoding'),
+    Stage('generate', generate,
+          'a finetune_lm workdir or an HF GPT-2 on a file of prompts -> generations.jsonl'),
     Stage('distill', distill, 'teacher -> student knowledge distillation'),
     Stage('cloze', cloze, 'PET cloze classification with the MLM head'),
     Stage('model_info', info, 'parameters per module of the configured model'),
@@ -88,11 +95,14 @@ def section_types(cfg) -> dict[str, type]:
            'cloze': cloze.ClozeSettings, 'distill': distill.DistillSettings,
            'distill.student': distill.StudentShape, 'peft': PeftConfig}
   stage = cfg.get('stage')
+  if stage in ('finetune_lm', 'generate'):
+    types['generate'] = DecodingSection if stage == 'finetune_lm' else generate.GenerateSection
   mlm_distill = stage == 'distill' and cfg.get('distill', {}).get('kind') == 'mlm'
   data = LmDataSettings if mlm_distill else {
       'finetune_cls': ClsData, 'finetune_ner': NerData, 'cloze': ClsData, 'distill': ClsData,
       'pretrain_mlm': LmDataSettings, 'pretrain_clm': LmDataSettings,
-      'prepare_data': LmDataSettings}.get(stage)
+      'prepare_data': LmDataSettings, 'finetune_lm': CompletionData,
+      'generate': generate.GenerateData}.get(stage)
   if data is not None:
     types['data'] = data
   return types
@@ -185,7 +195,8 @@ def outputs_report(stage: str, workdir: str, results: dict) -> str:
   lines = [f'{stage} {"preempted (rerun to resume)" if results.get("preempted") else "done"}:'
            f' {workdir}']
   for name, what in (('results.json', 'results'), ('export', 'Hugging Face export'),
-                     ('predictions.jsonl', 'predictions'), ('metrics.jsonl', 'metrics')):
+                     ('predictions.jsonl', 'predictions'), ('generations.jsonl', 'generations'),
+                     ('metrics.jsonl', 'metrics')):
     if os.path.exists(os.path.join(workdir, name)):
       lines.append(f'  {what:<20} {os.path.join(workdir, name)}')
   final = {k: v for k, v in (results.get('final') or {}).items() if isinstance(v, float)}

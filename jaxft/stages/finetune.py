@@ -9,7 +9,6 @@ scores the best parameters on the test split when it has labels.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from absl import logging
 
@@ -18,9 +17,9 @@ from jaxft import peft as peft_lib
 from jaxft import sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.export import ExportSettings, export_hf
-from jaxft.finetuning import (load_split, model_and_tokenizer, resolve_steps, summary,
-                              test_hook, with_default_metric)
+from jaxft.export import ExportSettings
+from jaxft.finetuning import (export_trained, load_split, model_and_tokenizer, resolve_steps,
+                              summary, test_hook, with_default_metric)
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification as objectives
@@ -125,19 +124,6 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
 
 
 def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names) -> None:
-  """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
-  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export)."""
   id2label = dict(enumerate(label_names)) if label_names else None
-  if s.peft.enabled:
-    out = peft_lib.save_checkpoint(s.peft, params, trainable, workdir,
-                                   extra={'init_from': s.init_from, 'head': s.head,
-                                          'model': mcfg.to_dict(), 'labels': label_names})
-    logging.info('saved the PEFT weights to %s', out)
-  if not s.export.hf:
-    return
-  if s.peft.enabled:
-    peft_lib.export_peft(s.peft, params, trainable, mcfg, s.head,
-                         os.path.join(workdir, 'export'), tokenizer=tokenizer, id2label=id2label,
-                         extra={'init_from': s.init_from, 'labels': label_names})
-  else:
-    export_hf(params, mcfg, s.head, workdir, tokenizer, id2label=id2label)
+  export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
+                 init_from=s.init_from, id2label=id2label, extra={'labels': label_names})

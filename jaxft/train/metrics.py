@@ -1,4 +1,5 @@
-"""Task metrics (GLUE via scikit-learn/scipy, NER via seqeval) and metric writers.
+"""Task metrics (GLUE via scikit-learn/scipy, NER via seqeval, generation via sacrebleu and
+rouge-score) and metric writers.
 
 Metrics are computed on host numpy arrays after an eval pass, using the reference
 libraries so the numbers match what papers and HF scripts report.
@@ -130,6 +131,38 @@ def ner_metrics(pred_tag_seqs: Sequence[Sequence[str]],
       if m in vals:
         out[f'{name}/{m.replace("-score", "")}'] = float(vals[m])
   return out
+
+
+GENERATION_METRICS = ('bleu', 'chrf', 'rouge_l')
+
+
+def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+                       ) -> dict[str, float]:
+  """Corpus BLEU and chrF (sacrebleu, every reference of a hypothesis at once, 0-100) and
+  ROUGE-L F1 (rouge-score, the best reference per hypothesis, averaged, x100).
+
+  `references[i]` holds all references of hypothesis i; their number may vary (sacrebleu
+  takes missing ones as None). The E2E challenge scores BLEU this way (one output per MR,
+  all its references); its ROUGE-L (pycocoevalcap, F with beta=1.2) differs slightly from
+  rouge-score's F1."""
+  import sacrebleu
+  from rouge_score import rouge_scorer
+  hyps = [str(h) for h in hypotheses]
+  refs = [list(r) for r in references]
+  if len(hyps) != len(refs):
+    raise ValueError(f'{len(hyps)} hypotheses for {len(refs)} reference sets')
+  if not hyps:
+    return {name: float('nan') for name in GENERATION_METRICS}
+  empty = [i for i, r in enumerate(refs) if not r]
+  if empty:
+    raise ValueError(f'hypothesis {empty[0]} has no reference ({len(empty)} such)')
+  n = max(len(r) for r in refs)
+  streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n)]
+  scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=False)
+  rouge = [scorer.score_multi(r, h)['rougeL'].fmeasure for h, r in zip(hyps, refs)]
+  return {'bleu': float(sacrebleu.corpus_bleu(hyps, streams).score),
+          'chrf': float(sacrebleu.corpus_chrf(hyps, streams).score),
+          'rouge_l': 100.0 * float(np.mean(rouge))}
 
 
 def _scalar(v) -> float | None:

@@ -1,0 +1,24 @@
+"""Generate with a fine-tuned GPT-2 (stage `generate`).
+
+  python -m jaxft.main --config configs/generate.py --config.init_from=FINETUNE_LM_WORKDIR \
+      --config.generate.input=data/e2e/devset-slice.csv --workdir out
+
+init_from: a `finetune_lm` workdir (its best checkpoint, else the latest; generate.checkpoint
+='latest' takes the latest) or an HF GPT-2 directory. generate.input: a csv / tsv / jsonl
+file like the training data (the prompt column, template and completion prefix come from the
+workdir's config; `data.*` overrides them) or a txt file with one prompt per line.
+Writes out/generations.jsonl (or generate.output): {"input", "text"} per distinct prompt,
+and out/results.json with BLEU / chrF / ROUGE-L when the input has references.
+"""
+from jaxft.config import as_section, base_config
+from jaxft.stages.generate import GenerateData, GenerateSection
+
+
+def get_config(variant: str = ''):
+  del variant
+  c = base_config()
+  c.stage = 'generate'
+  c.model.type = 'gpt2'
+  c.data = as_section(GenerateData())  # '' = as the trained workdir (or the defaults)
+  c.generate = as_section(GenerateSection())
+  return c

@@ -1,0 +1,425 @@
+"""(prompt, completion) pairs for causal-LM fine-tuning and generation (data-to-text, summaries,
+translation, instructions).
+
+Sources: csv / tsv / jsonl files (one pair per row, columns `data.prompt_column` and
+`data.completion_column`), a txt file (one prompt per line, for generation), or HF
+`datasets` (`data.source='hf'`). A row becomes
+
+  tokens(template with {prompt} filled in) + tokens(completion_prefix + completion) + EOS
+
+tokenized in two parts, so the prompt tokens at generation time are exactly the ones
+trained on. The loss is on the completion tokens (and the EOS that ends them) only, unless
+`data.loss_on_prompt`. `labels[t]` is the target of position t (already shifted: the next
+token, or -100 = no loss).
+
+Packing (`data.packing`) fills each row of `max_len` tokens with several examples, with
+`segment_ids` (1, 2, ... per example, 0 on padding) and `position_ids` restarting at 0 for
+each example: the model attends within a segment only, so a packed row computes what its
+examples compute alone (tests/test_completion.py).
+
+Many corpora have several completions per prompt (E2E: ~8.5 references per meaning
+representation). The validation part is split by distinct prompt, never by row
+(`split_by_prompt`), and generation runs once per distinct prompt, scored against all its
+completions (`group_by_prompt`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, TaskData,
+                               check_truncation, hf_column, hf_load, hf_split_name,
+                               normalize_split, split_file)
+
+FORMATS = ('csv', 'tsv', 'jsonl', 'txt')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionData(TaskData):
+  """The `data` section of LM fine-tuning on (prompt, completion) pairs (files or HF
+  datasets as for every task: data.source, path, *_file, hf_*)."""
+  format: str = 'auto'            # auto (from the extension) | csv | tsv | jsonl | txt
+  prompt_column: str = 'prompt'  # csv / tsv header, jsonl key or HF column of the prompts
+  completion_column: str = 'completion'  # ... of the completions
+  template: str = '{prompt}'      # the prompt as the model sees it; must contain {prompt}
+  completion_prefix: str = ' '    # put before the completion (GPT-2 BPE words start with a space)
+  append_eos: bool = True         # end every completion with the tokenizer's EOS
+  loss_on_prompt: bool = False    # also score the prompt tokens
+  packing: bool = False           # several examples per row (segment_ids, position_ids)
+  dev_fraction: float = 0.0       # no dev split: hold out this share of distinct prompts
+  split_seed: int = 0             # of the dev_fraction hold-out and the packing order
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.class_balance != 'none':
+      raise ValueError(f"data.class_balance={self.class_balance!r}: (prompt, completion) pairs "
+                       "have no classes; leave it 'none'")
+    if self.format != 'auto' and self.format not in FORMATS:
+      raise ValueError(f"data.format must be 'auto' or one of {FORMATS}, got {self.format!r}")
+    if '{prompt}' not in self.template:
+      raise ValueError(f'data.template={self.template!r} must contain {{prompt}}')
+    if not 0 <= self.dev_fraction < 1:
+      raise ValueError(f'data.dev_fraction={self.dev_fraction} must be in [0, 1)')
+    if not self.prompt_column or not self.completion_column:
+      raise ValueError('data.prompt_column and data.completion_column must be set')
+    if self.source == 'hf' and not self.hf_path:
+      raise ValueError("data.source='hf' needs data.hf_path (a hub name, a local builder like "
+                       'csv or json, or a save_to_disk folder)')
+
+
+@dataclasses.dataclass
+class Pairs:
+  """Rows of one split: prompts, completions (None: prompts only) and 'file:line' sources."""
+  prompts: list[str]
+  completions: list[str] | None
+  sources: list[str]
+
+  def __len__(self):
+    return len(self.prompts)
+
+  def subset(self, idx) -> 'Pairs':
+    return Pairs([self.prompts[i] for i in idx],
+                 None if self.completions is None else [self.completions[i] for i in idx],
+                 [self.sources[i] for i in idx])
+
+
+# ----------------------------------------------------------------------------------- read
+
+def file_format(path: Path, fmt: str = 'auto') -> str:
+  if fmt != 'auto':
+    if fmt not in FORMATS:
+      raise ValueError(f"data.format must be 'auto' or one of {FORMATS}, got {fmt!r}")
+    return fmt
+  by_suffix = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl',
+               '.ndjson': 'jsonl', '.txt': 'txt'}
+  if path.suffix.lower() not in by_suffix:
+    raise ValueError(f'{path}: cannot tell the format from the extension; set data.format '
+                     f'to one of {FORMATS}')
+  return by_suffix[path.suffix.lower()]
+
+
+def read_pairs_file(path, *, prompt_column: str = 'prompt',
+                    completion_column: str | None = 'completion', fmt: str = 'auto',
+                    on_bad_row: str = 'error', require_completion: bool = True) -> Pairs:
+  """A csv / tsv / jsonl / txt file -> Pairs. Problems name file, line and column.
+
+  Without the completion column (or for txt: one prompt per non-blank line) the pairs have
+  `completions=None`, unless `require_completion`."""
+  path = Path(path)
+  fmt = file_format(path, fmt)
+  bad = BadRows(on_bad_row)
+  prompts, completions, sources = [], [], []
+  with_completion = completion_column is not None and fmt != 'txt'
+
+  def add(where, prompt, completion):
+    if prompt is None or not str(prompt).strip():
+      return bad(where, 'empty_prompt', f'empty prompt in column {prompt_column!r}')
+    if with_completion and (completion is None or not str(completion).strip()):
+      return bad(where, 'empty_completion', f'empty completion in column {completion_column!r}')
+    prompts.append(str(prompt).strip())
+    completions.append(str(completion).strip() if with_completion else None)
+    sources.append(where)
+
+  with open(path, encoding='utf-8-sig', newline='' if fmt in ('csv', 'tsv') else None) as f:
+    if fmt == 'txt':
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          add(f'{path}:{lineno}', line, None)
+    elif fmt == 'jsonl':
+      for lineno, line in enumerate(f, 1):
+        where = f'{path}:{lineno}'
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          bad(where, 'bad_row', f'invalid JSON ({e.msg})')
+          continue
+        if not isinstance(row, dict):
+          bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
+          continue
+        if not prompts and not sources and with_completion and completion_column not in row \
+            and not require_completion:
+          with_completion = False  # prompts only (e.g. inputs to generate for)
+        missing = [c for c in (prompt_column, completion_column if with_completion else None)
+                   if c is not None and c not in row]
+        if missing:
+          bad(where, 'bad_row', f'missing key(s) {missing}')
+          continue
+        add(where, row[prompt_column], row.get(completion_column) if with_completion else None)
+    else:
+      reader = csv.reader(f, **(dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv'
+                                 else dict(delimiter=',')))
+      header = [h.strip() for h in next(reader, [])]
+      if not header:
+        raise ValueError(f'{path}:1: empty file, expected a header row')
+      if prompt_column not in header:
+        raise ValueError(f'{path}:1: data.prompt_column={prompt_column!r} is not a column; '
+                         f'columns are {header}')
+      if with_completion and completion_column not in header:
+        if require_completion:
+          raise ValueError(f'{path}:1: data.completion_column={completion_column!r} is not a '
+                           f'column; columns are {header}')
+        with_completion = False
+      pi = header.index(prompt_column)
+      ci = header.index(completion_column) if with_completion else None
+      for row in reader:
+        where = f'{path}:{reader.line_num}'
+        if not row or (len(row) == 1 and not row[0].strip() and len(header) > 1):
+          continue
+        if len(row) != len(header):
+          bad(where, 'bad_columns', f'expected {len(header)} columns, got {len(row)}'
+              + (' (quote characters are literal in .tsv files)' if fmt == 'tsv' else ''))
+          continue
+        add(where, row[pi], row[ci] if with_completion else None)
+  if bad.counts:
+    logging.warning('%s: skipped %d bad rows %s', path, sum(bad.counts.values()), dict(bad.counts))
+  if require_completion and not with_completion:
+    raise ValueError(f'{path}: no completions (column {completion_column!r}) to train on')
+  return Pairs(prompts, completions if with_completion else None, sources)
+
+
+def read_pairs_hf(dataset, *, prompt_column: str, completion_column: str | None,
+                  on_bad_row: str = 'error', require_completion: bool = True,
+                  name: str = 'hf') -> Pairs:
+  """A `datasets.Dataset` -> Pairs; rows are named '<name>[row i]' in errors."""
+  cols = dataset.column_names
+  if prompt_column not in cols:
+    raise ValueError(f'{name}: data.prompt_column={prompt_column!r} is not a column; '
+                     f'columns are {cols}')
+  with_completion = completion_column is not None and completion_column in cols
+  if require_completion and not with_completion:
+    raise ValueError(f'{name}: data.completion_column={completion_column!r} is not a column; '
+                     f'columns are {cols}')
+  bad = BadRows(on_bad_row)
+  ps = hf_column(dataset, prompt_column)
+  cs = hf_column(dataset, completion_column) if with_completion else [None] * len(ps)
+  out = Pairs([], [] if with_completion else None, [])
+  for i, (p, c) in enumerate(zip(ps, cs)):
+    where = f'{name}[row {i}]'
+    if p is None or not str(p).strip():
+      bad(where, 'empty_prompt', f'empty prompt in column {prompt_column!r}')
+      continue
+    if with_completion and (c is None or not str(c).strip()):
+      bad(where, 'empty_completion', f'empty completion in column {completion_column!r}')
+      continue
+    out.prompts.append(str(p).strip())
+    out.sources.append(where)
+    if with_completion:
+      out.completions.append(str(c).strip())
+  return out
+
+
+def read_split(data: CompletionData, split: str, *, require_completion: bool = True) -> Pairs:
+  """One split named by the data section (data.<split>_file under data.path, or an HF split)."""
+  split = normalize_split(split)
+  kw = dict(prompt_column=data.prompt_column, completion_column=data.completion_column or None,
+            on_bad_row=data.on_bad_row, require_completion=require_completion)
+  if data.source == 'hf':
+    ds, where = hf_load(data, hf_split_name(data, split, None), data.hf_path,
+                        data.hf_name or None)
+    return read_pairs_hf(ds, name=where, **kw)
+  return read_pairs_file(split_file(data, split, {}), fmt=data.format, **kw)
+
+
+def load_splits(data: CompletionData) -> tuple[Pairs, Pairs | None, dict]:
+  """(train, dev or None, info) for LM fine-tuning: dev from data.dev_file, else a seeded
+  `data.dev_fraction` of the distinct training prompts, else none."""
+  train = read_split(data, 'train')
+  dev = None
+  if data.dev_file or data.source == 'hf':
+    try:
+      dev = read_split(data, 'dev')
+    except MissingSplitError:
+      dev = None
+  if dev is None and data.dev_fraction > 0:
+    train, dev = split_by_prompt(train, data.dev_fraction, data.split_seed)
+  info = {'n_train_rows': len(train), 'n_train_prompts': len(set(train.prompts)),
+          'n_dev_rows': len(dev) if dev is not None else 0,
+          'n_dev_prompts': len(set(dev.prompts)) if dev is not None else 0}
+  logging.info('LM fine-tuning data: %s', info)
+  return train, dev, info
+
+
+# ------------------------------------------------------------------------- by prompt
+
+def group_by_prompt(pairs: Pairs) -> tuple[list[str], list[list[str]], list[str]]:
+  """(distinct prompts in first-seen order, all completions of each, first source of each)."""
+  order: dict[str, int] = {}
+  refs: list[list[str]] = []
+  sources: list[str] = []
+  for i, p in enumerate(pairs.prompts):
+    if p not in order:
+      order[p] = len(order)
+      refs.append([])
+      sources.append(pairs.sources[i])
+    if pairs.completions is not None:
+      refs[order[p]].append(pairs.completions[i])
+  return list(order), refs, sources
+
+
+def split_by_prompt(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+  """(train, dev): a seeded random `fraction` of the distinct prompts with all their rows
+  goes to dev, so no prompt is on both sides."""
+  if not 0 < fraction < 1:
+    raise ValueError(f'data.dev_fraction={fraction} must be in (0, 1)')
+  distinct, _, _ = group_by_prompt(pairs)
+  n_dev = max(1, int(round(fraction * len(distinct))))
+  if n_dev >= len(distinct):
+    raise ValueError(f'data.dev_fraction={fraction} leaves no training prompt '
+                     f'({len(distinct)} distinct prompts)')
+  chosen = set(np.random.RandomState(seed).permutation(len(distinct))[:n_dev].tolist())
+  dev_prompts = {distinct[i] for i in chosen}
+  is_dev = [p in dev_prompts for p in pairs.prompts]
+  return (pairs.subset([i for i, d in enumerate(is_dev) if not d]),
+          pairs.subset([i for i, d in enumerate(is_dev) if d]))
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+def format_prompt(prompt: str, template: str) -> str:
+  if '{prompt}' not in template:
+    raise ValueError(f'data.template={template!r} must contain {{prompt}}')
+  return template.replace('{prompt}', prompt)
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer, template: str) -> list[list[int]]:
+  if not prompts:
+    return []
+  texts = [format_prompt(p, template) for p in prompts]
+  return [list(x) for x in tokenizer(texts, add_special_tokens=False)['input_ids']]
+
+
+def encode_pairs(pairs: Pairs, tokenizer, *, template: str = '{prompt}',
+                 completion_prefix: str = ' ', append_eos: bool = True, max_len: int = 128,
+                 truncation: str = 'truncate') -> tuple[list[tuple[list[int], list[int]]], dict]:
+  """[(prompt ids, completion ids (+ EOS))] and stats. A pair longer than max_len is cut at
+  the end of its completion (truncate), dropped (skip) or refused (error); a pair whose
+  prompt alone fills max_len cannot be trained on and is dropped in any mode but error."""
+  check_truncation(truncation)
+  if pairs.completions is None:
+    raise ValueError('training needs completions: the data has prompts only')
+  eos = tokenizer.eos_token_id
+  if append_eos and eos is None:
+    raise ValueError('data.append_eos=True but the tokenizer has no EOS token')
+  prompts = encode_prompts(pairs.prompts, tokenizer, template)
+  comps = tokenizer([completion_prefix + c for c in pairs.completions],
+                    add_special_tokens=False)['input_ids'] if len(pairs) else []
+  out, n_trunc, n_skip = [], 0, 0
+  for i, (p, c) in enumerate(zip(prompts, comps)):
+    c = list(c) + ([eos] if append_eos else [])
+    if len(p) + len(c) > max_len:
+      if truncation == 'error':
+        raise ValueError(f'{pairs.sources[i]}: {len(p)} prompt + {len(c)} completion tokens > '
+                         f"data.max_len={max_len} (set data.truncation='truncate' or 'skip')")
+      if truncation == 'skip' or len(p) >= max_len:
+        n_skip += 1
+        continue
+      c = c[:max_len - len(p)]
+      n_trunc += 1
+    out.append((p, c))
+  if n_trunc or n_skip:
+    logging.info('%d of %d pairs longer than data.max_len=%d: %d truncated, %d skipped',
+                 n_trunc + n_skip, len(pairs), max_len, n_trunc, n_skip)
+  return out, {'n_pairs': len(pairs), 'n_examples': len(out), 'n_truncated': n_trunc,
+               'n_skipped': n_skip}
+
+
+# --------------------------------------------------------------------------------- rows
+
+def _targets(prompt: list[int], completion: list[int], loss_on_prompt: bool) -> list[int]:
+  """Shifted labels of one example: position t predicts token t + 1."""
+  ids = prompt + completion
+  first = 1 if loss_on_prompt else len(prompt)  # first token that is a target
+  return [ids[t + 1] if t + 1 >= first else IGNORE_INDEX for t in range(len(ids) - 1)] + \
+      [IGNORE_INDEX]
+
+
+def build_rows(examples: Sequence[tuple[list[int], list[int]]], *, max_len: int, pad_id: int,
+               loss_on_prompt: bool = False, packing: bool = False) -> dict[str, np.ndarray]:
+  """Right-padded [N, max_len] rows: input_ids, attention_mask, labels; with packing also
+  segment_ids and position_ids. Packing fills rows in order, starting a new row when the
+  next example does not fit (examples are never split)."""
+  rows: list[list[tuple[list[int], list[int]]]] = []
+  used = max_len + 1
+  for ex in examples:
+    n = len(ex[0]) + len(ex[1])
+    if n > max_len:
+      raise ValueError(f'an example of {n} tokens > max_len={max_len} (encode_pairs cuts them)')
+    if packing and rows and used + n <= max_len:
+      rows[-1].append(ex)
+      used += n
+    else:
+      rows.append([ex])
+      used = n
+  arrays = {'input_ids': np.full((len(rows), max_len), pad_id, np.int32),
+            'attention_mask': np.zeros((len(rows), max_len), np.int32),
+            'labels': np.full((len(rows), max_len), IGNORE_INDEX, np.int32)}
+  if packing:
+    arrays['segment_ids'] = np.zeros((len(rows), max_len), np.int32)
+    arrays['position_ids'] = np.zeros((len(rows), max_len), np.int32)
+  for r, row in enumerate(rows):
+    at = 0
+    for seg, (p, c) in enumerate(row, 1):
+      n = len(p) + len(c)
+      arrays['input_ids'][r, at:at + n] = p + c
+      arrays['attention_mask'][r, at:at + n] = 1
+      arrays['labels'][r, at:at + n] = _targets(p, c, loss_on_prompt)
+      if packing:
+        arrays['segment_ids'][r, at:at + n] = seg
+        arrays['position_ids'][r, at:at + n] = np.arange(n)
+      at += n
+  return arrays
+
+
+def max_targets(*arrays: dict | None, multiple: int = 8) -> int:
+  """Most scored positions in any row of `arrays`, rounded up: the static size of the
+  gathered LM-head input (only scored positions go through the vocabulary projection)."""
+  most = max((int((a['labels'] != IGNORE_INDEX).sum(1).max(initial=0)) for a in arrays
+              if a is not None), default=1)
+  return max(multiple, -(-most // multiple) * multiple)
+
+
+def pad_rows(arrays: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Append empty rows (mask 0, no targets) up to a multiple of `multiple`: eval batches
+  that cover every row; an empty row adds nothing to a loss sum."""
+  n = len(arrays['input_ids'])
+  extra = -n % multiple if n else multiple
+  out = {}
+  for k, v in arrays.items():
+    fill = IGNORE_INDEX if k == 'labels' else 0
+    out[k] = np.concatenate([v, np.full((extra,) + v.shape[1:], fill, v.dtype)])
+  return out
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+  """Token lists -> (ids [N, length], mask [N, length]) int32, right-aligned: the layout the
+  decoder (jaxft.models.decoding) takes, every prompt ending in the same column."""
+  length = max((len(s) for s in sequences), default=1) if length is None else length
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for i, s in enumerate(sequences):
+    if len(s) > length:
+      raise ValueError(f'prompt {i} has {len(s)} tokens > {length}')
+    if len(s):
+      ids[i, length - len(s):] = s
+      mask[i, length - len(s):] = 1
+  return ids, mask
+
+
+def prompt_arrays(prompt_ids: Sequence[Sequence[int]], pad_id: int, multiple: int,
+                  length: int | None = None) -> dict[str, np.ndarray]:
+  """Left-padded prompts for decoding, with `valid`=0 rows up to a multiple of `multiple`,
+  numbered by `index`: prompt_ids, prompt_mask, index, valid."""
+  n = len(prompt_ids)
+  total = max(multiple, -(-n // multiple) * multiple)
+  ids, mask = left_pad(list(prompt_ids) + [[]] * (total - n), pad_id,
+                       length or max((len(p) for p in prompt_ids), default=1))
+  return {'prompt_ids': ids, 'prompt_mask': mask, 'index': np.arange(total, dtype=np.int32),
+          'valid': (np.arange(total) < n).astype(np.int32)}

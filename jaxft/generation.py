@@ -1,0 +1,137 @@
+"""What the generation stages share (finetune_lm's validation and `generate`): the
+`generate.*` decoding section, batched decoding of prompts, completion texts, the eval
+summary that scores them (BLEU, chrF, ROUGE-L against every reference of a prompt) and
+WORKDIR/generations.jsonl."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from jaxft.data import completion as lm_data
+from jaxft.data import loader as loader_lib
+from jaxft.data.splits import pad_id as pad_id_of
+from jaxft.models.decoding import DecodeSettings, decode, strip
+from jaxft.train import metrics as metrics_lib
+
+GENERATIONS = 'generations.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingSection:
+  """The `generate` config section: how prompts are decoded (jaxft.models.decoding)."""
+  method: str = 'greedy'      # greedy | beam | sample ('' in finetune_lm: validate by loss only)
+  max_new_tokens: int = 64    # stop after this many tokens, or at EOS
+  num_beams: int = 4          # beam width
+  length_penalty: float = 1.0  # beam: score = sum log p / generated_length ** length_penalty
+  early_stopping: str = 'false'  # beam, as in transformers: 'false' | 'true' | 'never'
+  temperature: float = 1.0    # sample: logits / temperature
+  top_k: int = 0              # sample: keep the k most likely tokens (0 = off)
+  top_p: float = 1.0          # sample: nucleus, the smallest set with this mass (1.0 = off)
+
+  def __post_init__(self):
+    if self.early_stopping not in ('false', 'true', 'never'):
+      raise ValueError(f'generate.early_stopping={self.early_stopping!r}; allowed: '
+                       "'false', 'true', 'never'")
+    if self.method:
+      try:
+        self.decode_settings()
+      except ValueError as e:
+        raise ValueError(f'generate: {e}') from e
+
+  def decode_settings(self, eos_token_id: int | None = None,
+                      pad_token_id: int = 0) -> DecodeSettings | None:
+    """DecodeSettings (None when method is '')."""
+    if not self.method:
+      return None
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingSection)}
+    return DecodeSettings.from_dict(d, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def decode_settings(section: DecodingSection, tokenizer) -> DecodeSettings | None:
+  """The section's DecodeSettings with the tokenizer's EOS (stops a row) and pad id."""
+  eos = tokenizer.eos_token_id
+  return section.decode_settings(None if eos is None else int(eos), pad_id_of(tokenizer))
+
+
+def completion_texts(tokenizer, tokens, length, eos_id) -> list[str]:
+  """Generated ids -> completion texts (EOS and what follows dropped, outer spaces stripped)."""
+  out = []
+  for ids in strip(tokens, length):
+    if eos_id is not None and ids and ids[-1] == eos_id:
+      ids = ids[:-1]
+    out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+  return out
+
+
+def summarizer(tokenizer, references, keep: dict | None = None):
+  """(sums, per_example) -> eval metrics: loss, perplexity, accuracy on loss rows, and for
+  decoded prompt rows BLEU, chrF, ROUGE-L against `references` (one list per distinct
+  prompt, in prompt order) and the mean generated length. `keep['texts']`: the texts."""
+  eos_id = tokenizer.eos_token_id
+
+  def summarize(sums, per):
+    w = max(sums.get('weight', 0.0), 1e-9)
+    out = {}
+    if 'loss_sum' in sums:
+      out.update(loss=sums['loss_sum'] / w, perplexity=math.exp(min(sums['loss_sum'] / w, 50.0)),
+                 accuracy=sums['correct'] / w)
+    if per:
+      per = loader_lib.ordered(per)
+      texts = completion_texts(tokenizer, per['tokens'], per['length'], eos_id)
+      out.update(metrics_lib.generation_metrics(texts, references))
+      out['gen_length'] = float(np.mean(per['length']))
+      if keep is not None:
+        keep['texts'] = texts
+    return out
+  return summarize
+
+
+def write_generations(path: str, prompts, texts, scores: dict | None = None) -> None:
+  """One JSON line per distinct prompt: {"input": prompt, "text": completion}."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    for p, t in zip(prompts, texts):
+      f.write(json.dumps({'input': p, 'text': t}, ensure_ascii=False) + '\n')
+  logging.info('wrote %d generations to %s%s', len(texts), path,
+               f' ({scores})' if scores else '')
+
+
+def check_room(prompt_ids, settings: DecodeSettings, max_positions: int, sources) -> None:
+  """Every prompt plus max_new_tokens must fit the model's positions."""
+  room = max_positions - settings.max_new_tokens
+  too_long = [i for i, p in enumerate(prompt_ids) if len(p) > room]
+  if too_long:
+    i = too_long[0]
+    raise ValueError(f'{sources[i]}: the prompt has {len(prompt_ids[i])} tokens; with '
+                     f'generate.max_new_tokens={settings.max_new_tokens} at most {room} fit the '
+                     f'model ({len(too_long)} such prompts)')
+
+
+def generate_ids(model_def, params, prompt_ids, settings: DecodeSettings, *, batch_size: int,
+                 pad_id: int, seed: int):
+  """Decode `prompt_ids` (token lists) in fixed-shape batches (one compile): (tokens,
+  lengths) per prompt. Sampling draws prompt i from fold_in(key(seed), i), whatever its
+  batch."""
+  length = max(len(p) for p in prompt_ids)
+  fn = jax.jit(lambda p, ids, mask, keys: decode(model_def.merge(p), ids, mask, settings, keys))
+  params = jax.device_put(params)  # once, not with every batch
+  base = jax.random.key(seed)
+  tokens, lengths = [], []
+  for start in tqdm(range(0, len(prompt_ids), batch_size), desc='generate', unit='batch',
+                    disable=jax.process_index() != 0):
+    arr = lm_data.prompt_arrays(prompt_ids[start:start + batch_size], pad_id, batch_size, length)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(arr['index'] + start)
+    out = jax.device_get(fn(params, arr['prompt_ids'], arr['prompt_mask'], keys))
+    n = int(arr['valid'].sum())
+    tokens.append(np.asarray(out['tokens'])[:n])
+    lengths.append(np.asarray(out['length'])[:n])
+  return np.concatenate(tokens), np.concatenate(lengths)

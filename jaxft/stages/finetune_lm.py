@@ -1,0 +1,219 @@
+"""Stage `finetune_lm`: causal-LM fine-tuning of GPT-2 on (prompt, completion) pairs.
+
+  python -m jaxft.main --config configs/finetune_lm.py:e2e --workdir w/e2e
+
+Data, loss and packing: `jaxft.data.completion` and `jaxft.objectives.completion`. Starts
+from `init_from` (a jaxft workdir or an HF GPT-2 directory) or from random init; any PEFT
+method (`peft.method`). Validation: the loss on the dev rows and, with `generate.method`
+set, decoding of every distinct dev prompt inside the eval step, scored with BLEU / chrF /
+ROUGE-L against all its completions; early stopping on any of them
+(`train.early_stopping.metric`: bleu, chrf, rouge_l or loss). At the end the best
+parameters generate for the dev prompts once more -> WORKDIR/generations.jsonl.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import logging
+
+from jaxft import config as config_lib
+from jaxft import generation, sources
+from jaxft import peft as peft_lib
+from jaxft.data import completion as lm_data
+from jaxft.data import loader as loader_lib
+from jaxft.data.splits import pad_id as pad_id_of
+from jaxft.export import ExportSettings
+from jaxft.finetuning import export_trained, model_and_tokenizer, resolve_steps
+from jaxft.generation import DecodingSection
+from jaxft.models import build_model
+from jaxft.models.config import ModelConfig
+from jaxft.objectives.completion import completion_objective
+from jaxft.peft import PeftConfig
+from jaxft.train import loop
+from jaxft.train import optimizer as optim
+from jaxft.train.metrics import GENERATION_METRICS, write_results
+from jaxft.train.optimizer import FreezeSettings
+from jaxft.train.state import ModelDef
+
+SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
+            'train', 'checkpoint', 'export', 'peft', 'finetune', 'generate')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  loop: loop.LoopSettings
+  model: ModelConfig  # the architecture when there is no init_from; its runtime fields always
+  data: lm_data.CompletionData
+  decoding: DecodingSection  # validation decoding ('' method: loss only)
+  freeze: FreezeSettings
+  peft: PeftConfig
+  export: ExportSettings
+  init_from: str = ''
+
+
+def parse(cfg) -> Settings:
+  config_lib.check_sections(cfg, SECTIONS)
+  s = Settings(loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
+               data=config_lib.section(lm_data.CompletionData, cfg.get('data'), 'data'),
+               decoding=config_lib.section(DecodingSection, cfg.get('generate'), 'generate'),
+               freeze=config_lib.section(FreezeSettings, cfg.get('finetune'), 'finetune'),
+               peft=config_lib.peft_settings(cfg),
+               export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
+               init_from=config_lib.scalar(cfg, 'init_from', ''))
+  if not s.init_from and s.model.model_type != 'gpt2':
+    raise config_lib.ConfigError(f'finetune_lm needs a GPT-2 model, got model.type='
+                                 f'{s.model.model_type!r}')
+  if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
+    raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
+                                 f'model.max_position_embeddings={s.model.max_position_embeddings}')
+  if s.data.packing and 'prompt' in s.peft.methods:
+    raise config_lib.ConfigError('data.packing=True cannot be combined with peft.method=prompt '
+                                 '(the soft prompt is prepended per row, not per packed example)')
+  metric = s.loop.train.early_stopping.metric.removeprefix('eval/')
+  if metric in GENERATION_METRICS and not s.decoding.method:
+    raise config_lib.ConfigError(f'train.early_stopping.metric={metric!r} is a generation metric:'
+                                 " it needs generate.method ('greedy', 'beam' or 'sample')")
+  return s
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(s: Settings, workdir: str) -> dict:
+  return finetune_lm(s, workdir).results
+
+
+@dataclasses.dataclass
+class _Dev:
+  """The validation side: loss rows, and the distinct prompts to decode with their
+  references (None without decoding)."""
+  arrays: dict | None = None
+  prompts: list | None = None
+  references: list | None = None
+  prompt_rows: dict | None = None
+
+
+def _rows(d: lm_data.CompletionData, tokenizer, pairs, packing: bool, seed: int | None = None):
+  enc, stats = lm_data.encode_pairs(pairs, tokenizer, template=d.template,
+                                    completion_prefix=d.completion_prefix,
+                                    append_eos=d.append_eos, max_len=d.max_len,
+                                    truncation=d.truncation)
+  if packing and seed is not None:  # a seeded order, so packed rows mix prompts
+    order = np.random.RandomState(seed).permutation(len(enc))
+    enc = [enc[i] for i in order]
+  return lm_data.build_rows(enc, max_len=d.max_len, pad_id=pad_id_of(tokenizer),
+                            loss_on_prompt=d.loss_on_prompt, packing=packing), stats
+
+
+def _dev(d: lm_data.CompletionData, tokenizer, dev_pairs, decode, bs: int, mcfg) -> _Dev:
+  if dev_pairs is None or not len(dev_pairs):
+    return _Dev()
+  dev = _Dev(arrays=lm_data.pad_rows(_rows(d, tokenizer, dev_pairs, False)[0], bs))
+  dev.prompts, dev.references, sources_ = lm_data.group_by_prompt(dev_pairs)
+  if decode is not None:
+    prompt_ids = lm_data.encode_prompts(dev.prompts, tokenizer, d.template)
+    generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, sources_)
+    dev.prompt_rows = lm_data.prompt_arrays(prompt_ids, pad_id_of(tokenizer), bs)
+  return dev
+
+
+def _default_metric(train: loop.TrainSettings, has_dev: bool, decodes: bool):
+  """Early stopping on BLEU with decoding, else on the loss, unless a metric is set."""
+  if train.early_stopping.metric or not has_dev:
+    return train
+  metric, mode = ('bleu', 'max') if decodes else ('loss', 'min')
+  es = dataclasses.replace(train.early_stopping, metric=metric, mode=mode)
+  return dataclasses.replace(train, early_stopping=es)
+
+
+def _loader(arrays, bs):
+  return loader_lib.make_loader(arrays, global_batch_size=bs, seed=0, shuffle=False,
+                                num_epochs=1, drop_remainder=True)
+
+
+def _eval_batches(dev: _Dev, bs: int):
+  def batches():
+    yield from _loader(dev.arrays, bs)
+    if dev.prompt_rows is not None:
+      yield from _loader(dev.prompt_rows, bs)
+  return batches
+
+
+def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str) -> list[loop.Hook]:
+  """At the end, the kept (best) parameters decode every dev prompt once more ->
+  WORKDIR/generations.jsonl; the scores are results['dev_generation']."""
+  if dev.prompt_rows is None:
+    return []
+
+  def generate(trained: loop.Trained) -> dict:
+    keep = {}
+    scores = trained.evaluate(_loader(dev.prompt_rows, bs),
+                              generation.summarizer(tokenizer, dev.references, keep))
+    generation.write_generations(os.path.join(workdir, generation.GENERATIONS), dev.prompts,
+                                 keep['texts'], scores)
+    return scores
+
+  return [loop.Hook('dev_generation', generate)]
+
+
+def _init(s: Settings, mcfg, workdir: str, tokenizer):
+  """(model_def, init params, trainable mask, lr scale, init report), PEFT applied."""
+  sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
+  sources.record_model(workdir, mcfg)
+  model_def = ModelDef.create(lambda: build_model(mcfg, 'clm', seed=s.loop.seed))
+  init_params, report = (sources.load_init(s.init_from, model_def) if s.init_from else
+                         (None, None))
+  if report:
+    logging.info('init_from %s: %d tensors loaded; new: %s; dropped: %s', s.init_from,
+                 report['loaded'], report['missing'], report['unused'])
+  trainable = optim.trainable_mask(s.freeze, model_def.abstract_params)
+  peft_parts = peft_lib.setup(s.peft, model_def, init_params, trainable,
+                              fresh=report['missing'] if report else (), max_len=s.data.max_len)
+  if peft_parts is not None:
+    model_def, init_params, trainable = peft_parts
+  lr_scale = optim.layerwise_lr_scale(s.freeze, model_def.abstract_params, mcfg.num_layers)
+  return model_def, init_params, trainable, lr_scale, report
+
+
+def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
+  """The stage, returning the state it ends with (on device) beside the results."""
+  d = s.data
+  mcfg, tokenizer = model_and_tokenizer(s.init_from, s.model, d.tokenizer, d.max_len)
+  if mcfg.model_type != 'gpt2':
+    raise ValueError(f'finetune_lm needs a GPT-2 model; {s.init_from} holds '
+                     f'{mcfg.model_type!r}')
+  decode = generation.decode_settings(s.decoding, tokenizer)
+  train_pairs, dev_pairs, data_info = lm_data.load_splits(d)
+  train_arrays, train_stats = _rows(d, tokenizer, train_pairs, d.packing, d.split_seed)
+  train, per_epoch = resolve_steps(s.loop.train, len(train_arrays['input_ids']))
+  train = _default_metric(train, dev_pairs is not None and len(dev_pairs) > 0,
+                          decode is not None)
+  bs = train.batch_size
+  dev = _dev(d, tokenizer, dev_pairs, decode, bs, mcfg)
+  n_targets = min(lm_data.max_targets(train_arrays, dev.arrays), d.max_len)
+  model_def, init_params, trainable, lr_scale, report = _init(s, mcfg, workdir, tokenizer)
+  objective = completion_objective(max_targets=n_targets, decode_settings=decode,
+                                   label_smoothing=float(s.freeze.label_smoothing or 0.0))
+  data = loop.Data(
+      train_iter=loader_lib.make_loader(train_arrays, global_batch_size=bs, seed=s.loop.seed),
+      eval_batches=_eval_batches(dev, bs) if dev.arrays is not None else None,
+      summarize=(generation.summarizer(tokenizer, dev.references)
+                 if dev.arrays is not None else None),
+      steps_per_epoch=0)  # validation every train.eval_every steps (decoding is not free)
+  out = loop.train(dataclasses.replace(s.loop, train=train), workdir, model_def, objective,
+                   data, init_params=init_params, trainable=trainable, lr_scale=lr_scale,
+                   hooks=_generation_hook(dev, tokenizer, bs, workdir))
+  results = {**out.results, 'init_report': report, 'steps_per_epoch': per_epoch,
+             'data': data_info, 'train_encoding': train_stats, 'max_targets': n_targets}
+  g = results.get('dev_generation')
+  if g and loop.is_main():
+    print(f"finetune_lm: dev BLEU {g['bleu']:.2f}, chrF {g['chrf']:.2f}, ROUGE-L "
+          f"{g['rouge_l']:.2f} on {len(dev.prompts)} prompts (step {results['step']}, kept "
+          f"step {results.get('best', {}).get('restored_step', results['step'])})")
+  if not results['preempted']:
+    export_trained(s.peft, s.export, out.params, trainable, mcfg, 'clm', workdir, tokenizer,
+                   init_from=s.init_from)
+  write_results(workdir, results)
+  return loop.Outcome(results, out.state)
+

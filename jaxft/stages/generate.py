@@ -1,0 +1,160 @@
+"""Stage `generate`: a fine-tuned GPT-2 (a `finetune_lm` workdir or an HF directory) completes
+every distinct prompt of a file -> WORKDIR/generations.jsonl, scored when it has references.
+
+  python -m jaxft.main --config configs/generate.py --config.init_from=FINETUNE_LM_WORKDIR \
+      --config.generate.input=data/e2e/devset-slice.csv --workdir out
+
+The input is a csv / tsv / jsonl file of the kind the model was trained on, or a txt file
+with one prompt per line. The prompt column, completion column, template and completion
+prefix come from the workdir's config (`data.*` here overrides them; for an HF directory
+they are taken from `data.*`). Rows sharing a prompt give one output, scored against all
+their completions (BLEU, chrF, ROUGE-L in results.json). Decoding: `generate.*`
+(docs/generation.md), batched and jitted with a KV cache; prompts are left-padded to the
+longest one, so a single compile serves the file and each output is what that prompt gives
+alone (sampling draws from a key per input, fold_in(seed, index)). A workdir is loaded
+exactly as trained (its PEFT modules included, nothing freshly initialised).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from jaxft import config as config_lib
+from jaxft import generation, sources
+from jaxft.data import completion as lm_data
+from jaxft.data.splits import pad_id as pad_id_of
+from jaxft.generation import DecodingSection
+from jaxft.models import build_model
+from jaxft.models.config import ModelConfig
+from jaxft.train import loop
+from jaxft.train import metrics as metrics_lib
+from jaxft.train.metrics import write_results
+from jaxft.train.state import ModelDef
+
+SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
+            'train', 'checkpoint', 'export', 'peft', 'finetune', 'generate')
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSection(DecodingSection):
+  """The `generate` config section of the generate stage: decoding, input and output."""
+  input: str = ''             # a csv / tsv / jsonl file like the training data, or a txt file
+  output: str = ''            # default WORKDIR/generations.jsonl
+  batch_size: int = 32        # prompts per decoding call (one compile for the file)
+  checkpoint: str = 'best'    # best | latest (a jaxft workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateData:
+  """The `data` section of the generate stage: '' = as the trained workdir (or the defaults)."""
+  tokenizer: str = ''          # when init_from brings none
+  prompt_column: str = ''
+  completion_column: str = ''  # references to score against, when the input has them
+  template: str = ''           # must contain {prompt}
+  completion_prefix: str = ''
+  format: str = ''             # auto | csv | tsv | jsonl | txt
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  source: str  # a finetune_lm workdir or an HF GPT-2 directory
+  generate: GenerateSection
+  data: GenerateData
+  model: ModelConfig  # runtime fields (dtype) only: the architecture is the source's
+  seed: int = 0
+
+
+def parse(cfg) -> Settings:
+  config_lib.check_sections(cfg, SECTIONS)
+  g = config_lib.section(GenerateSection, cfg.get('generate'), 'generate')
+  if not g.method:
+    raise config_lib.ConfigError("generate.method is empty; choose 'greedy', 'beam' or "
+                                 "'sample'")
+  if g.checkpoint not in ('best', 'latest'):
+    raise config_lib.ConfigError(f"generate.checkpoint={g.checkpoint!r}; allowed: 'best', "
+                                 "'latest'")
+  if g.batch_size < 1:
+    raise config_lib.ConfigError(f'generate.batch_size={g.batch_size} must be >= 1')
+  if not g.input:
+    raise config_lib.ConfigError('set generate.input: a csv / tsv / jsonl / txt file of prompts')
+  source = config_lib.scalar(cfg, 'init_from', '')
+  if not source:
+    raise config_lib.ConfigError('generate needs init_from: a finetune_lm workdir or an HF '
+                                 'GPT-2 directory')
+  return Settings(source=source, generate=g,
+                  data=config_lib.section(GenerateData, cfg.get('data'), 'data'),
+                  model=config_lib.model_section(cfg), seed=config_lib.scalar(cfg, 'seed', 0))
+
+
+def load_lm(s: Settings):
+  """(model_def, host params, mcfg, tokenizer, the trained data section): a workdir exactly as
+  trained (PEFT modules included); an HF directory must hold every tensor of a GPT-2 LM
+  (generating from freshly initialised weights would be a silent wrong result)."""
+  src = s.source
+  tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
+  mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
+  if mcfg.model_type != 'gpt2':
+    raise ValueError(f'generate needs a GPT-2 model; {src} holds {mcfg.model_type!r}')
+  base_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
+  if sources.is_jaxft_workdir(src):
+    model_def, params = sources.trained_model(src, base_def, which=s.generate.checkpoint)
+    return model_def, params, mcfg, tokenizer, sources.workdir_config(src).get('data') or {}
+  params, report = sources.load_init(src, base_def)
+  if report['missing']:
+    raise ValueError(f'{src} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
+                     f'{report["missing"][:3]}): not a causal-LM checkpoint')
+  return base_def, params, mcfg, tokenizer, {}
+
+
+def text_settings(data: GenerateData, trained: dict) -> dict:
+  """data.* here when set, else the trained run's, else CompletionData's defaults."""
+  defaults = lm_data.CompletionData()
+  return {k: getattr(data, k) or trained.get(k) or getattr(defaults, k)
+          for k in ('prompt_column', 'completion_column', 'template', 'completion_prefix',
+                    'format')}
+
+
+def read_inputs(path: str, ts: dict):
+  """(distinct prompts, their references or None, first source of each)."""
+  pairs = lm_data.read_pairs_file(path, prompt_column=ts['prompt_column'],
+                                  completion_column=ts['completion_column'] or None,
+                                  fmt=ts['format'], require_completion=False)
+  prompts, refs, where = lm_data.group_by_prompt(pairs)
+  return prompts, (refs if pairs.completions is not None else None), where
+
+
+def run(s: Settings, workdir: str) -> dict:
+  t0 = time.time()
+  g = s.generate
+  model_def, params, mcfg, tokenizer, trained = load_lm(s)
+  ts = text_settings(s.data, trained)
+  decode = generation.decode_settings(g, tokenizer)
+  prompts, refs, where = read_inputs(g.input, ts)
+  if not prompts:
+    raise ValueError(f'{g.input}: no prompts')
+  prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'])
+  generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)
+  t1 = time.time()
+  tokens, lengths = generation.generate_ids(model_def, params, prompt_ids, decode,
+                                            batch_size=g.batch_size,
+                                            pad_id=pad_id_of(tokenizer), seed=s.seed)
+  dt = time.time() - t1
+  texts = generation.completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
+  results = {'stage': 'generate', 'init_from': s.source, 'input': g.input,
+             'n_inputs': len(prompts), 'decoding': dataclasses.asdict(decode),
+             'new_tokens': int(lengths.sum()), 'decode_sec': dt,
+             'tokens_per_sec': float(lengths.sum() / max(dt, 1e-9)),
+             'wall_time_sec': time.time() - t0}
+  if refs is not None:
+    results['scores'] = metrics_lib.generation_metrics(texts, refs)
+  out = g.output or os.path.join(workdir, generation.GENERATIONS)
+  results['output'] = out
+  generation.write_generations(out, prompts, texts, results.get('scores'))
+  if loop.is_main():
+    sc = results.get('scores')
+    print(f'generate: {len(prompts)} inputs -> {out}'
+          + (f"; BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}, ROUGE-L {sc['rouge_l']:.2f}"
+             if sc else ''))
+  write_results(workdir, results)
+  return results

@@ -1,0 +1,224 @@
+"""(prompt, completion) data and the LM fine-tuning objective: readers name file/line/column,
+the validation split is by prompt, labels score the completion only, the loss equals a
+hand-computed one, packed rows give the loss of unpacked rows, and generation metrics are
+sacrebleu's / rouge-score's multi-reference numbers.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxft.data import completion as lm
+from jaxft.data.splits import IGNORE_INDEX
+from jaxft.data.tokenizer import load_tokenizer
+from jaxft.models import build_model, gpt2_defaults
+from jaxft.objectives.completion import completion_objective, target_positions
+from jaxft.train.metrics import generation_metrics
+from jaxft.train.state import ModelDef
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = os.path.join(REPO, 'data', 'e2e', 'devset-slice.csv')
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return load_tokenizer(os.path.join(REPO, 'data', 'tokenizers', 'gpt2'))
+
+
+# ------------------------------------------------------------------------------- readers
+
+def test_reads_the_bundled_e2e_slice():
+  pairs = lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref')
+  prompts, refs, sources = lm.group_by_prompt(pairs)
+  assert len(pairs) == 413 and len(prompts) == 46
+  assert sum(len(r) for r in refs) == 413
+  assert prompts[0].startswith('name[Alimentum]') and sources[0] == f'{SLICE}:2'
+
+
+@pytest.mark.parametrize('fmt', ['csv', 'tsv', 'jsonl'])
+def test_formats_agree_and_prompts_only_files_read(tmp_path, fmt):
+  rows = [('a[1], b[2]', 'One two.'), ('c[3]', 'Three.')]
+  path = tmp_path / f'x.{fmt}'
+  if fmt == 'jsonl':
+    path.write_text(''.join(json.dumps({'p': p, 'c': c}) + '\n' for p, c in rows))
+  else:
+    sep = ',' if fmt == 'csv' else '\t'
+    quote = (lambda s: f'"{s}"') if fmt == 'csv' else (lambda s: s)
+    path.write_text(f'p{sep}c\n' + ''.join(f'{quote(p)}{sep}{c}\n' for p, c in rows))
+  pairs = lm.read_pairs_file(path, prompt_column='p', completion_column='c')
+  assert list(zip(pairs.prompts, pairs.completions)) == rows
+  only = lm.read_pairs_file(path, prompt_column='p', completion_column='zzz',
+                            require_completion=False) if fmt != 'jsonl' else None
+  assert only is None or (only.prompts == [p for p, _ in rows] and only.completions is None)
+  txt = tmp_path / 'x.txt'
+  txt.write_text('first prompt\n\nsecond prompt\n')
+  got = lm.read_pairs_file(txt, require_completion=False)
+  assert got.prompts == ['first prompt', 'second prompt'] and got.sources[1].endswith(':3')
+
+
+def test_hf_datasets_source(tmp_path):
+  import datasets
+  rows = {'mr': ['a[1]', 'a[1]', 'b[2]', ''], 'ref': ['One.', 'Uno.', 'Two.', 'x']}
+  datasets.DatasetDict({'train': datasets.Dataset.from_dict(rows),
+                        'validation': datasets.Dataset.from_dict({'mr': ['c[3]'], 'ref': ['Three.']})}
+                       ).save_to_disk(str(tmp_path / 'ds'))
+  cfg = lm.CompletionData(source='hf', hf_path=str(tmp_path / 'ds'), prompt_column='mr',
+                          completion_column='ref', on_bad_row='skip')
+  train, dev, info = lm.load_splits(cfg)
+  assert train.prompts == ['a[1]', 'a[1]', 'b[2]'] and train.completions[1] == 'Uno.'
+  assert dev.prompts == ['c[3]'] and info['n_train_prompts'] == 2
+  assert train.sources[2].endswith('[train][row 2]')
+  cfg = dataclasses.replace(cfg, on_bad_row='error')
+  with pytest.raises(ValueError, match=r"\[train\]\[row 3\]: empty prompt in column 'mr'"):
+    lm.load_splits(cfg)
+
+
+def test_bad_rows_name_file_line_and_column(tmp_path):
+  path = tmp_path / 'bad.csv'
+  path.write_text('mr,ref\n"a[1]",fine\n"b[2]",\n')
+  with pytest.raises(ValueError, match=r"bad.csv:3: empty completion in column 'ref'"):
+    lm.read_pairs_file(path, prompt_column='mr', completion_column='ref')
+  assert len(lm.read_pairs_file(path, prompt_column='mr', completion_column='ref',
+                                on_bad_row='skip')) == 1
+  with pytest.raises(ValueError, match=r"bad.csv:1: data.prompt_column='prompt' is not a column"):
+    lm.read_pairs_file(path)
+  js = tmp_path / 'bad.jsonl'
+  js.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": "x"\n')
+  with pytest.raises(ValueError, match=r'bad.jsonl:2: invalid JSON'):
+    lm.read_pairs_file(js)
+
+
+def test_dev_split_is_by_prompt_never_by_row():
+  pairs = lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref')
+  train, dev = lm.split_by_prompt(pairs, 0.2, seed=0)
+  assert not set(train.prompts) & set(dev.prompts)
+  assert len(train) + len(dev) == len(pairs)
+  assert len(set(dev.prompts)) == round(0.2 * 46)
+  for p in set(dev.prompts):  # every row of a dev prompt is in dev
+    assert dev.prompts.count(p) == pairs.prompts.count(p)
+  again = lm.split_by_prompt(pairs, 0.2, seed=0)[1]
+  assert again.prompts == dev.prompts
+
+
+# ----------------------------------------------------------------------------------- rows
+
+def test_labels_score_the_completion_and_eos_only(tok):
+  pairs = lm.Pairs(['name[X]'], ['Hello there.'], ['t:1'])
+  (ex,), _ = lm.encode_pairs(pairs, tok, template='{prompt} ||', max_len=32)
+  p, c = ex
+  assert p == tok('name[X] ||')['input_ids'] and c == tok(' Hello there.')['input_ids'] + [50256]
+  rows = lm.build_rows([ex], max_len=32, pad_id=50256)
+  ids, labels = rows['input_ids'][0], rows['labels'][0]
+  n = len(p) + len(c)
+  # position t predicts t + 1: the last prompt position predicts the first completion token
+  want = [IGNORE_INDEX] * (len(p) - 1) + c + [IGNORE_INDEX] * (32 - n + 1)
+  assert labels.tolist() == want
+  assert rows['attention_mask'][0].sum() == n and (ids[n:] == 50256).all()
+  with_prompt = lm.build_rows([ex], max_len=32, pad_id=50256, loss_on_prompt=True)['labels'][0]
+  assert with_prompt[:n - 1].tolist() == (p + c)[1:]
+
+
+def test_truncation_modes(tok):
+  pairs = lm.Pairs(['a'], [' '.join(['word'] * 40)], ['f.csv:7'])
+  (ex,), stats = lm.encode_pairs(pairs, tok, max_len=16)
+  assert len(ex[0]) + len(ex[1]) == 16 and stats['n_truncated'] == 1
+  assert lm.encode_pairs(pairs, tok, max_len=16, truncation='skip')[0] == []
+  with pytest.raises(ValueError, match=r'f.csv:7: 1 prompt \+ 41 completion tokens > data.max_len=16'):
+    lm.encode_pairs(pairs, tok, max_len=16, truncation='error')
+
+
+def test_packing_layout():
+  exs = [([1, 2], [3, 4]), ([5], [6, 7, 8]), ([9, 10, 11], [12])]
+  rows = lm.build_rows(exs, max_len=8, pad_id=0, packing=True)
+  assert rows['input_ids'].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0, 0, 0]]
+  assert rows['segment_ids'].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 0, 0, 0, 0]]
+  assert rows['position_ids'].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 0, 0, 0, 0]]
+  x = IGNORE_INDEX  # no target crosses from one example into the next
+  assert rows['labels'].tolist() == [[x, 3, 4, x, 6, 7, 8, x], [x, x, 12, x, x, x, x, x]]
+
+
+# ------------------------------------------------------------------------------ objective
+
+@pytest.fixture(scope='module')
+def model():
+  """One layer with seeded normal weights set from numpy: no initializer is compiled (eager
+  init compiles every initializer op by op, a jitted one is a large program)."""
+  cfg = gpt2_defaults(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                      intermediate_size=64, max_position_embeddings=32, pad_token_id=0)
+  model_def = ModelDef.create(lambda: build_model(cfg, 'clm', seed=3))
+  rng = np.random.RandomState(3)
+  return model_def.merge(jax.tree.map(
+      lambda x: (rng.standard_normal(x.shape) * 0.3).astype(x.dtype),
+      model_def.abstract_params))
+
+
+EXAMPLES = [([5, 6, 7], [8, 9, 2]), ([10, 11], [12, 13, 14, 2]), ([15], [16, 2]),
+            ([17, 18, 19, 20], [21, 2])]
+
+
+def _loss(model, rows, **kw):
+  obj = completion_objective(**kw)
+  graphdef, state = nnx.split(model)
+  loss_sum, sums = jax.jit(lambda s, b: obj.loss(nnx.merge(graphdef, s), b, None, True))(
+      state, {k: jnp.asarray(v) for k, v in rows.items()})
+  return float(loss_sum), float(sums['weight'])
+
+
+def test_masked_prompt_loss_equals_hand_computed(model):
+  rows = lm.build_rows(EXAMPLES[:2], max_len=10, pad_id=0)
+  graphdef, state = nnx.split(model)
+  logits = np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m)['logits'])(
+      state, rows['input_ids'], rows['attention_mask']), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  # row 0 = 5 6 7 | 8 9 2: positions 2, 3, 4 predict 8, 9, 2
+  # row 1 = 10 11 | 12 13 14 2: positions 1..4 predict 12, 13, 14, 2
+  hand = -(logp[0, 2, 8] + logp[0, 3, 9] + logp[0, 4, 2]
+           + logp[1, 1, 12] + logp[1, 2, 13] + logp[1, 3, 14] + logp[1, 4, 2])
+  for max_targets in (None, 8):  # all positions, or the scored ones gathered
+    loss_sum, weight = _loss(model, rows, max_targets=max_targets)
+    assert weight == 7
+    np.testing.assert_allclose(loss_sum, hand, rtol=2e-6)
+
+
+def test_packing_gives_the_loss_of_unpacked_rows(model):
+  plain = lm.build_rows(EXAMPLES, max_len=8, pad_id=0)
+  packed = lm.build_rows(EXAMPLES, max_len=16, pad_id=0, packing=True)
+  assert len(packed['input_ids']) == 2 and packed['segment_ids'].max() == 3
+  a, wa = _loss(model, plain)
+  b, wb = _loss(model, packed, max_targets=lm.max_targets(packed))
+  assert wa == wb == 11
+  # fp32 sums of the same 12 terms computed in differently shaped programs
+  np.testing.assert_allclose(b, a, rtol=1e-5)
+  # without the segment mask and restarted positions it would not be the same loss
+  leaky = {k: v for k, v in packed.items() if k not in ('segment_ids', 'position_ids')}
+  assert abs(_loss(model, leaky)[0] - a) > 1e-3 * a
+
+
+def test_target_positions_gather_the_scored_labels_in_order(model):
+  labels = jnp.array([[-100, 4, 5, -100, 6], [-100, -100, -100, 7, -100]])
+  assert target_positions(labels, 3).tolist() == [[1, 2, 4], [3, 0, 1]]
+  rows = lm.build_rows(EXAMPLES[:2], max_len=10, pad_id=0)  # 3 and 4 targets
+  assert lm.max_targets(rows, multiple=1) == 4
+  assert np.isnan(_loss(model, rows, max_targets=3)[0])  # never a quietly smaller loss
+
+
+# --------------------------------------------------------------------------------- metrics
+
+def test_generation_metrics_multi_reference():
+  import sacrebleu
+  hyps = ['the eagle is a cheap pub', 'cotto serves french food']
+  refs = [['The Eagle is a cheap pub.', 'the eagle is a pub'], ['Cotto serves French food.']]
+  m = generation_metrics(hyps, refs)
+  want = sacrebleu.corpus_bleu(hyps, [['The Eagle is a cheap pub.', 'Cotto serves French food.'],
+                                      ['the eagle is a pub', None]]).score
+  assert m['bleu'] == pytest.approx(want)
+  assert m['rouge_l'] == pytest.approx(100.0)  # the best reference of each, lowercased: exact
+  assert 0 < m['chrf'] < 100
+  assert generation_metrics(['a b c'], [['x y z']])['bleu'] == 0.0
+  with pytest.raises(ValueError, match='hypothesis 0 has no reference'):
+    generation_metrics(['a'], [[]])
