@@ -93,6 +93,23 @@ def test_bad_rows_name_file_line_and_column(tmp_path):
     lm.read_pairs_file(js)
 
 
+@pytest.mark.parametrize('suffix', ['.csv', '.jsonl', '.txt'])
+def test_bytes_that_are_not_utf8_are_named_not_a_traceback(tmp_path, suffix):
+  """A Latin-1 'é' (0xe9) in row 2 is a bad row named by file, line and byte; skip counts it."""
+  rows = {'.csv': [b'prompt,completion', b'a,b', b'caf\xe9,c', b'd,e'],
+          '.jsonl': [b'{"prompt": "a", "completion": "b"}',
+                     b'{"prompt": "caf\xe9", "completion": "c"}',
+                     b'{"prompt": "d", "completion": "e"}'],
+          '.txt': [b'a', b'caf\xe9', b'd']}[suffix]
+  path = tmp_path / f'latin1{suffix}'
+  path.write_bytes(b'\n'.join(rows) + b'\n')
+  line = 3 if suffix == '.csv' else 2
+  with pytest.raises(ValueError, match=rf'latin1{suffix}:{line}: invalid UTF-8 byte 0xe9'):
+    lm.read_pairs_file(path, require_completion=suffix != '.txt')
+  pairs = lm.read_pairs_file(path, on_bad_row='skip', require_completion=suffix != '.txt')
+  assert pairs.prompts == ['a', 'd']
+
+
 def test_dev_split_is_by_prompt_never_by_row():
   pairs = lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref')
   train, dev = lm.split_by_prompt(pairs, 0.2, seed=0)

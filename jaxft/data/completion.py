@@ -33,9 +33,9 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, TaskData,
+from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, TaskData, bad_bytes,
                                check_truncation, hf_column, hf_load, hf_split_name,
-                               normalize_split, split_file)
+                               normalize_split, open_text, split_file)
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'txt')
 
@@ -118,6 +118,9 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
   with_completion = completion_column is not None and fmt != 'txt'
 
   def add(where, prompt, completion):
+    why = bad_bytes(f'{prompt} {completion if with_completion else ""}')
+    if why is not None:
+      return bad(where, 'bad_encoding', why)
     if prompt is None or not str(prompt).strip():
       return bad(where, 'empty_prompt', f'empty prompt in column {prompt_column!r}')
     if with_completion and (completion is None or not str(completion).strip()):
@@ -126,7 +129,7 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
     completions.append(str(completion).strip() if with_completion else None)
     sources.append(where)
 
-  with open(path, encoding='utf-8-sig', newline='' if fmt in ('csv', 'tsv') else None) as f:
+  with open_text(path, newline='' if fmt in ('csv', 'tsv') else None) as f:
     if fmt == 'txt':
       for lineno, line in enumerate(f, 1):
         if line.strip():
@@ -157,6 +160,8 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
       reader = csv.reader(f, **(dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv'
                                  else dict(delimiter=',')))
       header = [h.strip() for h in next(reader, [])]
+      if bad_bytes(' '.join(header)):
+        raise ValueError(f'{path}:1: header: {bad_bytes(" ".join(header))}')
       if not header:
         raise ValueError(f'{path}:1: empty file, expected a header row')
       if prompt_column not in header:
