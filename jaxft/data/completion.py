@@ -160,18 +160,8 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
       reader = csv.reader(f, **(dict(delimiter='\t', quoting=csv.QUOTE_NONE) if fmt == 'tsv'
                                  else dict(delimiter=',')))
       header = [h.strip() for h in next(reader, [])]
-      if bad_bytes(' '.join(header)):
-        raise ValueError(f'{path}:1: header: {bad_bytes(" ".join(header))}')
-      if not header:
-        raise ValueError(f'{path}:1: empty file, expected a header row')
-      if prompt_column not in header:
-        raise ValueError(f'{path}:1: data.prompt_column={prompt_column!r} is not a column; '
-                         f'columns are {header}')
-      if with_completion and completion_column not in header:
-        if require_completion:
-          raise ValueError(f'{path}:1: data.completion_column={completion_column!r} is not a '
-                           f'column; columns are {header}')
-        with_completion = False
+      with_completion = _check_header(path, header, prompt_column, completion_column,
+                                      with_completion, require_completion)
       pi = header.index(prompt_column)
       ci = header.index(completion_column) if with_completion else None
       for row in reader:
@@ -188,6 +178,24 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
   if require_completion and not with_completion:
     raise ValueError(f'{path}: no completions (column {completion_column!r}) to train on')
   return Pairs(prompts, completions if with_completion else None, sources)
+
+
+def _check_header(path, header: list[str], prompt_column: str, completion_column: str | None,
+                  with_completion: bool, require_completion: bool) -> bool:
+  """Raises naming the file for a header without the columns; whether completions are read."""
+  if bad_bytes(' '.join(header)):
+    raise ValueError(f'{path}:1: header: {bad_bytes(" ".join(header))}')
+  if not header:
+    raise ValueError(f'{path}:1: empty file, expected a header row')
+  if prompt_column not in header:
+    raise ValueError(f'{path}:1: data.prompt_column={prompt_column!r} is not a column; '
+                     f'columns are {header}')
+  if with_completion and completion_column not in header:
+    if require_completion:
+      raise ValueError(f'{path}:1: data.completion_column={completion_column!r} is not a '
+                       f'column; columns are {header}')
+    return False
+  return with_completion
 
 
 def read_pairs_hf(dataset, *, prompt_column: str, completion_column: str | None,
