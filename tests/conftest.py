@@ -31,6 +31,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+def pytest_configure(config):
+  # xdist reorders files by their number of tests unless told not to: keep the order below
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
   """Files with slow tests first (stable otherwise): with a worker per core taking whole files
   (--dist loadfile), the long files start at once and the short ones fill in behind them,
