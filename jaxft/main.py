@@ -47,7 +47,8 @@ class _QuietLibraries:
   def filter(self, record):
     if '/jaxft/' in record.pathname:
       return True
-    return record.levelno >= 30 and not any(n in str(record.msg) for n in self.NOISE)
+    message = record.getMessage()  # the formatted text: a path argument may hold the noise
+    return record.levelno >= 30 and not any(n in message for n in self.NOISE)
 
 
 def quiet_library_logs():

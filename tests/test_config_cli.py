@@ -2,6 +2,7 @@
 overridden with --config.<key>=..., a custom task is fully described from the command line,
 and --show_config lists every key with its default and what it means."""
 import dataclasses
+import logging
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxft import stages
+from jaxft import main, stages
 from jaxft.config import ConfigError
 from jaxft.data.completion import CompletionData
 from jaxft.data.pretrain import CHOICES, LmDataSettings
@@ -171,3 +172,16 @@ def _has(cfg, key: str) -> bool:
   except (KeyError, AttributeError):
     return False
   return True
+
+
+def test_orbax_warnings_about_intended_reads_stay_off_the_console():
+  """Orbax warns 'Metadata file does not exist: %s' with the path as an argument when jaxft
+  reads one item of a checkpoint (init_from); the filter reads the formatted message."""
+  def record(msg, args, level=logging.WARNING, path='/x/orbax/checkpoint/checkpoint.py'):
+    return logging.LogRecord('absl', level, path, 1, msg, args, None)
+  quiet = main._QuietLibraries()
+  assert not quiet.filter(record('Metadata file does not exist: %s',
+                                 ('/w/checkpoints/600/state/_CHECKPOINT_METADATA',)))
+  assert quiet.filter(record('Metadata file does not exist: %s', ('/w/other',)))
+  assert not quiet.filter(record('saving step %d', (5,), level=logging.INFO))
+  assert quiet.filter(record('step %d', (5,), level=logging.INFO, path='/r/jaxft/train/loop.py'))
