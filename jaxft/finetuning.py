@@ -18,6 +18,9 @@ from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification as objectives
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
+from jaxft.train import optimizer as optim
+from jaxft.train.optimizer import FreezeSettings
+from jaxft.train.state import ModelDef
 
 
 def model_and_tokenizer(init_from: str, model: ModelConfig, tokenizer_path: str,
@@ -46,6 +49,24 @@ def load_split(data, tokenizer, split: str):
     if split == 'train':
       raise
     return None, None
+
+
+def init_trainable(model_def: ModelDef, init_from: str, freeze: FreezeSettings, pcfg: PeftConfig,
+                   *, max_len: int, num_layers: int):
+  """(model_def, init params, trainable mask, layer-wise lr scale, init report) of a
+  fine-tune: weights from `init_from` (logged), then freezing and PEFT (which may re-hang the
+  model, its parameters and the mask)."""
+  init_params, report = (sources.load_init(init_from, model_def) if init_from else (None, None))
+  if report:
+    logging.info('init_from %s: %d tensors loaded; new (freshly initialised): %s; dropped: %s',
+                 init_from, report['loaded'], report['missing'], report['unused'])
+  trainable = optim.trainable_mask(freeze, model_def.abstract_params)
+  peft_parts = peft_lib.setup(pcfg, model_def, init_params, trainable,
+                              fresh=report['missing'] if report else (), max_len=max_len)
+  if peft_parts is not None:
+    model_def, init_params, trainable = peft_parts
+  lr_scale = optim.layerwise_lr_scale(freeze, model_def.abstract_params, num_layers)
+  return model_def, init_params, trainable, lr_scale, report
 
 
 def resolve_steps(train: loop.TrainSettings, n_train: int) -> tuple[loop.TrainSettings, int]:

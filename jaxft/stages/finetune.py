@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import logging
 
 from jaxft import config as config_lib
-from jaxft import peft as peft_lib
 from jaxft import sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.export import ExportSettings
-from jaxft.finetuning import (export_trained, load_split, model_and_tokenizer, resolve_steps,
-                              summary, test_hook, with_default_metric)
+from jaxft.finetuning import (export_trained, init_trainable, load_split, model_and_tokenizer,
+                              resolve_steps, summary, test_hook, with_default_metric)
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification as objectives
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
-from jaxft.train import optimizer as optim
 from jaxft.train.metrics import write_results
 from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
@@ -90,20 +87,11 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   num_labels = info['num_labels']
   model_def = ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
                                                   seed=s.loop.seed))
-  init_params, report = (sources.load_init(s.init_from, model_def) if s.init_from else
-                         (None, None))
-  if report:
-    logging.info('init_from %s: %d tensors loaded; new task head/params: %s; dropped: %s',
-                 s.init_from, report['loaded'], report['missing'], report['unused'])
+  model_def, init_params, trainable, lr_scale, report = init_trainable(
+      model_def, s.init_from, s.freeze, s.peft, max_len=s.data.max_len, num_layers=mcfg.num_layers)
   ls = float(s.freeze.label_smoothing or 0.0)
   objective = (objectives.cls(num_labels, info['is_regression'], label_smoothing=ls)
                if s.kind == 'cls' else objectives.ner(num_labels, label_smoothing=ls))
-  trainable = optim.trainable_mask(s.freeze, model_def.abstract_params)
-  peft_parts = peft_lib.setup(s.peft, model_def, init_params, trainable,
-                              fresh=report['missing'] if report else (), max_len=s.data.max_len)
-  if peft_parts is not None:
-    model_def, init_params, trainable = peft_parts
-  lr_scale = optim.layerwise_lr_scale(s.freeze, model_def.abstract_params, mcfg.num_layers)
 
   bs = settings.train.batch_size
   data = loop.Data(

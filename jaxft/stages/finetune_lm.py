@@ -16,23 +16,20 @@ import dataclasses
 import os
 
 import numpy as np
-from absl import logging
 
 from jaxft import config as config_lib
 from jaxft import generation, sources
-from jaxft import peft as peft_lib
 from jaxft.data import completion as lm_data
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import pad_id as pad_id_of
 from jaxft.export import ExportSettings
-from jaxft.finetuning import export_trained, model_and_tokenizer, resolve_steps
+from jaxft.finetuning import export_trained, init_trainable, model_and_tokenizer, resolve_steps
 from jaxft.generation import DecodingSection
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.objectives.completion import completion_objective
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
-from jaxft.train import optimizer as optim
 from jaxft.train.metrics import GENERATION_METRICS, write_results
 from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
@@ -162,18 +159,8 @@ def _init(s: Settings, mcfg, workdir: str, tokenizer):
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
   sources.record_model(workdir, mcfg)
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm', seed=s.loop.seed))
-  init_params, report = (sources.load_init(s.init_from, model_def) if s.init_from else
-                         (None, None))
-  if report:
-    logging.info('init_from %s: %d tensors loaded; new: %s; dropped: %s', s.init_from,
-                 report['loaded'], report['missing'], report['unused'])
-  trainable = optim.trainable_mask(s.freeze, model_def.abstract_params)
-  peft_parts = peft_lib.setup(s.peft, model_def, init_params, trainable,
-                              fresh=report['missing'] if report else (), max_len=s.data.max_len)
-  if peft_parts is not None:
-    model_def, init_params, trainable = peft_parts
-  lr_scale = optim.layerwise_lr_scale(s.freeze, model_def.abstract_params, mcfg.num_layers)
-  return model_def, init_params, trainable, lr_scale, report
+  return init_trainable(model_def, s.init_from, s.freeze, s.peft, max_len=s.data.max_len,
+                        num_layers=mcfg.num_layers)
 
 
 def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
