@@ -26,7 +26,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = '/work/shared/data/lm_corpus'
 CONFIG = os.path.join(REPO, 'configs/bert_mlm.py') + ':tiny'
 FILE_BYTES = 16 << 20
+sys.path.insert(0, REPO)
+from bench.machine import cpu_name
 
 
 def parse_args(argv=None):
@@ -167,18 +168,6 @@ def bench_size(a, megabytes: int, docs: list[str], cache_dir: str) -> dict:
     row[f'train_rss_mib_{name}'] = r['peak_rss_mib']
     row[f'first_step_s_{name}'] = r['first_step_s']
   return row
-
-
-def cpu_name() -> str:
-  with open('/proc/cpuinfo') as f:
-    info = f.read()
-  model = re.search(r'model name\s*:\s*(.*)', info)
-  flags = re.search(r'flags\s*:\s*(.*)', info)
-  flags = set(flags.group(1).split()) if flags else set()
-  simd = 'avx512' if any(f.startswith('avx512') for f in flags) else (
-      'avx2' if 'avx2' in flags else 'no avx2')
-  return (f'{model.group(1).strip() if model else "unknown"}, {os.cpu_count()} cores '
-          f'({simd})')
 
 
 def table(rows: list[dict], procs: list[int]) -> str:

@@ -40,7 +40,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -55,6 +54,8 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
+
+from bench.machine import cpu_name  # noqa: E402
 
 RECIPES = {
     'sst2': dict(lr=1e-4, batch=32, max_len=64, warmup_ratio=0.06, weight_decay=0.01,
@@ -360,7 +361,7 @@ def main(argv=None):
       shutil.rmtree(tmp, ignore_errors=True)
 
   print()
-  print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
+  print(f'machine: {cpu_name()}; '
         f'model {model_dir}')
   for note in notes:
     print('  ' + note)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,22 +29,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.machine import cpu_name
 
 PRESETS = {  # layers, hidden, heads, positions
     'e2e': (4, 128, 4, 256),           # configs/finetune_lm.py:e2e
     'gpt2-small': (12, 768, 12, 1024),  # 124M
 }
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def build(preset: str, seed: int, out_dir: str):
@@ -137,7 +126,7 @@ def main(argv=None):
                          same_ids=bool(np.array_equal(toks_j, toks_t))))
         print(rows[-1], flush=True)
   layers, hidden, heads, _ = PRESETS[args.preset]
-  print(f'\n{cpu_name()}, {os.cpu_count()} cores; GPT-2 {args.preset} (L{layers} H{hidden} '
+  print(f'\n{cpu_name()}; GPT-2 {args.preset} (L{layers} H{hidden} '
         f'A{heads}, vocab {vocab}), prompt {args.prompt_len}, {args.new} new tokens, fp32; '
         f'jax {__import__("jax").__version__}, torch {torch.__version__}, transformers '
         f'{transformers.__version__}\n')

@@ -58,7 +58,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,6 +65,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+from bench.machine import cpu_name
 
 PRESETS = {
     'bert-mini': dict(model='bert', layers=4, hidden=256, heads=4, intermediate=1024,
@@ -223,6 +223,7 @@ def jax_model_config(a, bf16: bool, attn_dropout: float):
 def setup_jax(a, mode: str, log) -> Row:
   import jax
   import numpy as np
+
   from jaxft import partitioning
   from jaxft.data.masking import MaskingSettings
   from jaxft.models import build_model
@@ -525,8 +526,8 @@ def main(argv=None) -> list[dict]:
   print(f'\n{a.model}: L{a.layers} H{a.hidden} A{a.heads} I{a.intermediate} V{a.vocab}; '
         f'batch {a.batch} x seq {a.seq} = {tokens} tokens/step; padding fraction {pad:.3f}; '
         f'dropout hidden {a.hidden_dropout} attention {a.attn_dropout}; median of {a.steps} '
-        f'interleaved rounds after {a.warmup} warm-up step(s); {n_cores} cores '
-        f'({platform.processor() or platform.machine()})')
+        f'interleaved rounds after {a.warmup} warm-up step(s); {n_cores} threads; '
+        f'CPU: {cpu_name()}')
   print('matmul peaks (TFLOP/s, %d^3, median over the rounds): %s' % (a.peak_size, ', '.join(
       f'{k} {v:.3f}' for k, v in peaks.items())))
   print(f'MFU peaks: fp32 rows -> {peak_name["fp32"]} ({peak_for["fp32"]:.3f}), '
