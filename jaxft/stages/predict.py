@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from jaxft import config as config_lib
 from jaxft import files, partitioning, sources
@@ -231,10 +232,11 @@ def _scores(model_def, params, arrays, softmax: bool, s: Settings) -> np.ndarray
   return _evaluate(model_def, params, inputs, outputs('logits', transform), 1, s)['logits']
 
 
-def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Settings) -> dict:
+def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Settings,
+              desc: str = '') -> dict:
   """An eval objective's per-example outputs in input order; a batch holds about
   predict.batch_size model rows (`rows_per_example` each), a multiple of the data-parallel
-  size."""
+  size. With `desc`, a progress bar (rate, ETA)."""
   mesh, rules = s.mesh.build()
   dp = partitioning.data_parallel_size(mesh, rules)
   bs = max(s.predict.batch_size // rows_per_example // dp, 1) * dp
@@ -242,6 +244,9 @@ def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Se
   params = jax.device_put(params, p_sh)
   eval_step = make_eval_step(model_def, objective, mesh, rules, p_sh)
   batches = loader_lib.eval_batches(arrays, bs)()
+  if desc:
+    batches = tqdm(batches, desc=desc, unit='batch', total=-(-len(arrays['input_ids']) // bs),
+                   disable=not loop.is_main(), dynamic_ncols=True)
   return loop.evaluate(eval_step, params, batches, mesh, rules,
                        lambda sums, per: loader_lib.ordered(per))
 
@@ -254,7 +259,8 @@ def _explain(model_def, params, arrays, kind, model_type, tokenizer, s: Settings
                                 pad_id=tokenizer.pad_token_id)
   ig = p.explain == 'integrated_gradients'
   batch_arrays = explain.explain_arrays(arrays, explain.special_ids(tokenizer))
-  out = _evaluate(model_def, params, batch_arrays, objective, p.ig_steps if ig else 1, s)
+  out = _evaluate(model_def, params, batch_arrays, objective, p.ig_steps if ig else 1, s,
+                  desc=p.explain)
   if ig and loop.is_main():
     explain.log_completeness(out, p.ig_steps)
   tokens = [tokenizer.convert_ids_to_tokens(row) for row in arrays['input_ids'].tolist()]
