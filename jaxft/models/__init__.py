@@ -42,6 +42,21 @@ def abstract_model(cfg: ModelConfig, head: str, **kw):
   return nnx.eval_shape(lambda: build_model(cfg, head, **kw))
 
 
+def word_embeddings(model):
+  """The word-embedding module (`Embed`) of any of the models here, wrapped or not (a
+  PEFT model re-hangs the base model's children): what `inputs_embeds` replaces."""
+  for path in (('bert', 'embeddings', 'word'), ('embeddings', 'word'), ('transformer', 'wte'),
+               ('wte',)):
+    node = model
+    try:
+      for p in path:
+        node = getattr(node, p)
+    except AttributeError:
+      continue
+    return node
+  raise ValueError(f'cannot find the word embeddings of {type(model).__name__}')
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in flat_params(tree).values()))
 
@@ -70,4 +85,4 @@ def params_by_module(tree, depth: int = 2) -> dict[str, int]:
 
 __all__ = ['ModelConfig', 'gpt2_defaults', 'build_model', 'abstract_model', 'count_params',
            'params_by_module', 'flat_params', 'generate', 'decode', 'DecodeSettings', 'HEADS',
-           'layer_index', 'is_embedding']
+           'layer_index', 'is_embedding', 'word_embeddings']

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models import word_embeddings
 from jaxft.models.config import ACTIVATIONS
 from jaxft.models.layers import Dense, Dropout, LayerNorm, matmul, param
 from jaxft.peft.config import PeftConfig
@@ -119,19 +120,6 @@ class PeftDense(Dense):
     return y if self.adapter is None else self.adapter(y)
 
 
-def _word_embed(model):
-  for path in (('bert', 'embeddings', 'word'), ('embeddings', 'word'), ('transformer', 'wte'),
-               ('wte',)):
-    node = model
-    try:
-      for p in path:
-        node = getattr(node, p)
-    except AttributeError:
-      continue
-    return node
-  raise ValueError(f'prompt tuning: cannot find the word embeddings of {type(model).__name__}')
-
-
 class PeftModel(nnx.Module):
   """The base model's children re-hung on a module that adds soft prompts and the LoRA
   dropout context, then runs the base class's own forward on itself.
@@ -151,7 +139,7 @@ class PeftModel(nnx.Module):
       if not k.startswith('_'):
         setattr(self, k, v)
     prompted = 'prompt' in pcfg.methods
-    word = _word_embed(self).embedding if prompted else None
+    word = word_embeddings(self).embedding if prompted else None
     self.prompt = param(rngs, jax.nn.initializers.normal(0.02),
                         (pcfg.prompt_length, word[...].shape[1]), word[...].dtype,
                         ('prompt', _names(word)[1])) if prompted else None
@@ -174,7 +162,7 @@ class PeftModel(nnx.Module):
                        '(segment_ids) are not supported')
     embeds = kw.pop('inputs_embeds', None)
     if embeds is None:
-      embeds = _word_embed(self)(input_ids)
+      embeds = word_embeddings(self)(input_ids)
     b, n = embeds.shape[:2]
     k, at = self.prompt.shape[0], self.prompt_at
     p = jnp.broadcast_to(self.prompt[...].astype(embeds.dtype)[None], (b, k, embeds.shape[2]))
@@ -229,7 +217,7 @@ class PeftModel(nnx.Module):
       raise ValueError('incremental decoding with a soft prompt needs a decoder (GPT-2)')
     k = self.prompt.shape[0]
     cache = self.base_cls.init_cache(self, batch_size, max_length + k, dtype)
-    word = _word_embed(self).embedding[...]
+    word = word_embeddings(self).embedding[...]
     embeds = jnp.broadcast_to(self.prompt[...].astype(word.dtype)[None],
                               (batch_size, k, word.shape[1]))
     out = self.base_cls.__call__(self, None, None, None, inputs_embeds=embeds, cache=cache,

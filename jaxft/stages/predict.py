@@ -10,7 +10,10 @@ its content whatever the file's name). Each output line holds the input, the pre
 label with class probabilities (classification) or tagged tokens and entities (NER), and the
 gold label when the input has one; with gold labels the task's metrics (accuracy / F1 / MCC
 / correlations, entity F1) go to results.json: an eval-only run of any workdir. Inference
-runs in predict.dtype (float32 by default, whatever the training used).
+runs in predict.dtype (float32 by default, whatever the training used). With
+predict.explain each line also holds one attribution per input token (integrated gradients
+or attention rollout, jaxft/objectives/explain.py), and predict.explain_html writes them as
+a page of highlighted tokens (docs/explain.md).
 """
 from __future__ import annotations
 
@@ -22,14 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from jaxft import config as config_lib
-from jaxft import partitioning, sources
+from jaxft import files, partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError, read_text_lines
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
+from jaxft.objectives import explain
 from jaxft.objectives.outputs import outputs
 from jaxft.partitioning import MeshSettings
 from jaxft.train import loop
@@ -50,6 +55,10 @@ class PredictSettings:
   batch_size: int = 64
   checkpoint: str = 'best'  # best | latest
   dtype: str = 'float32'    # inference precision, whatever the training used (bfloat16: faster)
+  explain: str = ''         # '' | integrated_gradients | attention_rollout (docs/explain.md)
+  ig_steps: int = 64        # integrated gradients: points of the path (forward+backward each)
+  ig_baseline: str = 'pad'  # pad (the pad-token embedding) | zeros, at non-special tokens
+  explain_html: str = ''    # with explain: also write this HTML page of highlighted tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +76,23 @@ def parse(cfg) -> Settings:
                                  "'latest'")
   if p.dtype not in ('float32', 'bfloat16'):
     raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', 'bfloat16'")
+  _check_explain(p)
   return Settings(source=config_lib.scalar(cfg, 'init_from', ''), predict=p,
                   mesh=config_lib.section(MeshSettings, cfg.get('mesh'), 'mesh'))
+
+
+def _check_explain(p: PredictSettings) -> None:
+  if p.explain not in ('',) + explain.METHODS:
+    raise config_lib.ConfigError(f'predict.explain={p.explain!r}; allowed: \'\', '
+                                 + ', '.join(repr(m) for m in explain.METHODS))
+  if p.ig_steps < 2:
+    raise config_lib.ConfigError(f'predict.ig_steps={p.ig_steps} must be >= 2')
+  if p.ig_baseline not in explain.BASELINES:
+    raise config_lib.ConfigError(f'predict.ig_baseline={p.ig_baseline!r}; allowed: '
+                                 + ', '.join(repr(b) for b in explain.BASELINES))
+  if p.explain_html and not p.explain:
+    raise config_lib.ConfigError('predict.explain_html is set but predict.explain is empty: '
+                                 'set predict.explain=integrated_gradients|attention_rollout')
 
 
 def _trained(src: str) -> dict:
@@ -160,15 +184,23 @@ def run(s: Settings, workdir: str) -> dict:
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
+  attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
+                  if s.predict.explain else None)
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   if loop.is_main():
     records = (_cls_records(ex, scores, labels) if kind == 'cls' else
                _ner_records(ex, scores, arrays, labels))
+    for rec, attr in zip(records, attributions or ()):
+      rec['attributions'] = attr
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, 'w') as f:
       for rec in records:
         f.write(json.dumps(rec) + '\n')
     logging.info('wrote %d predictions to %s', len(records), out_path)
+    if s.predict.explain_html:
+      files.atomic_write(s.predict.explain_html,
+                         explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')
+      logging.info('wrote %s', s.predict.explain_html)
   metrics = _metrics(kind, scores, arrays, ex, labels)
   result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
             **metrics}
@@ -194,18 +226,45 @@ def _metrics(kind: str, scores: np.ndarray, arrays: dict, ex: dict, labels: dict
 
 def _scores(model_def, params, arrays, softmax: bool, s: Settings) -> np.ndarray:
   """Per-example class probabilities (scores for regression / NER logits), in order."""
+  transform = (lambda x: jax.nn.softmax(x.astype(jnp.float32), -1)) if softmax else None
+  inputs = {k: v for k, v in arrays.items() if k in ('input_ids', 'attention_mask',
+                                                      'token_type_ids')}
+  return _evaluate(model_def, params, inputs, outputs('logits', transform), 1, s)['logits']
+
+
+def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Settings,
+              desc: str = '') -> dict:
+  """An eval objective's per-example outputs in input order; a batch holds about
+  predict.batch_size model rows (`rows_per_example` each), a multiple of the data-parallel
+  size. With `desc`, a progress bar (rate, ETA)."""
   mesh, rules = s.mesh.build()
   dp = partitioning.data_parallel_size(mesh, rules)
-  bs = max(s.predict.batch_size // dp, 1) * dp
+  bs = max(s.predict.batch_size // rows_per_example // dp, 1) * dp
   p_sh = model_def.param_shardings(mesh, rules)
   params = jax.device_put(params, p_sh)
-  transform = (lambda x: jax.nn.softmax(x.astype(jnp.float32), -1)) if softmax else None
-  eval_step = make_eval_step(model_def, outputs('logits', transform), mesh, rules, p_sh)
-  batches = loader_lib.eval_batches(
-      {k: v for k, v in arrays.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')},
-      bs)()
+  eval_step = make_eval_step(model_def, objective, mesh, rules, p_sh)
+  batches = loader_lib.eval_batches(arrays, bs)()
+  if desc:
+    batches = tqdm(batches, desc=desc, unit='batch', total=-(-len(arrays['input_ids']) // bs),
+                   disable=not loop.is_main(), dynamic_ncols=True)
   return loop.evaluate(eval_step, params, batches, mesh, rules,
-                       lambda sums, per: loader_lib.ordered(per)['logits'])
+                       lambda sums, per: loader_lib.ordered(per))
+
+
+def _explain(model_def, params, arrays, kind, model_type, tokenizer, s: Settings):
+  """Per example, [{'token', 'score'}] by predict.explain (jaxft/objectives/explain.py)."""
+  p = s.predict
+  objective = explain.explainer(p.explain, kind=kind, query=explain.query_for(kind, model_type),
+                                steps=p.ig_steps, baseline=p.ig_baseline,
+                                pad_id=tokenizer.pad_token_id)
+  ig = p.explain == 'integrated_gradients'
+  batch_arrays = explain.explain_arrays(arrays, explain.special_ids(tokenizer))
+  out = _evaluate(model_def, params, batch_arrays, objective, p.ig_steps if ig else 1, s,
+                  desc=p.explain)
+  if ig and loop.is_main():
+    explain.log_completeness(out, p.ig_steps)
+  tokens = [tokenizer.convert_ids_to_tokens(row) for row in arrays['input_ids'].tolist()]
+  return explain.token_attributions(tokens, arrays['attention_mask'], out['attributions'])
 
 
 def _cls_records(ex: dict, scores: np.ndarray, labels: dict) -> list[dict]:
