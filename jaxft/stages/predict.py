@@ -10,7 +10,8 @@ its content whatever the file's name). Each output line holds the input, the pre
 label with class probabilities (classification) or tagged tokens and entities (NER), and the
 gold label when the input has one; with gold labels the task's metrics (accuracy / F1 / MCC
 / correlations, entity F1) go to results.json: an eval-only run of any workdir. Inference
-runs in predict.dtype (float32 by default, whatever the training used).
+runs in predict.dtype (float32 by default, whatever the training used);
+predict.quantize=int8 runs it with int8 dense kernels (jaxft.models.quantize).
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ from jaxft import partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError, read_text_lines
+from jaxft.export import int8_model
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
+from jaxft.models.quantize import param_bytes
 from jaxft.objectives.outputs import outputs
 from jaxft.partitioning import MeshSettings
 from jaxft.train import loop
@@ -50,6 +53,7 @@ class PredictSettings:
   batch_size: int = 64
   checkpoint: str = 'best'  # best | latest
   dtype: str = 'float32'    # inference precision, whatever the training used (bfloat16: faster)
+  quantize: str = ''        # 'int8': per-channel int8 dense kernels (docs/deploy.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,11 @@ def parse(cfg) -> Settings:
                                  "'latest'")
   if p.dtype not in ('float32', 'bfloat16'):
     raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', 'bfloat16'")
+  if p.quantize not in ('', 'int8'):
+    raise config_lib.ConfigError(f"predict.quantize={p.quantize!r}; allowed: '', 'int8'")
+  if p.quantize and p.dtype != 'float32':
+    raise config_lib.ConfigError('predict.quantize=int8 runs with predict.dtype=float32 '
+                                 f'(int8 dots, fp32 scales), not {p.dtype}')
   return Settings(source=config_lib.scalar(cfg, 'init_from', ''), predict=p,
                   mesh=config_lib.section(MeshSettings, cfg.get('mesh'), 'mesh'))
 
@@ -158,6 +167,8 @@ def run(s: Settings, workdir: str) -> dict:
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
   base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
+  if s.predict.quantize == 'int8':
+    model_def, params = int8_model(model_def, params)
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
@@ -171,7 +182,7 @@ def run(s: Settings, workdir: str) -> dict:
     logging.info('wrote %d predictions to %s', len(records), out_path)
   metrics = _metrics(kind, scores, arrays, ex, labels)
   result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
-            **metrics}
+            'quantize': s.predict.quantize, 'param_bytes': param_bytes(params), **metrics}
   if loop.is_main() and metrics:
     print(f'predict on {s.predict.input}: ' + ', '.join(f'{k}={v:.4f}' for k, v in
                                                          metrics.items()))
