@@ -91,6 +91,9 @@ def test_int8_dense_error_within_the_absmax_bound():
     kernel[..., 3] *= 1e-3  # a tiny output channel
     kq, scale, got, bound = jax.jit(_quantized_and_bound, static_argnums=2)(x, kernel, contract)
     assert kq.dtype == jnp.int8 and int(jnp.abs(kq).max()) == 127
+    # each weight within half a step of its channel's scale (rounding to nearest)
+    half_step = np.asarray(scale) / 2 * (1 + 4 * np.finfo(np.float32).eps)
+    assert (np.abs(kernel - np.asarray(kq, np.float32) * np.asarray(scale)) <= half_step).all()
     exact = np.tensordot(x.astype(np.float64), kernel.astype(np.float64), contract)
     got, bound = np.asarray(got, np.float64), np.asarray(bound)
     err = np.abs(got - exact)
