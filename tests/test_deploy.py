@@ -20,7 +20,7 @@ from jaxft import stages
 from jaxft.config import ConfigError
 from jaxft.data.classification import GLUE_TASKS
 from jaxft.data.tokenizer import load_tokenizer
-from jaxft.export import ExportSettings, check_onnx
+from jaxft.export import ExportSettings, check_onnx, export_onnx
 from jaxft.models import ModelConfig, build_model, quantize
 from jaxft.train.state import ModelDef
 
@@ -56,7 +56,8 @@ def dev_batch(wd: str, n: int = 32, padding: str = 'longest') -> tuple[list[str]
 
 def test_onnx_export_gives_the_jaxft_logits(onnx_run):
   """export/model.onnx on real padded dev texts (a batch and length other than the export
-  trace's: dynamic axes) equals the jaxft model's logits within 1e-4 of the largest."""
+  trace's: dynamic axes) equals the jaxft model's logits within 1e-4 of the largest; a
+  mismatch is an error."""
   wd, res = onnx_run
   path = os.path.join(wd, 'export', 'model.onnx')
   assert res['onnx']['path'] == path and res['onnx']['max_abs_diff'] <= res['onnx']['tol']
@@ -71,6 +72,11 @@ def test_onnx_export_gives_the_jaxft_logits(onnx_run):
   # fp32 in two op orders: a few roundings per layer, ~1e-6 of the largest logit
   assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
   assert np.abs(want[:, 1] - want[:, 0]).max() > 1e-2  # a trained head, not a constant
+  # a reference 0.01 away (tol here: 1e-4 * max(1, |logit| < 10)) is an error naming it
+  wrong = lambda batch: session.run(['logits'], batch)[0] + 0.01
+  with pytest.raises(ValueError, match=r'model.onnx gives logits 0.01 away from jaxft.s '
+                                       r'\(max abs difference; allowed 0.000'):
+    export_onnx(os.path.join(wd, 'export'), 'cls', wrong, max_len=64)
 
 
 def _quantized_and_bound(x, kernel, contract):
