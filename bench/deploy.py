@@ -14,7 +14,7 @@ takes by default. Sizes: the file a form is served from (the safetensors of the
 parameters for jaxft, written here for int8; model.onnx; export/model.safetensors).
 
   python -m jaxft.main --config configs/finetune_cls.py:sst2 --config.init_from=MINILM \
-      --config.data.max_len=64 --config.train.num_steps=300 --config.optimizer.lr=1e-4 \
+      --config.data.max_len=64 --config.train.num_steps=60 --config.optimizer.lr=1e-4 \
       --config.train.eval_every=0 --config.export.onnx=True --workdir W
   python bench/deploy.py --workdir W
 
