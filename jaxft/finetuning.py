@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 from absl import logging
 
 from jaxft import peft as peft_lib
@@ -13,7 +14,7 @@ from jaxft import sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError
-from jaxft.export import ExportSettings, export_hf
+from jaxft.export import ExportSettings, export_hf, export_onnx, jax_logits
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification as objectives
 from jaxft.peft import PeftConfig
@@ -123,18 +124,27 @@ def test_hook(kind: str, test_arrays, test_info, batch_size: int) -> list[loop.H
 
 def export_trained(pcfg: PeftConfig, export: ExportSettings, params, trainable, mcfg, head: str,
                    workdir: str, tokenizer, *, init_from: str = '', id2label=None,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, model_def: ModelDef | None = None,
+                   max_len: int = 0) -> dict | None:
   """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
-  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export)."""
+  Face directory, and for a PEFT run every form its method allows (jaxft.peft.export);
+  with `export.onnx`, export/model.onnx checked against `model_def`'s logits on inputs of
+  up to `max_len` tokens (returns that check's {path, max_abs_diff, tol})."""
   extra = {'init_from': init_from, **(extra or {})}
   if pcfg.enabled:
     out = peft_lib.save_checkpoint(pcfg, params, trainable, workdir,
                                    extra={**extra, 'head': head, 'model': mcfg.to_dict()})
     logging.info('saved the PEFT weights to %s', out)
   if not export.hf:
-    return
+    return None
   if pcfg.enabled:
     peft_lib.export_peft(pcfg, params, trainable, mcfg, head, os.path.join(workdir, 'export'),
                          tokenizer=tokenizer, id2label=id2label, extra=extra)
   else:
     export_hf(params, mcfg, head, workdir, tokenizer, id2label=id2label)
+  if not export.onnx:
+    return None
+  reference = jax_logits(model_def, params)  # every process gathers; process 0 exports
+  if jax.process_index() != 0:
+    return None
+  return export_onnx(os.path.join(workdir, 'export'), head, reference, max_len=max_len)

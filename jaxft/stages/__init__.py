@@ -86,6 +86,9 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
+ONNX_STAGES = ('finetune_cls', 'finetune_ner')  # the stages whose export reads export.onnx
+
+
 def section_types(cfg) -> dict[str, type]:
   """{dotted section name: the settings dataclass that holds its defaults and meanings}."""
   types = {'model': ModelConfig, 'mesh': MeshSettings, 'optimizer': OptimizerSettings,
@@ -125,6 +128,9 @@ def parse(cfg):
   if stage is None:
     raise ConfigError(f'stage={cfg.stage!r} does not exist'
                       f'{config_lib.closest(cfg.stage, REGISTRY)}; stages: {sorted(REGISTRY)}')
+  if cfg.get('export', {}).get('onnx') and cfg.stage not in ONNX_STAGES:
+    raise ConfigError(f'export.onnx=True: stage {cfg.stage} has no ONNX export (stages: '
+                      f'{", ".join(ONNX_STAGES)})')
   try:
     return stage.parse(cfg)
   except ConfigError:

@@ -15,7 +15,7 @@ from jaxft import config as config_lib
 from jaxft import sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.export import ExportSettings
+from jaxft.export import ExportSettings, check_onnx
 from jaxft.finetuning import (export_trained, init_trainable, load_split, model_and_tokenizer,
                               resolve_steps, summary, test_hook, with_default_metric)
 from jaxft.models import build_model
@@ -57,6 +57,7 @@ def parse(cfg) -> Settings:
                peft=config_lib.peft_settings(cfg),
                export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
                init_from=config_lib.scalar(cfg, 'init_from', ''))
+  check_onnx(s.export)
   if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
     raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
                                  f'model.max_position_embeddings={s.model.max_position_embeddings}')
@@ -106,12 +107,17 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   results = {**out.results, 'labels': info['label_names'], 'init_report': report,
              'steps_per_epoch': per_epoch}
   if not results['preempted']:
-    _export(s, out.params, trainable, mcfg, tokenizer, workdir, info['label_names'])
+    onnx = _export(s, out.params, trainable, mcfg, tokenizer, workdir, info['label_names'],
+                   model_def)
+    if onnx:
+      results['onnx'] = onnx
   write_results(workdir, results)
   return loop.Outcome(results, out.state)
 
 
-def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names) -> None:
+def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names,
+            model_def) -> dict | None:
   id2label = dict(enumerate(label_names)) if label_names else None
-  export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
-                 init_from=s.init_from, id2label=id2label, extra={'labels': label_names})
+  return export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
+                        init_from=s.init_from, id2label=id2label, extra={'labels': label_names},
+                        model_def=model_def, max_len=s.data.max_len)

@@ -10,7 +10,8 @@ its content whatever the file's name). Each output line holds the input, the pre
 label with class probabilities (classification) or tagged tokens and entities (NER), and the
 gold label when the input has one; with gold labels the task's metrics (accuracy / F1 / MCC
 / correlations, entity F1) go to results.json: an eval-only run of any workdir. Inference
-runs in predict.dtype (float32 by default, whatever the training used). With
+runs in predict.dtype (float32 by default, whatever the training used);
+predict.quantize=int8 runs it with int8 dense kernels (jaxft.models.quantize). With
 predict.explain each line also holds one attribution per input token (integrated gradients
 or attention rollout, jaxft/objectives/explain.py), and predict.explain_html writes them as
 a page of highlighted tokens (docs/explain.md).
@@ -32,8 +33,10 @@ from jaxft import files, partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError, read_text_lines
+from jaxft.export import int8_model
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
+from jaxft.models.quantize import param_bytes
 from jaxft.objectives import explain
 from jaxft.objectives.outputs import outputs
 from jaxft.partitioning import MeshSettings
@@ -59,6 +62,7 @@ class PredictSettings:
   ig_steps: int = 64        # integrated gradients: points of the path (forward+backward each)
   ig_baseline: str = 'pad'  # pad (the pad-token embedding) | zeros, at non-special tokens
   explain_html: str = ''    # with explain: also write this HTML page of highlighted tokens
+  quantize: str = ''        # 'int8': per-channel int8 dense kernels (docs/deploy.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,11 @@ def parse(cfg) -> Settings:
   if p.dtype not in ('float32', 'bfloat16'):
     raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', 'bfloat16'")
   _check_explain(p)
+  if p.quantize not in ('', 'int8'):
+    raise config_lib.ConfigError(f"predict.quantize={p.quantize!r}; allowed: '', 'int8'")
+  if p.quantize and p.dtype != 'float32':
+    raise config_lib.ConfigError('predict.quantize=int8 runs with predict.dtype=float32 '
+                                 f'(int8 dots, fp32 scales), not {p.dtype}')
   return Settings(source=config_lib.scalar(cfg, 'init_from', ''), predict=p,
                   mesh=config_lib.section(MeshSettings, cfg.get('mesh'), 'mesh'))
 
@@ -182,6 +191,8 @@ def run(s: Settings, workdir: str) -> dict:
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
   base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
+  if s.predict.quantize == 'int8':
+    model_def, params = int8_model(model_def, params)
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
@@ -203,7 +214,7 @@ def run(s: Settings, workdir: str) -> dict:
       logging.info('wrote %s', s.predict.explain_html)
   metrics = _metrics(kind, scores, arrays, ex, labels)
   result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
-            **metrics}
+            'quantize': s.predict.quantize, 'param_bytes': param_bytes(params), **metrics}
   if loop.is_main() and metrics:
     print(f'predict on {s.predict.input}: ' + ', '.join(f'{k}={v:.4f}' for k, v in
                                                          metrics.items()))
