@@ -10,6 +10,7 @@ every line and an escaped HTML page. One compile per model function, reused.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import html.parser
 import json
@@ -21,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import checkpointing, sources
+from jaxft import checkpointing, sources, stages
 from jaxft import config as config_lib
 from jaxft.data.classification import ClsData
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.main import run_stage
 from jaxft.models import ModelConfig, build_model
 from jaxft.objectives import explain
+from jaxft.config import ConfigError
 from jaxft.train.state import ModelDef
 from jaxft.trees import map_named
 
@@ -278,3 +280,20 @@ def test_predict_writes_attributions_and_an_escaped_html_page(cls_workdir, tmp_p
     parser.feed(page)
     assert parser.tags == {'html', 'head', 'meta', 'title', 'style', 'body', 'h1', 'p', 'div',
                            'span'}
+
+
+def test_explain_settings_errors_name_the_keys():
+  """Bad explain settings fail at parse time naming the key: IG through int8 rounding (no
+  gradient) would give all-zero attributions, so explain and quantize are exclusive."""
+  c = load_config_module('predict').get_config()
+  c.init_from = '/nowhere'
+  for update, match in (({'explain': 'shap'}, "predict.explain='shap'"),
+                        ({'explain': 'integrated_gradients', 'quantize': 'int8'},
+                         'predict.quantize=.int8.: explain the float32 model'),
+                        ({'explain_html': 'x.html'}, 'predict.explain_html is set'),
+                        ({'explain': 'integrated_gradients', 'ig_steps': 1},
+                         'predict.ig_steps=1')):
+    c2 = copy.deepcopy(c)
+    c2.predict.update(update)
+    with pytest.raises(ConfigError, match=match):
+      stages.parse(c2)

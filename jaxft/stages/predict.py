@@ -99,6 +99,9 @@ def _check_explain(p: PredictSettings) -> None:
   if p.ig_baseline not in explain.BASELINES:
     raise config_lib.ConfigError(f'predict.ig_baseline={p.ig_baseline!r}; allowed: '
                                  + ', '.join(repr(b) for b in explain.BASELINES))
+  if p.explain and p.quantize:  # rounding has no gradient: IG would explain nothing
+    raise config_lib.ConfigError(f'predict.explain={p.explain!r} with predict.quantize='
+                                 f'{p.quantize!r}: explain the float32 model (quantize=\'\')')
   if p.explain_html and not p.explain:
     raise config_lib.ConfigError('predict.explain_html is set but predict.explain is empty: '
                                  'set predict.explain=integrated_gradients|attention_rollout')
