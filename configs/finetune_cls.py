@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from jaxft.config import as_section, base_config, finetune_config
+from jaxft.continual import ContinualSettings
 from jaxft.data.classification import GLUE_TASKS, ClsData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,7 @@ def get_config(variant: str = 'sst2'):
   c.data = data_config('' if task == 'custom' else task)
   c.data.tokenizer = os.path.join(REPO, 'data/tokenizers/bert-base-uncased')
   c.finetune = finetune_config()
+  c.continual = as_section(ContinualSettings())  # learn this task after continual.previous's
   c.optimizer.update(lr=5e-5, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
   c.train.update(num_steps=0, num_epochs=3, batch_size=32, eval_every=200, log_every=20)
   c.train.early_stopping.update(metric='', mode='max', patience=0)  # '' -> the task's metric

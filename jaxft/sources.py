@@ -26,6 +26,9 @@ from jaxft.peft import PeftConfig, load_trained
 from jaxft.trees import flat_params, unflatten_like
 
 LABELS = 'labels.json'
+# A continual fine-tune's checkpoint also holds the earlier task's head under this name
+# (jaxft.continual); it is no part of the model of the workdir's own task.
+PREVIOUS_HEAD = 'previous_head'
 _TOKENIZER_FILES = ('tokenizer.json', 'vocab.txt', 'vocab.json')
 
 
@@ -219,18 +222,24 @@ def fresh_params(model_def, names) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in jax.device_get(fresh).items()}
 
 
+def complete(model_def, values: dict[str, np.ndarray]):
+  """Host params of `model_def`: `values` by dotted name, fresh init for what they lack."""
+  names = list(flat_params(model_def.abstract_params))
+  fresh = fresh_params(model_def, [k for k in names if k not in values])
+  return unflatten_like(model_def.abstract_params,
+                        {k: values[k] if k in values else fresh[k] for k in names})
+
+
 def load_init(path: str, model_def, which: str = 'best'):
   """(host params for `model_def` from `path`, report); fresh init for what it lacks."""
   values, report = read_params(path, model_def, which)
-  names = list(flat_params(model_def.abstract_params))
-  fresh = fresh_params(model_def, [k for k in names if k not in values])
-  full = {k: values[k] if k in values else fresh[k] for k in names}
+  full = complete(model_def, values)
   if report.get('missing'):
     logging.info('init_from %s: new (freshly initialised) parameters: %s', path,
                  report['missing'])
   if report.get('unused'):
     logging.info('init_from %s: unused tensors (dropped): %s', path, report['unused'])
-  return unflatten_like(model_def.abstract_params, full), report
+  return full, report
 
 
 def record_model(workdir: str, mcfg: ModelConfig) -> None:
@@ -261,4 +270,7 @@ def trained_model(path: str, base_def, which: str = 'best'):
   """(model_def, host params): the model a fine-tuned workdir evaluated, exactly: the base
   definition after the run's PEFT changes with every checkpointed tensor (LoRA, adapters,
   prompts included); nothing dropped, nothing freshly initialised."""
-  return load_trained(peft_of(path), base_def, read_workdir_params(path, which), where=path)
+  params = read_workdir_params(path, which)
+  if not any(k.startswith(PREVIOUS_HEAD + '.') for k in flat_params(base_def.abstract_params)):
+    params = {k: v for k, v in params.items() if not k.startswith(PREVIOUS_HEAD + '.')}
+  return load_trained(peft_of(path), base_def, params, where=path)

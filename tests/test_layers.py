@@ -15,7 +15,7 @@ LAYERS = (
     ('jaxft.models', 'jaxft.data'),
     ('jaxft.train',),
     ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.sources', 'jaxft.workdir',
-     'jaxft.distill', 'jaxft.finetuning', 'jaxft.generation'),
+     'jaxft.distill', 'jaxft.finetuning', 'jaxft.generation', 'jaxft.continual'),
     ('jaxft.config',),
     ('jaxft.stages',),
     ('jaxft.main',),

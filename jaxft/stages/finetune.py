@@ -12,7 +12,7 @@ import dataclasses
 
 
 from jaxft import config as config_lib
-from jaxft import sources
+from jaxft import continual, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.export import ExportSettings, check_onnx
@@ -28,7 +28,7 @@ from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
 
 SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'finetune')
+            'train', 'checkpoint', 'export', 'peft', 'finetune', 'continual')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Settings:
   peft: PeftConfig
   export: ExportSettings
   init_from: str = ''
+  continual: continual.ContinualSettings = dataclasses.field(
+      default_factory=continual.ContinualSettings)
 
   @property
   def head(self) -> str:
@@ -56,12 +58,27 @@ def parse(cfg) -> Settings:
                freeze=config_lib.section(FreezeSettings, cfg.get('finetune'), 'finetune'),
                peft=config_lib.peft_settings(cfg),
                export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
-               init_from=config_lib.scalar(cfg, 'init_from', ''))
+               init_from=config_lib.scalar(cfg, 'init_from', ''),
+               continual=config_lib.section(continual.ContinualSettings, cfg.get('continual'),
+                                            'continual'))
   check_onnx(s.export)
+  if s.continual.enabled:
+    s = _continual_checks(s)
   if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
     raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
                                  f'model.max_position_embeddings={s.model.max_position_embeddings}')
   return s
+
+
+def _continual_checks(s: Settings) -> Settings:
+  """continual.previous: a finetune_cls workdir, its tokenizer, no PEFT; init_from it."""
+  if s.kind != 'cls' or s.peft.enabled:
+    raise config_lib.ConfigError('continual.previous is for finetune_cls without peft.*')
+  try:
+    continual.check_previous(s.continual, s.init_from, s.data.tokenizer)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+  return dataclasses.replace(s, init_from=s.continual.previous)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -78,7 +95,9 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   train_arrays, info = load_split(s.data, tokenizer, 'train')
   dev_arrays, dev_info = load_split(s.data, tokenizer, 'dev')
   test_arrays, test_info = load_split(s.data, tokenizer, 'test')
-  train, per_epoch = resolve_steps(s.loop.train, len(train_arrays['input_ids']))
+  c = s.continual
+  train, per_epoch = (continual.resolve_steps(c, s.loop.train, len(train_arrays['input_ids']))
+                      if c.enabled else resolve_steps(s.loop.train, len(train_arrays['input_ids'])))
   settings = dataclasses.replace(
       s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
@@ -86,33 +105,61 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   sources.record_model(workdir, mcfg)
 
   num_labels = info['num_labels']
-  model_def = ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
-                                                  seed=s.loop.seed))
+  previous = continual.load_previous(c, mcfg, s.data.max_len, s.loop.seed) if c.enabled else None
+  model_def = (continual.model_def(mcfg, num_labels, previous, s.loop.seed) if previous else
+               ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
+                                                   seed=s.loop.seed)))
   model_def, init_params, trainable, lr_scale, report = init_trainable(
-      model_def, s.init_from, s.freeze, s.peft, max_len=s.data.max_len, num_layers=mcfg.num_layers)
+      model_def, '' if previous else s.init_from, s.freeze, s.peft, max_len=s.data.max_len,
+      num_layers=mcfg.num_layers)
   ls = float(s.freeze.label_smoothing or 0.0)
-  objective = (objectives.cls(num_labels, info['is_regression'], label_smoothing=ls)
-               if s.kind == 'cls' else objectives.ner(num_labels, label_smoothing=ls))
+  if previous:
+    init_params, report = continual.init_params(previous, model_def)
+    trainable = continual.trainable(c.method, trainable, model_def)
+    objective = continual.objective(c, previous, num_labels, info['is_regression'], ls)
+  else:
+    objective = (objectives.cls(num_labels, info['is_regression'], label_smoothing=ls)
+                 if s.kind == 'cls' else objectives.ner(num_labels, label_smoothing=ls))
 
   bs = settings.train.batch_size
   data = loop.Data(
-      train_iter=loader_lib.make_loader({k: v for k, v in train_arrays.items() if k != 'word_ids'},
-                                        global_batch_size=bs, seed=s.loop.seed),
+      train_iter=(continual.train_stream(c, previous, tokenizer, train_arrays, bs, s.loop.seed)
+                  if previous else loader_lib.make_loader(
+                      {k: v for k, v in train_arrays.items() if k != 'word_ids'},
+                      global_batch_size=bs, seed=s.loop.seed)),
       eval_batches=loader_lib.eval_batches(dev_arrays, bs),
       summarize=summary(s.kind, dev_info, dev_arrays) if dev_arrays is not None else None,
       steps_per_epoch=per_epoch)
+  hooks = test_hook(s.kind, test_arrays, test_info, bs)
+  constants = None
+  if previous:
+    hooks += continual.previous_task_hook(previous, model_def, tokenizer, bs)
+    constants = continual.constants(previous, c.method, *s.loop.mesh.build())
   out = loop.train(settings, workdir, model_def, objective, data, init_params=init_params,
-                   trainable=trainable, lr_scale=lr_scale,
-                   hooks=test_hook(s.kind, test_arrays, test_info, bs))
+                   trainable=trainable, lr_scale=lr_scale, constants=constants, hooks=hooks)
   results = {**out.results, 'labels': info['label_names'], 'init_report': report,
              'steps_per_epoch': per_epoch}
+  params = out.params
+  if previous:
+    results['continual'] = _continual_record(c, results.pop(continual.PREVIOUS_TASK, None))
+    if not results['preempted']:
+      results['continual']['previous_task_workdir'] = continual.save_previous_task(
+          params, previous, workdir, tokenizer, results['step'])
+    params = continual.without_previous_head(params)
   if not results['preempted']:
-    onnx = _export(s, out.params, trainable, mcfg, tokenizer, workdir, info['label_names'],
-                   model_def)
+    # the export holds the new task's classifier alone (no previous_head)
+    export_def = (ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels))
+                  if previous else model_def)
+    onnx = _export(s, params, trainable and continual.without_previous_head(trainable), mcfg,
+                   tokenizer, workdir, info['label_names'], export_def)
     if onnx:
       results['onnx'] = onnx
   write_results(workdir, results)
   return loop.Outcome(results, out.state)
+
+
+def _continual_record(c: continual.ContinualSettings, previous_dev) -> dict:
+  return {**dataclasses.asdict(c), 'previous_task_dev': previous_dev}
 
 
 def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names,

@@ -1,0 +1,395 @@
+"""Continual learning: fine-tune a `finetune_cls` model on a new task without forgetting the
+earlier one (the `continual` section of stage finetune_cls).
+
+The new model starts from the previous workdir's encoder with a fresh head for the new task
+and carries the previous task's head beside it (`previous_head`, a parameter group of the
+train state), so the earlier task stays scoreable with the new encoder: at the end its dev
+metrics go to results.json and workdir/previous_task/ is a finetune_cls workdir of the
+earlier task (the new encoder under the previous head) that `predict`, `init_from` and a
+later `continual.previous` read like any other.
+
+  none    plain fine-tuning from the previous model: the baseline (previous head frozen)
+  replay  a fixed share of every batch is previous-task training data, trained through the
+          previous head on its own labels
+  l2sp    + l2sp_weight * ||theta - theta_prev||^2 over the shared encoder (Li et al., 2018)
+  lwf     + lwf_weight * T^2 KL(previous model || previous head on the new encoder) on the
+          new data (Learning without Forgetting, Li & Hoiem, 2016; distill.py's KL)
+
+Every extra term is a per-example sum with the fine-tuning weights (replay, LwF) or the
+penalty times the batch's weight (L2-SP), so `sums['weight']` normalises all of them and
+gradient accumulation equals one big batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft import checkpointing, finetuning, sources
+from jaxft.data import classification as cls_data
+from jaxft.data import loader as loader_lib
+from jaxft.distill import teacher as teacher_lib
+from jaxft.models import build_model
+from jaxft.models.bert import classifier_head
+from jaxft.models.config import ModelConfig
+from jaxft.objectives import classification, distill
+from jaxft.sources import PREVIOUS_HEAD
+from jaxft.train import loop
+from jaxft.train.state import ModelDef
+from jaxft.train.step import Objective, make_eval_step
+from jaxft.trees import flat_params, map_named
+
+METHODS = ('none', 'replay', 'l2sp', 'lwf')
+HEAD = 'classifier'  # BERT's task head: everything else is the shared encoder
+PREVIOUS_TASK = 'previous_task'  # workdir/previous_task: the earlier task, new encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualSettings:
+  """The `continual` config section (stage finetune_cls)."""
+  previous: str = ''            # finetune_cls workdir of the earlier task; '' = off
+  method: str = ''              # none | replay | l2sp | lwf (required with previous)
+  replay_fraction: float = 0.2  # replay: share of every batch drawn from the earlier task
+  l2sp_weight: float = 0.01     # l2sp: weight of ||theta - theta_prev||^2 (shared encoder)
+  lwf_weight: float = 1.0       # lwf: weight of the distillation term on the new data
+  lwf_temperature: float = 2.0  # lwf: softmax temperature of that term
+
+  def __post_init__(self):
+    if self.method and self.method not in METHODS:
+      raise ValueError(f'continual.method={self.method!r}; allowed: {", ".join(METHODS)}')
+    if self.previous and not self.method:
+      raise ValueError(f'continual.previous is set: choose continual.method, one of '
+                       f'{", ".join(METHODS)} (none = plain fine-tuning, the baseline)')
+    if self.method and not self.previous:
+      raise ValueError(f'continual.method={self.method!r} needs continual.previous (the '
+                       'finetune_cls workdir of the earlier task)')
+    if not 0.0 < self.replay_fraction < 1.0:
+      raise ValueError(f'continual.replay_fraction={self.replay_fraction} must be in (0, 1)')
+    for key in ('l2sp_weight', 'lwf_weight'):
+      if getattr(self, key) < 0:
+        raise ValueError(f'continual.{key}={getattr(self, key)} must be >= 0')
+    if self.lwf_temperature <= 0:
+      raise ValueError(f'continual.lwf_temperature={self.lwf_temperature} must be > 0')
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.previous)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_previous(c: ContinualSettings, init_from: str, data_tokenizer: str) -> dict:
+  """The previous workdir's labels.json, after every check that needs no data or devices;
+  a ValueError naming the key otherwise."""
+  path = c.previous
+  where = f'continual.previous={path!r}'
+  if not sources.is_jaxft_workdir(path):
+    raise ValueError(f'{where} is not a jaxft workdir (config.json + checkpoints/): give the '
+                     'finetune_cls workdir of the earlier task')
+  labels = sources.labels_of(path)
+  stage = sources.workdir_config(path).get('stage')
+  if labels is None or labels.get('kind') != 'cls' or stage != 'finetune_cls':
+    raise ValueError(f'{where} is not a finetune_cls workdir (stage {stage!r}, labels.json '
+                     f'{"kind " + repr(labels.get("kind")) if labels else "absent"})')
+  if sources.peft_of(path).enabled:
+    raise ValueError(f'{where} was trained with peft.*: continual learning needs a fully '
+                     'fine-tuned previous model')
+  model_type = labels['model'].get('model_type', labels['model'].get('type'))
+  if model_type != 'bert':
+    raise ValueError(f'{where} is a {model_type} model: continual.* supports BERT')
+  if init_from and os.path.abspath(init_from) != os.path.abspath(path):
+    raise ValueError(f'init_from={init_from!r} and {where} differ: a continual fine-tune '
+                     'starts from the previous model; leave init_from unset')
+  if data_tokenizer:
+    mine, theirs = sources.tokenizer_of('', data_tokenizer), sources.tokenizer_of(path)
+    if mine.get_vocab() != theirs.get_vocab():
+      raise ValueError(f'data.tokenizer={data_tokenizer!r} is a different tokenizer from '
+                       f'{where}/tokenizer: the new task, the replayed data and the previous '
+                       'model must read the same token ids (set data.tokenizer to '
+                       f'{os.path.join(path, "tokenizer")!r} or \'\')')
+  return labels
+
+
+# ----------------------------------------------------------------------------- the earlier task
+
+@dataclasses.dataclass
+class Previous:
+  """The earlier task: its workdir, labels, data section (at this run's max_len), and its
+  model (architecture, definition, host params: encoder + head)."""
+  path: str
+  labels: dict
+  data: cls_data.ClsData
+  mcfg: ModelConfig
+  model_def: ModelDef
+  params: dict
+
+  @property
+  def is_regression(self) -> bool:
+    return bool(self.labels.get('is_regression'))
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.is_regression else len(self.labels['label_names'])
+
+
+def load_previous(c: ContinualSettings, mcfg: ModelConfig, max_len: int,
+                  seed: int = 0) -> Previous:
+  """The previous workdir's model (forward only: no dropout) and its data section."""
+  labels = check_previous(c, '', '')
+  saved = sources.workdir_config(c.previous).get('data', {})
+  known = {f.name for f in dataclasses.fields(cls_data.ClsData)}
+  data = cls_data.ClsData(**{k: v for k, v in saved.items() if k in known})
+  data = dataclasses.replace(data, max_len=max_len, class_balance='none')
+  pmcfg = sources.model_config_of(c.previous, mcfg.vocab_size).with_runtime_of(mcfg).replace(
+      hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, remat=False)
+  n = 1 if labels.get('is_regression') else len(labels['label_names'])
+  model_def = ModelDef.create(lambda: build_model(pmcfg, 'cls', num_labels=n, seed=seed))
+  params = teacher_lib.read_params(c.previous, model_def, 'cls')
+  return Previous(c.previous, labels, data, pmcfg, model_def, params)
+
+
+def model_def(mcfg: ModelConfig, num_labels: int, previous: Previous, seed: int) -> ModelDef:
+  """The new task's classifier with the previous task's head beside it (`previous_head`)."""
+  def build():
+    model = build_model(mcfg, 'cls', num_labels=num_labels, seed=seed)
+    model.previous_head = classifier_head(mcfg, previous.num_labels, nnx.Rngs(params=seed + 1))
+    return model
+  return ModelDef.create(build)
+
+
+def init_params(previous: Previous, mdef: ModelDef):
+  """(host params, report): the encoder and the previous head from the previous model, the
+  new task's head fresh (whatever its shape: a new task gets a new head)."""
+  source = {}
+  for name, x in flat_params(previous.params).items():
+    if name.startswith(HEAD + '.'):
+      source[PREVIOUS_HEAD + name[len(HEAD):]] = x
+    else:
+      source[name] = x
+  values, report = sources.match_params(mdef.abstract_params, source, previous.path)
+  return sources.complete(mdef, values), report
+
+
+def trainable(method: str, mask, mdef: ModelDef):
+  """The trainable mask with the previous head frozen unless a loss reaches it (replay,
+  lwf): AdamW's weight decay would otherwise shrink it without any gradient."""
+  if method in ('replay', 'lwf'):
+    return mask
+  base = mask if mask is not None else jax.tree.map(lambda _: True, mdef.abstract_params)
+  return map_named(lambda name, t: bool(t) and not name.startswith(PREVIOUS_HEAD + '.'), base)
+
+
+def without_previous_head(params):
+  """The new task's model alone (what export/ holds)."""
+  return {k: v for k, v in params.items() if k != PREVIOUS_HEAD}
+
+
+def constants(previous: Previous, method: str, mesh, rules):
+  """The previous model's params on the mesh (L2-SP's anchor, LwF's teacher), or None."""
+  if method not in ('l2sp', 'lwf'):
+    return None
+  return jax.device_put(previous.params, previous.model_def.param_shardings(mesh, rules))
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def _rngs(rng, deterministic):
+  return None if deterministic else nnx.Rngs(dropout=rng)
+
+
+def previous_logits(model, out, deterministic: bool, rngs):
+  """The previous head on this model's encoder output (`out`), as the model's own head."""
+  x = model.dropout(out[model.feature], deterministic=deterministic, rngs=rngs)
+  return getattr(model, PREVIOUS_HEAD)(x).astype(jnp.float32)
+
+
+class PreviousHeadView:
+  """The model seen through its previous head: calls return the previous task's logits, so
+  classification's evaluate (and metrics) serve the earlier task unchanged."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def __call__(self, *args, deterministic=True, rngs=None, **kw):
+    out = self.model(*args, deterministic=deterministic, rngs=rngs, **kw)
+    return {**out, 'logits': previous_logits(self.model, out, deterministic, rngs)}
+
+
+def l2sp_penalty(params, previous_params):
+  """sum ||theta - theta_prev||^2 in fp32 over the encoder tensors both models hold (every
+  tensor of the previous model but its head)."""
+  mine, theirs = flat_params(params), flat_params(previous_params)
+  names = sorted(k for k in theirs if not k.startswith(HEAD + '.') and k in mine)
+  return sum(jnp.sum(jnp.square(mine[k].astype(jnp.float32) -
+                                jax.lax.stop_gradient(theirs[k]).astype(jnp.float32)))
+             for k in names)
+
+
+def objective(c: ContinualSettings, previous: Previous, num_labels: int, is_regression: bool,
+              label_smoothing: float = 0.0) -> Objective:
+  """The new task's classification loss plus the method's term; evaluation is the new
+  task's."""
+  base = classification.cls(num_labels, is_regression, label_smoothing=label_smoothing)
+  if c.method == 'none':
+    return base
+
+  def loss(model, batch, rng, deterministic, constants=None):
+    rngs = _rngs(rng, deterministic)
+    args = classification.inputs(batch)
+    out = model(*args, deterministic=deterministic, rngs=rngs)
+    w = classification.example_weights(batch, out['logits'])
+    if c.method == 'replay':
+      return _replay_sums(model, out, batch, w, deterministic, rngs, is_regression,
+                          previous.is_regression, label_smoothing)
+    loss_sum, sums = classification.hard_loss(out['logits'], batch['labels'], w, is_regression,
+                                              label_smoothing)
+    if c.method == 'l2sp':
+      sums['l2sp_sum'] = l2sp_penalty(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                      constants) * sums['weight']
+      return loss_sum + c.l2sp_weight * sums['l2sp_sum'], sums
+    mine = previous_logits(model, out, deterministic, rngs)
+    theirs = previous.model_def.merge(jax.lax.stop_gradient(constants))(*args)['logits']
+    soft = (distill.squared_error(mine, theirs) if previous.is_regression else
+            distill.kl_soft_targets(mine, theirs, c.lwf_temperature))
+    sums['lwf_sum'] = (soft * w).sum()
+    return loss_sum + c.lwf_weight * sums['lwf_sum'], sums
+
+  return Objective(head='cls', loss=loss, evaluate=base.evaluate, num_labels=num_labels)
+
+
+def _replay_sums(model, out, batch, w, deterministic, rngs, is_regression, prev_regression,
+                 label_smoothing):
+  """Each row's loss through its own task's head: `task` 0 = new (labels), 1 = previous
+  (previous_labels, previous head)."""
+  old = batch['task'].astype(jnp.float32)
+  new_sum, new = classification.hard_loss(out['logits'], batch['labels'], w * (1.0 - old),
+                                          is_regression, label_smoothing)
+  old_sum, prev = classification.hard_loss(previous_logits(model, out, deterministic, rngs),
+                                           batch['previous_labels'], w * old, prev_regression,
+                                           label_smoothing)
+  sums = {'weight': new['weight'] + prev['weight'], 'replay_loss_sum': old_sum,
+          'replay_weight': prev['weight']}
+  return new_sum + old_sum, sums
+
+
+# ----------------------------------------------------------------------------- replay data
+
+def replay_rows(batch_size: int, fraction: float) -> tuple[int, int]:
+  """(new, previous) rows of every batch: round(fraction * batch) of the earlier task."""
+  n_old = int(round(fraction * batch_size))
+  if not 0 < n_old < batch_size:
+    raise ValueError(f'continual.replay_fraction={fraction} of train.batch_size={batch_size} '
+                     f'gives {n_old} replayed rows per batch: it must give 1 to '
+                     f'{batch_size - 1}')
+  return batch_size - n_old, n_old
+
+
+def _tagged(arrays: dict, task: int, other: dict, mine_key: str, other_key: str) -> dict:
+  """`arrays` with the keys of both tasks: `task`, its labels under `mine_key`, zeros (never
+  read: weight 0) under `other_key`, and weights 1 where only the other split has them."""
+  out = {k: v for k, v in arrays.items() if k not in ('word_ids', 'labels')}
+  n = len(arrays['input_ids'])
+  out[mine_key] = arrays['labels']
+  out[other_key] = np.zeros((n,), other['labels'].dtype)
+  out['task'] = np.full((n,), task, np.int32)
+  if 'weights' in other and 'weights' not in out:
+    out['weights'] = np.ones((n,), np.float32)
+  return out
+
+
+class ReplayStream:
+  """Global batches of `n_new` new-task rows then `n_old` earlier-task rows (two loaders,
+  each shuffled and repeated on its own): every batch holds exactly the configured share.
+  Checkpointable like the loader it replaces (both positions)."""
+
+  def __init__(self, new_arrays: dict, old_arrays: dict, batch_size: int, fraction: float,
+               seed: int):
+    self.n_new, self.n_old = replay_rows(batch_size, fraction)
+    new = _tagged(new_arrays, 0, old_arrays, 'labels', 'previous_labels')
+    old = _tagged(old_arrays, 1, new_arrays, 'previous_labels', 'labels')
+    if set(new) != set(old):
+      raise ValueError(f'replayed rows have the keys {sorted(old)}, the new task {sorted(new)}')
+    self.new = loader_lib.make_loader(new, global_batch_size=self.n_new, seed=seed)
+    self.old = loader_lib.make_loader(old, global_batch_size=self.n_old, seed=seed + 1)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    a, b = next(self.new), next(self.old)
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+  def get_state(self) -> dict:
+    return {'new': self.new.get_state(), 'old': self.old.get_state()}
+
+  def set_state(self, state: dict):
+    self.new.set_state(state['new'])
+    self.old.set_state(state['old'])
+
+
+def train_stream(c: ContinualSettings, previous: Previous, tokenizer, train_arrays: dict,
+                 batch_size: int, seed: int):
+  """The training iterator: the plain loader, or for replay the mixed stream over this
+  task's and the earlier task's training split (read from its saved data section)."""
+  rows = {k: v for k, v in train_arrays.items() if k != 'word_ids'}
+  if c.method != 'replay':
+    return loader_lib.make_loader(rows, global_batch_size=batch_size, seed=seed)
+  old, _ = finetuning.load_split(previous.data, tokenizer, 'train')
+  return ReplayStream(rows, old, batch_size, c.replay_fraction, seed)
+
+
+def resolve_steps(c: ContinualSettings, train: loop.TrainSettings, n_train: int):
+  """finetuning.resolve_steps with an epoch = one pass over the new task's rows (replay:
+  `n_new` of them per batch)."""
+  if c.method != 'replay':
+    return finetuning.resolve_steps(train, n_train)
+  n_new, _ = replay_rows(train.batch_size, c.replay_fraction)
+  steps, per_epoch = finetuning.resolve_steps(dataclasses.replace(train, batch_size=n_new),
+                                              n_train)
+  return dataclasses.replace(steps, batch_size=train.batch_size), per_epoch
+
+
+# ----------------------------------------------------------------------------- the earlier task, after
+
+def previous_task_hook(previous: Previous, mdef: ModelDef, tokenizer,
+                       batch_size: int) -> list[loop.Hook]:
+  """At the end: the earlier task's dev metrics with the final encoder and previous head."""
+  dev, info = finetuning.load_split(previous.data, tokenizer, 'dev')
+  if dev is None:
+    return []
+  base = classification.cls(previous.num_labels, previous.is_regression)
+  view = Objective(head='cls', loss=base.loss,
+                   evaluate=lambda model, batch: base.evaluate(PreviousHeadView(model), batch))
+
+  def fn(trained: loop.Trained) -> dict:
+    step = make_eval_step(mdef, view, trained.mesh, trained.rules,
+                          jax.tree.map(lambda x: x.sharding, trained.params))
+    return loop.evaluate(step, trained.params, loader_lib.eval_batches(dev, batch_size)(),
+                         trained.mesh, trained.rules, classification.cls_summary(info))
+
+  return [loop.Hook(PREVIOUS_TASK, fn)]
+
+
+def save_previous_task(params, previous: Previous, workdir: str, tokenizer, step: int) -> str:
+  """workdir/previous_task: a finetune_cls workdir of the earlier task (its config, labels
+  and tokenizer; one checkpoint: this run's encoder under the previous head)."""
+  out = os.path.join(workdir, PREVIOUS_TASK)
+  swapped = {**without_previous_head(params), HEAD: params[PREVIOUS_HEAD]}
+  if jax.process_index() == 0:
+    if os.path.isdir(out):
+      shutil.rmtree(out)
+    os.makedirs(out)
+    for name in ('config.json', sources.LABELS):
+      shutil.copy(os.path.join(previous.path, name), os.path.join(out, name))
+  sources.save_tokenizer(tokenizer, out, previous.mcfg.max_position_embeddings)
+  ckpt = checkpointing.Checkpointer(os.path.join(out, 'checkpoints'), keep=1, async_save=False)
+  ckpt.save(step, {'params': swapped})
+  ckpt.wait()
+  ckpt.close()
+  return out
+
