@@ -188,7 +188,8 @@ class Cluster:
     for pid, n in enumerate(devices):
       # No persistent compilation cache: restarted CPU processes that load cached
       # executables failed to set up their gloo contexts (timeouts) in this setup.
-      env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+      env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n} '
+                 '--xla_backend_optimization_level=0',  # compiles dominate, see conftest
                  JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false', HF_HUB_OFFLINE='1',
                  PYTHONPATH=str(REPO))
       env.pop('JAX_COMPILATION_CACHE_DIR', None)

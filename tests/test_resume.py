@@ -61,7 +61,8 @@ def _command(workdir):
 
 def _env():
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES} '
+                       '--xla_backend_optimization_level=0',  # compiles dominate, see conftest
              JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false', HF_HUB_OFFLINE='1',
              PYTHONPATH=str(REPO) + os.pathsep + env.get('PYTHONPATH', ''))
   return env
