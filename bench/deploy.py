@@ -36,14 +36,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+from bench.machine import cpu_name  # noqa: E402
 
 INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
-
-
-def cpu_name() -> str:
-  with open('/proc/cpuinfo') as f:
-    names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-  return f'{names[0] if names else "unknown CPU"}, {os.cpu_count()} logical CPUs'
 
 
 def dev_split(workdir: str, dev_file: str = ''):
