@@ -47,6 +47,7 @@ from bench.machine import cpu_name
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != BENCH]
 
 from jaxft.data.tokenizer import load_tokenizer
+from jaxft.models.config import bf16_hardware
 
 SHAPE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024)
 
@@ -136,9 +137,7 @@ def timed(cmd: list[str], log_path: str) -> float:
 def hf_precision(a) -> str:
   if a.hf_precision != 'auto':
     return a.hf_precision
-  with open('/proc/cpuinfo') as f:
-    flags = f.read()
-  return 'bf16' if ('avx512_bf16' in flags or 'amx_bf16' in flags) else 'fp32'
+  return 'bf16' if bf16_hardware('cpu')[0] else 'fp32'  # what model.dtype='auto' reads
 
 
 def grouped_blocks(tokenizer, lines: list[str], seq: int):
