@@ -42,7 +42,8 @@ FLOPs (model FLOPs, PaLM appendix B style; printed with the table):
 MFU = achieved TFLOP/s / matmul peak measured in the same run (--peak-size^3 matmuls,
 compiled at the start): fp32 rows use the best of the JAX and torch fp32 peaks, bf16 rows
 the best of the bf16 peaks (JAX: bf16 x bf16 with preferred_element_type=f32; torch: bf16
-mm). The table says which peak each row's MFU uses.
+mm). The table says which peak each row's MFU uses. Only the peaks of the precisions the
+rows use are measured (without bf16 hardware one torch bf16 2048^3 mm takes about a minute).
 
 Timing: every row is set up first (jaxft: trace, lower().compile() timed separately, then
 --warmup steps; torch: --warmup steps), then --steps rounds each time one step of every
@@ -147,9 +148,11 @@ def max_predictions(a) -> int:
 # ----------------------------------------------------------------------------- peaks
 
 
-def peak_matmuls(n: int) -> dict:
-  """{name: blocking n x n x n matmul}: JAX fp32, JAX bf16 x bf16 with
-  preferred_element_type=f32, torch fp32 mm, torch bf16 mm (fp32 accumulation inside)."""
+def peak_matmuls(n: int, precisions: set[str]) -> dict:
+  """{name: blocking n x n x n matmul} for the precisions the rows use: JAX fp32, JAX bf16 x
+  bf16 with preferred_element_type=f32, torch fp32 mm, torch bf16 mm (fp32 accumulation
+  inside). Only those: without bf16 hardware one torch bf16 mm of 2048^3 takes about a
+  minute, and an fp32-only run has no use for it."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -165,10 +168,11 @@ def peak_matmuls(n: int) -> dict:
     with torch.no_grad():
       torch.mm(u, v)
 
-  return {'jax_fp32': lambda: dot(x, y).block_until_ready(),
-          'jax_bf16': lambda: dot(xb, yb).block_until_ready(),
-          'torch_fp32': lambda: torch_mm(tx, ty),
-          'torch_bf16': lambda: torch_mm(txb, tyb)}
+  fns = {'jax_fp32': lambda: dot(x, y).block_until_ready(),
+         'jax_bf16': lambda: dot(xb, yb).block_until_ready(),
+         'torch_fp32': lambda: torch_mm(tx, ty),
+         'torch_bf16': lambda: torch_mm(txb, tyb)}
+  return {k: fn for k, fn in fns.items() if k.split('_')[1] in precisions}
 
 
 class Row:
@@ -461,7 +465,9 @@ def main(argv=None) -> list[dict]:
   log(f'{a.model} L{a.layers} H{a.hidden} A{a.heads} I{a.intermediate} V{a.vocab}, batch {a.batch} '
       f'x seq {a.seq}, padding {pad:.3f}; {n_cores} cores; jax {jax.__version__} '
       f'({jax.devices()[0].platform}, {jax.device_count()} device(s)), torch {torch.__version__}')
-  peak_fns = peak_matmuls(a.peak_size)
+  precisions = ({'bf16' if 'bf16' in parse_jax_mode(m, a.model) else 'fp32' for m in jax_modes}
+                | {'fp32' if m == 'fp32' else 'bf16' for m in torch_modes})
+  peak_fns = peak_matmuls(a.peak_size, precisions)
   for fn in peak_fns.values():  # compile / warm
     fn()
     fn()
@@ -488,9 +494,8 @@ def main(argv=None) -> list[dict]:
       (peak_times[key] if isinstance(key, str) else key.times).append(dt)
   peak_flops = 2.0 * a.peak_size ** 3
   peaks = {k: peak_flops / statistics.median(v) / 1e12 for k, v in peak_times.items()}
-  peak_for = {'fp32': max(peaks['jax_fp32'], peaks['torch_fp32']),
-              'bf16': max(peaks['jax_bf16'], peaks['torch_bf16'])}
-  peak_name = {p: max((k for k in peaks if k.endswith(p)), key=peaks.get) for p in ('fp32', 'bf16')}
+  peak_name = {p: max((k for k in peaks if k.endswith(p)), key=peaks.get) for p in precisions}
+  peak_for = {p: peaks[k] for p, k in peak_name.items()}
 
   out_rows = []
   for r in rows:
@@ -530,8 +535,8 @@ def main(argv=None) -> list[dict]:
         f'CPU: {cpu_name()}')
   print('matmul peaks (TFLOP/s, %d^3, median over the rounds): %s' % (a.peak_size, ', '.join(
       f'{k} {v:.3f}' for k, v in peaks.items())))
-  print(f'MFU peaks: fp32 rows -> {peak_name["fp32"]} ({peak_for["fp32"]:.3f}), '
-        f'bf16 rows -> {peak_name["bf16"]} ({peak_for["bf16"]:.3f})')
+  print('MFU peaks: ' + ', '.join(f'{p} rows -> {peak_name[p]} ({peak_for[p]:.3f})'
+                                 for p in sorted(precisions)))
   print(formula)
   print()
   print(fmt_table(disp, headers))

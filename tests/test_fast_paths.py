@@ -175,6 +175,35 @@ def test_bf16_matmul_backward_runs_in_bf16_with_fp32_accumulation(contract, x_sh
                                 'f32>' in ln.split('->')[1] for ln in dots), dots
 
 
+@pytest.mark.parametrize('contract,x_shape,k_shape,transposed', [
+    (1, (4, 5, 16), (16, 32), False),      # Dense
+    (1, (4, 5, 16), (16, 2, 8), False),    # q/k/v
+    (2, (4, 5, 2, 8), (2, 8, 16), False),  # attention output
+    (1, (4, 5, 16), (40, 16), True),       # tied head over a [vocab, embed] table
+])
+def test_fp32_matmul_backward_is_autodiff_with_one_materialised_cotangent(
+    contract, x_shape, k_shape, transposed):
+  """fp32's written-out backward equals JAX's own gradient of the plain dot, and on CPU
+  it materialises the cotangent once (an optimization barrier): without it XLA fused the
+  residual stream's backward chain into the kernel gradient's transposing copy and
+  recomputed it there (gpt2-small fp32 step 14.1 -> 10.3-10.9 s, bench/README.md)."""
+  from jaxft.models import layers
+  kx, kk, kg = jax.random.split(jax.random.key(2), 3)
+  x, k = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+  dims = layers._fwd_dims(x.ndim, contract, transposed)
+  plain = lambda x, k: jax.lax.dot_general(x, k, dims)
+  ours = lambda x, k: layers.matmul(x, k, contract, jnp.float32, transposed=transposed)
+  g = jax.random.normal(kg, plain(x, k).shape)
+  want = jax.vjp(plain, x, k)[1](g)
+  y, vjp = jax.vjp(ours, x, k)
+  np.testing.assert_allclose(y, plain(x, k), rtol=1e-6, atol=1e-5)
+  for got, ref in zip(jax.jit(vjp)(g), want):
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(vjp).lower(g).as_text()
+  assert ('optimization_barrier' in hlo) == (jax.default_backend() == 'cpu'), hlo
+
+
 def test_bf16_step_without_attention_dropout_keeps_bf16_matmuls_on_cpu():
   """With attention dropout 0 (configs/gpt2_clm.py) jax.nn.dot_product_attention would run
   every attention matmul in fp32 on CPU; the bf16 model takes the explicit path there."""
@@ -215,7 +244,7 @@ def test_tied_head_matmul_backward_in_bf16():
   np.testing.assert_allclose(np.asarray(dx).reshape(12, 16), g2 @ r(table), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dt), g2.T @ x2, rtol=1e-5, atol=1e-5)
   assert dt.dtype == dx.dtype == jnp.float32
-  # fp32 takes the same path as a plain dot
+  # fp32 gives the plain dot's value
   np.testing.assert_allclose(layers.matmul(x, table, 1, jnp.float32, transposed=True),
                              x @ table.T, rtol=1e-6, atol=1e-6)
 

@@ -39,18 +39,17 @@ def matmul(x, kernel, contract: int, dtype, *, transposed: bool = False):
   `transposed=True` takes a 2-D kernel stored [out, in] (a tied embedding table) and
   computes x @ kernel.T without materialising the transpose.
 
-  In fp32 this is a plain dot. In a low-precision `dtype` the backward pass is written out
-  (`_lowp_matmul`): JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies the f32
-  cotangent with the upcast bf16 operand, so the two backward matmuls (2/3 of the FLOPs)
-  would run in fp32. Here they take bf16 inputs too, with fp32 accumulation, and the kernel
-  gradient stays fp32 (as torch autocast computes it)."""
+  The backward pass is written out (`_matmul`), for two reasons measured in bench/README.md:
+  - In a low-precision `dtype`, JAX's own transpose of a bf16 x bf16 -> f32 dot multiplies
+    the f32 cotangent with the upcast bf16 operand, so the two backward matmuls (2/3 of the
+    FLOPs) would run in fp32. Here they take bf16 inputs too, with fp32 accumulation, and
+    the kernel gradient stays fp32 (as torch autocast computes it).
+  - In fp32 on CPU, XLA fused the cotangent's producers (the residual stream's backward
+    chain, growing with depth) into the transposing copy that feeds the kernel-gradient dot,
+    recomputing that chain there: the cotangent is materialised once instead."""
   if transposed:
     assert contract == 1 and kernel.ndim == 2, (contract, kernel.shape)
-  if jnp.dtype(dtype) == jnp.float32:
-    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                               _fwd_dims(x.ndim, contract, transposed),
-                               preferred_element_type=jnp.float32)
-  return _lowp_matmul(x, kernel, contract, jnp.dtype(dtype), transposed)
+  return _matmul(x, kernel, contract, jnp.dtype(dtype), transposed)
 
 
 def _fwd_dims(x_ndim: int, contract: int, transposed: bool):
@@ -63,19 +62,23 @@ def _fwd_dims(x_ndim: int, contract: int, transposed: bool):
 def _rows_dot(a2, b2):
   """a2[rows, m]^T @ b2[rows, n] -> [m, n] fp32, contracting the rows.
 
-  XLA:CPU has no bf16 kernel for a dot contracting the single dim 0 of both operands: it
-  silently upcasts both to fp32 and runs 2-3x slower. Contracting two dims ([1, rows])
-  keeps it in bf16, and the unit dim costs nothing."""
+  In fp32 a plain dot. XLA:CPU has no bf16 kernel for a dot contracting the single dim 0
+  of both operands: it silently upcasts both to fp32 and runs 2-3x slower. Contracting two
+  dims ([1, rows]) keeps it in bf16, and the unit dim costs nothing; in fp32 that form was
+  slower than the plain one (bench/README.md)."""
+  if a2.dtype == jnp.float32:
+    return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
   return jax.lax.dot_general(a2[None], b2[None], (((0, 1), (0, 1)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lowp_matmul(x, kernel, contract, dtype, transposed):
-  return _lowp_matmul_fwd(x, kernel, contract, dtype, transposed)[0]
+def _matmul(x, kernel, contract, dtype, transposed):
+  return _matmul_fwd(x, kernel, contract, dtype, transposed)[0]
 
 
-def _lowp_matmul_fwd(x, kernel, contract, dtype, transposed):
+def _matmul_fwd(x, kernel, contract, dtype, transposed):
   xl, kl = x.astype(dtype), kernel.astype(dtype)
   y = jax.lax.dot_general(xl, kl, _fwd_dims(x.ndim, contract, transposed),
                           preferred_element_type=jnp.float32)
@@ -83,7 +86,7 @@ def _lowp_matmul_fwd(x, kernel, contract, dtype, transposed):
   return y, (xl, kl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
 
 
-def _lowp_matmul_bwd(contract, dtype, transposed, res, g):
+def _matmul_bwd(contract, dtype, transposed, res, g):
   xl, kl, x_proto, k_proto = res
   # As 2-D matmuls over [rows, in] and [in, out] (or [out, in] when transposed): free
   # reshapes of row-major arrays.
@@ -92,6 +95,10 @@ def _lowp_matmul_bwd(contract, dtype, transposed, res, g):
   k2 = kl if transposed else kl.reshape(n_in, -1)
   n_out = k2.shape[0] if transposed else k2.shape[1]
   g2 = g.astype(dtype).reshape(x2.shape[0], n_out)
+  if dtype == jnp.float32 and jax.default_backend() == 'cpu':
+    # one materialised cotangent for both dots (see `matmul`); accelerators keep XLA's
+    # fusion choices (not measured there)
+    g2 = jax.lax.optimization_barrier(g2)
   dx = jax.lax.dot_general(g2, k2, (((1,), (0 if transposed else 1,)), ((), ())),
                            preferred_element_type=jnp.float32)  # [rows, in]
   dk = _rows_dot(g2, x2) if transposed else _rows_dot(x2, g2)  # kernel's layout
@@ -99,7 +106,7 @@ def _lowp_matmul_bwd(contract, dtype, transposed, res, g):
           dk.reshape(kl.shape).astype(k_proto.dtype))
 
 
-_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def einsum(spec: str, a, b, dtype):
