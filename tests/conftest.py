@@ -9,6 +9,12 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# XLA's per-step temporary buffers on transparent huge pages (glibc >= 2.35; ignored before):
+# the suite's processes took ~41M minor page faults, 11% of its CPU time in the kernel. Read by
+# glibc at process start, so it reaches the xdist workers and every `python -m jaxft.main` a
+# test starts (they inherit this environment), not this process. Same numbers, less CPU:
+# 200 quickstart pretraining steps 92 -> 69 CPU-s (Intel Xeon, AMX).
+os.environ.setdefault('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
 # model.dtype='auto' (the configs' default) is bf16 on CPUs with avx512_bf16 / AMX and fp32
 # elsewhere: the suite compares numbers across runs, so it runs fp32 on every CPU kind
 # (tests/test_engine.py checks the resolution itself with mocked CPU flags).
@@ -47,3 +53,21 @@ def pytest_collection_modifyitems(config, items):
   instead of one long file running alone at the end."""
   slow_files = {item.path for item in items if item.get_closest_marker('slow')}
   items.sort(key=lambda item: item.path not in slow_files)
+
+
+# The slowest files, printed at the end of every run (CI's log shows where the next cut is):
+# setup + call + teardown of every test summed per file, as the worker that ran it measured.
+_FILE_SECONDS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+  path = report.nodeid.split('::', 1)[0]
+  _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not _FILE_SECONDS or hasattr(terminalreporter.config, 'workerinput'):
+    return
+  terminalreporter.write_sep('=', 'slowest files (seconds, setup + call + teardown)')
+  for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:12]:
+    terminalreporter.write_line(f'{seconds:8.1f}  {path}')

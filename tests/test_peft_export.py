@@ -196,21 +196,27 @@ def test_lora_target_names_and_fused_gpt2_attention(get):
 @pytest.mark.parametrize('name', LORA + PROMPT)
 def test_adapter_files_round_trip_through_peft(get, name, tmp_path):
   """peft reads every tensor we write under the name it would write itself: saving the loaded
-  model back gives the same tensor names, bit-identical values and the same config."""
+  model back gives every tensor we wrote under the same name with a bit-identical value, and
+  every config key we wrote with the same value. Lists that peft owns (the task heads it adds
+  to `modules_to_save` by default) may grow with its releases; that the model it builds is
+  ours is checked on the logits (test_lora_adapter_gives_the_jaxft_logits_in_peft, ...)."""
   c = get(name)
   peft_model(c).save_pretrained(str(tmp_path))
   ours_dir = os.path.join(c['out'], 'adapter')
   mine = load_file(os.path.join(ours_dir, 'adapter_model.safetensors'))
   theirs = load_file(str(tmp_path / 'adapter_model.safetensors'))
-  assert sorted(mine) == sorted(theirs)
+  assert sorted(set(mine) - set(theirs)) == []
   for k in mine:
     np.testing.assert_array_equal(mine[k], theirs[k], err_msg=k)
   cfg_mine = json.loads(read(os.path.join(ours_dir, 'adapter_config.json')))
   cfg_theirs = json.loads(read(str(tmp_path / 'adapter_config.json')))
+  added = set(cfg_theirs.get('modules_to_save') or ()) - set(cfg_mine.get('modules_to_save') or ())
+  # A tensor only peft saved belongs to a module peft added to modules_to_save.
+  for k in sorted(set(theirs) - set(mine)):
+    assert any(f'.{m}.' in k for m in added), k
   for k, v in cfg_mine.items():
-    if k in ('target_modules', 'modules_to_save'):  # peft adds the task heads, as a list
+    if k in ('target_modules', 'modules_to_save'):
       assert set(v or ()) <= set(cfg_theirs[k] or ()), k
-      assert set(cfg_theirs[k] or ()) - set(v or ()) <= {'classifier', 'score'}, k
     else:
       assert cfg_theirs[k] == v, (k, cfg_theirs[k], v)
 
