@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import tokenize
 import typing
@@ -121,6 +122,8 @@ def _coerce(value, default, hint, key: str):
   elif kind is float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     value = float(value) if ok else value
+    if ok and not math.isfinite(value):  # nan passes every range check written as a < x
+      raise ConfigError(f'{key}={value!r} is not a finite number')
   elif kind is str:  # a str field typed `str | tuple` also takes a list / tuple of str
     ok = isinstance(value, str) or (isinstance(value, (tuple, list)) and 'tuple' in str(hint))
     value = tuple(value) if ok and not isinstance(value, str) else value
@@ -170,9 +173,14 @@ def loop_settings(cfg, name: str | None = None) -> LoopSettings:
 
 
 def peft_settings(cfg) -> PeftConfig:
+  section = _plain(cfg.get('peft', {})) or {}
+  defaults = PeftConfig.section_defaults()
+  for group in ('lora', 'adapter', 'prompt'):  # nested: checked here, like section() does
+    for k, v in (section.get(group) or {}).items():
+      if k in defaults[group]:
+        _coerce(v, defaults[group][k], None, f'peft.{group}.{k}')
   try:
-    return PeftConfig.from_section(_plain(cfg.get('peft', {})) or {},
-                                   seed=scalar(cfg, 'seed', 0))
+    return PeftConfig.from_section(section, seed=scalar(cfg, 'seed', 0))
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from e
 

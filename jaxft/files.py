@@ -2,6 +2,8 @@
 no permission) become one line naming the path, and files and directories are replaced
 atomically so that a crash or a full disk never leaves a half-written output in place.
 
+JSON outputs go through `json_text`: strict JSON, a non-finite number written as null.
+
 Checkpoint saves have their own error (`checkpointing.CheckpointWriteError`, which also
 names the intact steps); everything else a stage writes (config.json, the Hugging Face
 export, results) goes through here.
@@ -9,9 +11,13 @@ export, results) goes through here.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import secrets
 import shutil
+
+import numpy as np
 
 NO_SPACE = {errno.ENOSPC: 'No space left on device', errno.EDQUOT: 'Disk quota exceeded',
             errno.EFBIG: 'File too large'}
@@ -145,3 +151,27 @@ class AtomicDir:
     if moved:
       _remove(self.old)
     return False
+
+
+def json_safe(value):
+  """`value` with numpy / jax numbers and arrays as Python ones and every non-finite float
+  (NaN, +-inf) as None: json.dumps would write bare NaN / Infinity, which strict JSON
+  parsers (JavaScript, jq, Go) reject."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (str, bool, int)) or value is None:
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, '__array__'):
+    array = np.asarray(value)
+    if array.dtype.kind in 'biuf':
+      return json_safe(array.tolist())
+  return value
+
+
+def json_text(value, **dumps_kw) -> str:
+  """json.dumps of `json_safe(value)` (strict JSON); other objects as str()."""
+  return json.dumps(json_safe(value), allow_nan=False, default=str, **dumps_kw)

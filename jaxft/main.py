@@ -63,8 +63,9 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError('--config is required, e.g. --config configs/quickstart.py')
-  if _SHOW_CONFIG.value:
-    print(stages.describe(cfg))
+  if _SHOW_CONFIG.value:  # the listing, then the checks a run makes before it starts
+    print(stages.describe(cfg), flush=True)
+    _exit_on_user_error(stages.validate, cfg)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
@@ -75,8 +76,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
     distributed.check_processes(cfg)  # the same config and devices on every process
+  _exit_on_user_error(run_stage, cfg, os.path.abspath(_WORKDIR.value))
+
+
+def _exit_on_user_error(fn, *args):
+  """fn(*args); an error that is the user's to fix (_USER_ERRORS) exits with its one line."""
   try:
-    run_stage(cfg, os.path.abspath(_WORKDIR.value))
+    return fn(*args)
   except Exception as e:  # noqa: BLE001
     code = _user_error(e)
     if code is None:

@@ -60,13 +60,21 @@ def workdir_config(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- tokenizer
 
+def tokenizer_dir(path: str) -> str | None:
+  """The directory of the tokenizer saved with `path` (a jaxft workdir's tokenizer/, or an
+  HF directory itself), or None."""
+  for cand in (os.path.join(path, 'tokenizer'), path) if path else ():
+    if any(os.path.exists(os.path.join(cand, f)) for f in _TOKENIZER_FILES):
+      return cand
+  return None
+
+
 def tokenizer_of(path: str, fallback: str = ''):
   """The tokenizer saved with `path` (an HF dir or a jaxft workdir's tokenizer/), since its
   weights were trained with it; else the one at `fallback` (data.tokenizer)."""
-  if path:
-    for cand in (os.path.join(path, 'tokenizer'), path):
-      if any(os.path.exists(os.path.join(cand, f)) for f in _TOKENIZER_FILES):
-        return load_tokenizer(cand)
+  own = tokenizer_dir(path)
+  if own:
+    return load_tokenizer(own)
   if not fallback:
     where = f'{path} has no tokenizer' if path else 'no tokenizer'
     raise ValueError(f'{where}: set data.tokenizer, or init_from a directory that has one')

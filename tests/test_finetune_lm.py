@@ -187,3 +187,20 @@ def test_config_errors_come_before_anything_loads():
   c = gen_config('')
   with pytest.raises(ConfigError, match='generate needs init_from'):
     stages.validate(c)
+
+
+def test_generate_refuses_a_tokenizer_that_is_not_the_models(tmp_path):
+  """data.tokenizer is for an init_from without a tokenizer: beside one (the tokenizer the
+  weights were trained with) it was silently ignored. Now a different one is refused in one
+  line, and naming the same directory is accepted (the run goes on to the model)."""
+  from jaxft.config import ConfigError
+  own = REPO / 'data' / 'tokenizers' / 'gpt2'  # a directory with a tokenizer and no model
+  c = gen_config(own)
+  c.data.tokenizer = str(tmp_path / 'other')
+  with pytest.raises(ConfigError, match=rf"data.tokenizer='{tmp_path}/other': init_from="
+                                        rf"'{own}' has its own tokenizer \({own}\)"):
+    run_stage(c, str(tmp_path / 'gen'))
+  c.data.tokenizer = f'{own}/'
+  with pytest.raises(Exception) as e:  # the same tokenizer: what fails now is the model
+    run_stage(c, str(tmp_path / 'gen'))
+  assert 'is neither a jaxft workdir' in str(e.value), e.value

@@ -156,3 +156,25 @@ def test_torn_last_line_is_repaired_and_skipped(tmp_path, caplog):
   path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
   with pytest.raises(ValueError, match=f'{path}:2: not a JSON record'):
     metrics.read_metrics(tmp_path)
+
+
+def test_results_json_is_strict_json(tmp_path):
+  """Non-finite numbers (a NaN score, an infinite perplexity) are written as null at any
+  depth, numpy ones too: json.dumps would write bare NaN / Infinity, which strict parsers
+  (JavaScript, jq) reject."""
+  import jax.numpy as jnp
+  results = {'loss': float('nan'), 'ppl': float('inf'), 'ok': 1.5, 'n': np.int64(3),
+             'scores': {'bleu': np.float32('nan'), 'per': [1.0, -np.inf, np.float64(2)]},
+             'arr': np.array([0.5, np.nan]), 'jax': jnp.asarray(float('nan')), 'name': 'x'}
+  path = metrics.write_results(tmp_path, results)
+
+  def refuse(constant):
+    raise AssertionError(f'{constant} in results.json')
+  got = json.loads(open(path).read(), parse_constant=refuse)
+  assert got == {'loss': None, 'ppl': None, 'ok': 1.5, 'n': 3,
+                 'scores': {'bleu': None, 'per': [1.0, None, 2.0]}, 'arr': [0.5, None],
+                 'jax': None, 'name': 'x'}
+  with metrics.MetricsWriter(tmp_path, tensorboard=False) as w:  # non-scalars: null inside
+    w.write(1, {'eval/per_class': [0.5, float('nan')], 'eval/loss': float('inf')})
+  assert metrics.read_metrics(tmp_path) == [{'step': 1, 'eval/per_class': [0.5, None],
+                                             'eval/loss': None}]

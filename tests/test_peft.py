@@ -241,6 +241,38 @@ def test_lora_merged_logits_equal_unmerged(runs):
                                                    batch)).max()) > 1e-4  # LoRA did something
 
 
+def test_int8_keeps_lora_and_adapters():
+  """predict.quantize=int8 of a LoRA + adapter model: LoRA is folded into the kernel before
+  rounding and the adapters run in fp32, so the int8 logits follow lora_b and stay close to
+  the fp32 logits of the same model (int8 used to drop every PEFT tensor: the base model's
+  logits whatever lora_b held)."""
+  from flax import nnx
+
+  from jaxft.export import int8_model
+  from jaxft.trees import map_named
+  pdef = peft.trained_def(cfg_for('lora+adapter'), base_def())
+  zero = to_host(nnx.to_pure_dict(nnx.state(pdef.build(), nnx.Param)))
+  rng = np.random.RandomState(0)
+  moved = lambda n, x: (rng.normal(0, 0.5, x.shape).astype(x.dtype)
+                        if n.endswith(('lora_b', 'adapter.up.kernel')) else x)
+  adapted = map_named(moved, zero)  # lora_b and adapter.up start at 0: give them values
+  big_b = map_named(lambda n, x: x * 1000 if n.endswith('lora_b') else x, adapted)
+  batch = batches()[0]
+  fp32 = np.asarray(forward(pdef)(adapted, batch))
+  base = np.asarray(forward(pdef)(zero, batch))  # what a model without PEFT computes
+  qdef, q_adapted = int8_model(pdef, adapted)
+  _, q_big = int8_model(pdef, big_b)
+  adapter_sizes = lambda tree, key: sorted(x.size for n, x in flat_params(tree).items()
+                                          if f'.{key}.' in n)
+  assert adapter_sizes(q_adapted, 'after') == adapter_sizes(adapted, 'adapter') != []
+  int8 = np.asarray(forward(qdef)(q_adapted, batch))
+  int8_big = np.asarray(forward(qdef)(q_big, batch))
+  scale = np.abs(fp32).max()
+  err = np.abs(int8 - fp32).max()
+  assert 0 < err <= 0.05 * scale, (err, scale)  # int8 rounding through 2 layers
+  assert np.abs(fp32 - base).max() > 4 * err  # the PEFT tensors matter far beyond rounding
+  assert np.abs(int8_big - int8).max() > 0.1 * scale  # lora_b x 1000 reaches int8 logits
+
 def test_lora_checkpoint_is_small_and_reapplies(runs, tmp_path):
   r = runs['lora']
   d = peft.save_checkpoint(r['cfg'], r['p1'], r['mask'], str(tmp_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
 
+from jaxft.config import ConfigError
 from jaxft.data.classification import GLUE_TASKS
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.main import run_stage
@@ -212,6 +214,22 @@ def test_missing_split_is_a_one_line_error_naming_what_to_set(tmp_path):
   with pytest.raises(ValueError, match=r"predict.input='test': .* Set predict.input to a split "
                                        r'the training data has'):
     predict(wd, 'test', tmp_path / 'p')
+
+
+@pytest.mark.parametrize('name, text', [('empty.txt', ''), ('blank.txt', '\n  \n'),
+                                        ('header_only.tsv', 'sentence\tlabel\n')])
+def test_an_input_without_rows_is_refused_naming_the_file(tmp_path, name, text):
+  """A file with no rows is a mistake (a wrong path, an export that failed): one line
+  naming it, nothing written (it used to give an empty predictions.jsonl and results.json,
+  exit 0)."""
+  wd, _ = sst2_workdir()
+  path = tmp_path / name
+  path.write_text(text, encoding='utf-8')
+  with pytest.raises(ConfigError, match=re.escape(f'predict.input={str(path)!r}: {path} has '
+                                                  'no rows')):
+    predict(wd, str(path), tmp_path / 'p')
+  assert not (tmp_path / 'p' / 'predictions.jsonl').exists()
+  assert not (tmp_path / 'p' / 'results.json').exists()
 
 
 def test_inference_runs_in_fp32_unless_asked(tmp_path):

@@ -164,6 +164,12 @@ class Dense(nnx.Module):
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
 
+  def folded(self):
+    """(kernel, after) with y = after(x @ kernel + bias), `after` None here: what
+    `quantize.int8` rounds and what it keeps. A subclass that adds terms (jaxft.peft's LoRA,
+    adapters) overrides it, so quantising never drops them."""
+    return self.kernel[...], None
+
 
 class Embed(nnx.Module):
   def __init__(self, num: int, features: int, names: Names, *, init_std: float = 0.02,

@@ -18,7 +18,10 @@ Kept in fp32, on purpose:
   parameters), which bench/deploy.py reports as it is;
 - LayerNorm scales and biases, dense biases: O(hidden) numbers added or multiplied
   elementwise after the int32 accumulation, where int8 saves nothing measurable;
-- attention's q.k and p.v products: activations on both sides (no weight to quantize).
+- attention's q.k and p.v products: activations on both sides (no weight to quantize);
+- PEFT adapters (jaxft.peft): a nonlinear bottleneck after their Dense, not foldable into
+  its kernel and small. LoRA is linear: W + scale * A B is folded before rounding
+  (`layers.Dense.folded`), so nothing a fine-tune trained is dropped.
 """
 from __future__ import annotations
 
@@ -77,14 +80,17 @@ def error_bound(x, kernel, contract: int):
 
 
 class Int8Dense(nnx.Module):
-  """`layers.Dense` with an int8 kernel (module docstring); the same call contract."""
+  """`layers.Dense` with an int8 kernel (module docstring); the same call contract. The
+  kernel rounded is `dense.folded()`'s, so a LoRA delta is in it; a module the Dense applies
+  to its output (a PEFT adapter) is kept as it is, in fp32."""
 
   def __init__(self, dense: layers.Dense):
     names = tuple(getattr(dense.kernel, 'logical_axes', None) or
                   (None,) * dense.kernel[...].ndim)
     self.contract = dense.contract
     self.dtype = dense.dtype
-    kernel_q, scale = quantize_kernel(dense.kernel[...], dense.contract)
+    kernel, self.after = dense.folded()
+    kernel_q, scale = quantize_kernel(kernel, dense.contract)
     self.kernel_q = nnx.Param(kernel_q, logical_axes=names)
     self.scale = nnx.Param(scale, logical_axes=names[dense.contract:])
     self.bias = dense.bias
@@ -93,7 +99,8 @@ class Int8Dense(nnx.Module):
     y = int8_matmul(x, self.kernel_q[...], self.scale[...], self.contract)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    y = y.astype(self.dtype)
+    return y if self.after is None else self.after(y)
 
 
 def int8(model: nnx.Module) -> nnx.Module:

@@ -119,6 +119,15 @@ class PeftDense(Dense):
     y = y.astype(self.dtype)
     return y if self.adapter is None else self.adapter(y)
 
+  def folded(self):
+    """(W + lora_scale * A B in fp32, the adapter): inference has no LoRA dropout, so the
+    LoRA branch is exactly a kernel term; the adapter is nonlinear and stays a module."""
+    kernel = self.kernel[...].astype(jnp.float32)
+    if self.lora_a is not None:
+      kernel = kernel + self.lora_scale * jnp.tensordot(
+          self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32), axes=1)
+    return kernel, self.adapter
+
 
 class PeftModel(nnx.Module):
   """The base model's children re-hung on a module that adds soft prompts and the LoRA

@@ -48,7 +48,7 @@ class GenerateSection(DecodingSection):
 @dataclasses.dataclass(frozen=True)
 class GenerateData:
   """The `data` section of the generate stage: '' = as the trained workdir (or the defaults)."""
-  tokenizer: str = ''          # when init_from brings none
+  tokenizer: str = ''          # only when init_from brings none (else refused: its own wins)
   prompt_column: str = ''
   completion_column: str = ''  # references to score against, when the input has them
   template: str = ''           # must contain {prompt}
@@ -92,6 +92,7 @@ def load_lm(s: Settings):
   trained (PEFT modules included); an HF directory must hold every tensor of a GPT-2 LM
   (generating from freshly initialised weights would be a silent wrong result)."""
   src = s.source
+  _check_tokenizer(src, s.data.tokenizer)
   tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
   mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
   if mcfg.model_type != 'gpt2':
@@ -105,6 +106,18 @@ def load_lm(s: Settings):
     raise ValueError(f'{src} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
                      f'{report["missing"][:3]}): not a causal-LM checkpoint')
   return base_def, params, mcfg, tokenizer, {}
+
+
+def _check_tokenizer(src: str, asked: str) -> None:
+  """data.tokenizer beside an init_from that has a tokenizer: the weights were trained with
+  that one, and token ids of another would decode to a silently wrong text. Naming the
+  same directory is fine."""
+  own = sources.tokenizer_dir(src)
+  if own and asked and os.path.realpath(asked) != os.path.realpath(own):
+    raise config_lib.ConfigError(
+        f'data.tokenizer={asked!r}: init_from={src!r} has its own tokenizer ({own}), the one '
+        'its weights were trained with; unset data.tokenizer (it is for an init_from without '
+        'a tokenizer)')
 
 
 def text_settings(data: GenerateData, trained: dict) -> dict:

@@ -131,15 +131,20 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
       'is_regression') else tuple(labels[label_key]))
   is_file = os.path.isfile(spec)
   if is_file and spec.endswith('.txt') and not (kind == 'ner' and ner.looks_like_conll(spec)):
-    return _txt_inputs(spec, kind, data, tokenizer, labels)
-  split = spec
-  if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
-    data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
-  try:
-    return _split_inputs(split, kind, data, tokenizer)
-  except MissingSplitError as e:
-    raise ValueError(f'predict.input={spec!r}: {e}. Set predict.input to a split the '
-                     'training data has (dev, train, ...) or to a file') from None
+    arrays, info = _txt_inputs(spec, kind, data, tokenizer, labels)
+  else:
+    split = spec
+    if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
+      data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
+    try:
+      arrays, info = _split_inputs(split, kind, data, tokenizer)
+    except MissingSplitError as e:
+      raise ValueError(f'predict.input={spec!r}: {e}. Set predict.input to a split the '
+                       'training data has (dev, train, ...) or to a file') from None
+  if not len(arrays['input_ids']):  # a wrong path or a failed export, not an empty answer
+    what = spec if is_file else f'the split {spec!r} of the trained data'
+    raise config_lib.ConfigError(f'predict.input={spec!r}: {what} has no rows to predict')
+  return arrays, info
 
 
 def _split_inputs(split: str, kind: str, data, tokenizer):
@@ -192,11 +197,11 @@ def run(s: Settings, workdir: str) -> dict:
   mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
   head = 'cls' if kind == 'cls' else 'token_cls'
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   if s.predict.quantize == 'int8':
     model_def, params = int8_model(model_def, params)
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
                   if s.predict.explain else None)

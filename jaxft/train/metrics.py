@@ -182,8 +182,9 @@ class MetricsWriter:
   """Appends `{"step": s, name: value, ...}` lines to workdir/metrics.jsonl and writes
   TensorBoard scalars to workdir/tb; a no-op unless enabled (process 0 only).
 
-  Non-finite values are written as JSON null (strict JSON parsers reject NaN) and
-  skipped in TensorBoard; non-scalar values are kept in JSON only when serialisable.
+  Non-finite values are written as JSON null (strict JSON parsers reject NaN), also inside
+  lists, and skipped in TensorBoard; non-scalar values are kept in JSON only when
+  serialisable.
   A last line torn by a crash mid-write is cut off (with a warning) before appending, so a
   resumed run never writes onto it.
   """
@@ -217,8 +218,8 @@ class MetricsWriter:
           self._tb.add_scalar(k, x, step)
       else:
         try:
-          json.dumps(v, allow_nan=False)
-          record[k] = v
+          json.dumps(files.json_safe(v), allow_nan=False)
+          record[k] = files.json_safe(v)
         except (TypeError, ValueError):
           pass
     self._file.write(json.dumps(record, allow_nan=False) + '\n')
@@ -314,17 +315,9 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str:
   """workdir/results.json, written atomically by process 0: a stage's last output, so its
-  presence says the stage finished (host values; numpy scalars and arrays converted)."""
+  presence says the stage finished (host values; numpy scalars and arrays converted, a
+  non-finite number written as null: strict JSON)."""
   path = os.path.join(workdir, 'results.json')
   if jax.process_index() == 0:
-    files.atomic_write(path, json.dumps(results, indent=2, default=_json_default),
-                       what='results')
+    files.atomic_write(path, files.json_text(results, indent=2), what='results')
   return path
-
-
-def _json_default(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)

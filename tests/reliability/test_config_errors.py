@@ -60,6 +60,10 @@ CASES = {
                                   "'pretrain_mlm'?); stages: ["),
     'unknown nonfinite policy': (_with(train__nonfinite='ignore'),
                                  "train.nonfinite='ignore'; allowed: 'skip', 'halt', 'rollback'"),
+    'NaN number': (_with(optimizer__lr=float('nan')),
+                   'optimizer.lr=nan is not a finite number'),
+    'infinite number (model)': (_with(model__layer_norm_eps=float('inf')),
+                                'model.layer_norm_eps=inf is not a finite number'),
 }
 
 
@@ -71,6 +75,16 @@ def test_config_error_names_key_and_allowed_before_anything_runs(case, tmp_path,
     main_lib.run_stage(cfg, wd)
   assert expected in str(e.value), str(e.value)
   assert not stub_stage and not os.path.exists(wd)  # nothing ran, nothing was written
+
+
+def test_peft_numbers_are_checked_like_every_section():
+  """The peft section's nested groups go through the same checks (a NaN lora.alpha would
+  make every LoRA output NaN)."""
+  for value, expected in ((float('nan'), 'peft.lora.alpha=nan is not a finite number'),
+                          ('8', "peft.lora.alpha='8' has the wrong type: it must be a number")):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(expected)):
+      config_lib.peft_settings(_with(peft__lora__alpha=value))
+  assert config_lib.peft_settings(_with(peft__lora__alpha=32)).lora_scale == 4.0
 
 
 def test_pipeline_errors_name_the_section(tmp_path, stub_stage):
@@ -144,3 +158,38 @@ def test_max_len_is_checked_against_the_init_from_model_not_the_config_default()
     stages.validate(c)
   c.init_from = '/some/checkpoint'
   stages.validate(c)  # no error: the stage compares with the checkpoint's table
+
+
+STAGE_CLI = {
+    'NaN decoding setting': (
+        'generate.py', ['--config.generate.length_penalty=nan', '--config.init_from=/w',
+                        '--config.generate.input=p.txt'],
+        'config error: generate.length_penalty=nan is not a finite number'),
+    'show_config with a NaN': (
+        'generate.py', ['--show_config', '--config.generate.temperature=inf'],
+        'config error: generate.temperature=inf is not a finite number'),
+    'show_config with a bad value': (
+        'quickstart.py:pretrain', ['--show_config', '--config.pretrain.train.nonfinite=ignore'],
+        "config error: config.pretrain: train.nonfinite='ignore'; allowed: 'skip'"),
+}
+
+
+@pytest.mark.parametrize('case', list(STAGE_CLI))
+def test_cli_refuses_what_a_run_would_refuse(case, tmp_path):
+  """Non-finite numbers are refused at parse time (generate.length_penalty=nan used to run
+  and write an empty generation per prompt and a bare NaN into results.json), and
+  --show_config checks the config as a run does: the listing, then one line, exit code 2."""
+  config, args, expected = STAGE_CLI[case]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  r = subprocess.run([sys.executable, '-m', 'jaxft.main', '--config', f'{REPO}/configs/{config}',
+                      '--workdir', str(tmp_path / 'w'), *args], capture_output=True, text=True,
+                     cwd=REPO, timeout=300, env={**env, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [ln for ln in r.stderr.splitlines()
+           if ln.strip() and ' main.py:' not in ln and not re.match(r'I\d{4} ', ln)]
+  assert lines == [lines[-1]] and lines[-1].startswith(expected), r.stderr[-3000:]
+  assert 'Traceback' not in r.stderr
+  if '--show_config' in args:  # the listing still comes, to find the key in
+    assert any(ln.startswith(('generate.temperature = ', 'pretrain.train.nonfinite = '))
+               for ln in r.stdout.splitlines()), r.stdout[-2000:]
+  assert not os.path.exists(tmp_path / 'w')
