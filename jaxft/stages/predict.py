@@ -14,7 +14,9 @@ runs in predict.dtype (float32 by default, whatever the training used);
 predict.quantize=int8 runs it with int8 dense kernels (jaxft.models.quantize). With
 predict.explain each line also holds one attribution per input token (integrated gradients
 or attention rollout, jaxft/objectives/explain.py), and predict.explain_html writes them as
-a page of highlighted tokens (docs/explain.md).
+a page of highlighted tokens (docs/explain.md). Without init_from the stage reads the
+fine-tune in --workdir and runs in WORKDIR/predict/ (stages.run): the fine-tune's
+results.json and config.json stay as they are.
 """
 from __future__ import annotations
 
