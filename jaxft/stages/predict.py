@@ -208,11 +208,10 @@ def run(s: Settings, workdir: str) -> dict:
                _ner_records(ex, scores, arrays, labels))
     for rec, attr in zip(records, attributions or ()):
       rec['attributions'] = attr
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, 'w') as f:
+    with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
       for rec in records:
         f.write(json.dumps(rec) + '\n')
-    logging.info('wrote %d predictions to %s', len(records), out_path)
+    logging.info('wrote %d predictions to %s', len(arrays['input_ids']), out_path)
     if s.predict.explain_html:
       files.atomic_write(s.predict.explain_html,
                          explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')
