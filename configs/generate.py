@@ -8,7 +8,9 @@ init_from: a `finetune_lm` workdir (its best checkpoint, else the latest; genera
 file like the training data (the prompt column, template and completion prefix come from the
 workdir's config; `data.*` overrides them) or a txt file with one prompt per line.
 Writes out/generations.jsonl (or generate.output): {"input", "text"} per distinct prompt,
-and out/results.json with BLEU / chrF / ROUGE-L when the input has references.
+and out/results.json with BLEU / chrF / ROUGE-L when the input has references. With
+--workdir equal to init_from the outputs go to WORKDIR/generate/ (the fine-tune's own
+generations.jsonl and results.json are never replaced).
 """
 from jaxft.config import as_section, base_config
 from jaxft.stages.generate import GenerateData, GenerateSection

@@ -2,7 +2,8 @@
 
   python -m jaxft.main --config configs/predict.py --config.init_from=FINETUNE_WORKDIR \
       --config.predict.input=dev --workdir out     # or a .txt/.tsv/.jsonl/CoNLL file
-Writes out/predictions.jsonl (or predict.output). Token attributions per line:
+Writes out/predictions.jsonl (or predict.output). Without init_from it reads the fine-tune in
+--workdir and writes to WORKDIR/predict/ (the fine-tune's results.json is never replaced). Token attributions per line:
 --config.predict.explain=integrated_gradients|attention_rollout, and an HTML page of them:
 --config.predict.explain_html=out/explain.html (docs/explain.md).
 """

@@ -5,11 +5,12 @@ atomically so that a crash or a full disk never leaves a half-written output in 
 JSON outputs go through `json_text`: strict JSON, a non-finite number written as null.
 
 Checkpoint saves have their own error (`checkpointing.CheckpointWriteError`, which also
-names the intact steps); everything else a stage writes (config.json, the Hugging Face
-export, results) goes through here.
+names the intact steps); everything else a stage writes (config.json, labels.json, the
+Hugging Face export, predictions, generations, results) goes through here.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -72,21 +73,40 @@ def write_error(e: BaseException, what: str, path: str, note: str = '') -> BaseE
   return err
 
 
-def atomic_write(path: str, data: str | bytes, what: str = '') -> None:
-  """Write `path` through a temporary file renamed into place: readers see the old or the
-  new content, never a part. Refusals raise OutputWriteError naming `path`."""
+@contextlib.contextmanager
+def atomic_open(path: str, what: str = '', binary: bool = False):
+  """`with atomic_open(path) as f:` write f; on success it replaces `path` whole.
+
+  The temporary file is a new sibling (O_EXCL, O_NOFOLLOW, a random name) renamed over
+  `path`: readers see the old or the new content, never a part; a symlink at `path` is
+  replaced, not followed; on any error (or a kill) `path` is left as it was. Refusals raise
+  OutputWriteError naming `path`."""
   path = os.path.abspath(path)
-  tmp = f'{path}.tmp-{os.getpid()}'
+  what = what or os.path.basename(path)
+  tmp = f'{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}'
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'wb') as f:
-      f.write(data.encode() if isinstance(data, str) else data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+  except OSError as e:
+    raise write_error(e, what, path) from e
+  try:
+    with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else {'encoding': 'utf-8'})) as f:
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except OSError as e:
+  except BaseException as e:
     _remove(tmp)
-    raise write_error(e, what or os.path.basename(path), path) from e
+    err = write_error(e, what, path) if isinstance(e, OSError) else e
+    if err is e:
+      raise
+    raise err from e
+
+
+def atomic_write(path: str, data: str | bytes, what: str = '') -> None:
+  """Write `path` whole through a temporary file (atomic_open)."""
+  with atomic_open(path, what, binary=True) as f:
+    f.write(data.encode() if isinstance(data, str) else data)
 
 
 def _remove(path: str) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from jaxft import files
 from jaxft.data import completion as lm_data
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import pad_id as pad_id_of
@@ -94,11 +94,11 @@ def summarizer(tokenizer, references, keep: dict | None = None):
 
 
 def write_generations(path: str, prompts, texts, scores: dict | None = None) -> None:
-  """One JSON line per distinct prompt: {"input": prompt, "text": completion}."""
+  """One JSON line per distinct prompt: {"input": prompt, "text": completion}; the file is
+  replaced whole (files.atomic_open)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
+  with files.atomic_open(path, 'generations') as f:
     for p, t in zip(prompts, texts):
       f.write(json.dumps({'input': p, 'text': t}, ensure_ascii=False) + '\n')
   logging.info('wrote %d generations to %s%s', len(texts), path,

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from jaxft import checkpointing
+from jaxft import checkpointing, files
 from jaxft.data import tokenizer as data_tokenizer
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import hf
@@ -85,8 +85,8 @@ def save_tokenizer(tokenizer, workdir: str, max_length: int | None = None) -> No
   """workdir/tokenizer: a run's outputs carry the tokenizer its weights were trained with,
   recording the model's real input limit (`max_length`: its position count)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    data_tokenizer.save_tokenizer(tokenizer, os.path.join(workdir, 'tokenizer'), max_length)
+    with files.AtomicDir(os.path.join(workdir, 'tokenizer'), 'the tokenizer') as tmp:
+      data_tokenizer.save_tokenizer(tokenizer, tmp, max_length)
 
 
 # ----------------------------------------------------------------------------- model, labels
@@ -104,13 +104,12 @@ def save_labels(workdir: str, kind: str, info: dict, mcfg: ModelConfig) -> None:
   """labels.json: what a fine-tune trained (classes, metrics) and the model it built."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, LABELS), 'w') as f:
-    json.dump({'kind': kind, 'label_names': info['label_names'],
-               'label_values': info.get('label_values', info['label_names']),
-               'is_regression': info.get('is_regression', False),
-               'metric_names': info['metric_names'], 'main_metric': info['main_metric'],
-               'model': mcfg.to_dict()}, f, indent=2)
+  files.atomic_write(os.path.join(workdir, LABELS), json.dumps(
+      {'kind': kind, 'label_names': info['label_names'],
+       'label_values': info.get('label_values', info['label_names']),
+       'is_regression': info.get('is_regression', False),
+       'metric_names': info['metric_names'], 'main_metric': info['main_metric'],
+       'model': mcfg.to_dict()}, indent=2), 'labels')
 
 
 def model_config_of(path: str, vocab_size: int | None = None) -> ModelConfig:
@@ -260,10 +259,7 @@ def record_model(workdir: str, mcfg: ModelConfig) -> None:
   saved = workdir_config(workdir)
   d = mcfg.to_dict()
   saved['model'] = {**saved.get('model', {}), 'type': d.pop('model_type'), **d}
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(saved, f, indent=2)
-  os.replace(tmp, path)
+  files.atomic_write(path, json.dumps(saved, indent=2), 'config.json')
 
 
 def peft_of(path: str) -> PeftConfig:

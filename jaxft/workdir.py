@@ -14,13 +14,16 @@
     `overwrite=True`: the old run's files are then moved to `workdir/overwritten-<time>/`
     (kept, not deleted). A matching config resumes as usual (overwrite changes nothing).
   * a stage that only reads the workdir (init_from=workdir, or `predict` without init_from)
-    is allowed and must not replace its config.json: `guard` returns write_config=False.
+    is allowed and must not replace its config.json: `guard` returns write_config=False,
+    and the stage runs in WORKDIR/<stage>/ (`reader_run`): a later stage's outputs never
+    replace the run's records.
 Only process 0 checks and locks; with several processes its verdict is shared (through the
 coordination service) so that every process stops together instead of hanging in the first
 collective.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -141,6 +144,16 @@ def reads_workdir(cfg, workdir: str) -> bool:
   return cfg.get('stage') == 'predict' and not init_from
 
 
+def reader_run(cfg, workdir: str):
+  """(config, workdir) for a stage that reads `workdir` as its source: WORKDIR/<stage>/ with
+  init_from=WORKDIR, an ordinary run there, so that the source run's files (config.json,
+  results.json, generations.jsonl, ...) are never replaced by a later stage's outputs."""
+  sub = copy.deepcopy(cfg)
+  with sub.unlocked():
+    sub.init_from = _norm(workdir)
+  return sub, os.path.join(_norm(workdir), cfg.stage)
+
+
 def differences(saved: dict, cfg) -> list[str]:
   """'key: saved -> new' for what makes `cfg` a different run than the saved config."""
   new = json.loads(cfg.to_json_best_effort())
@@ -167,13 +180,24 @@ def differences(saved: dict, cfg) -> list[str]:
 
 
 def _move_aside(workdir: str) -> str:
+  """Move the run's files, and the outputs of stages that read it (reader_run), aside."""
   dest = os.path.join(workdir, 'overwritten-' + time.strftime('%Y%m%d-%H%M%S'))
   os.makedirs(dest, exist_ok=False)
-  for name in RUN_FILES:
+  readers = [n for n in os.listdir(workdir) if _reads_from(os.path.join(workdir, n), workdir)]
+  for name in (*RUN_FILES, *readers):
     src = os.path.join(workdir, name)
     if os.path.lexists(src):
       os.replace(src, os.path.join(dest, name))
   return dest
+
+
+def _reads_from(sub_dir: str, workdir: str) -> bool:
+  """`sub_dir` holds a run started from `workdir` (a reader_run's subfolder)."""
+  try:
+    with open(os.path.join(sub_dir, 'config.json')) as f:
+      return _norm(json.load(f).get('init_from') or '') == _norm(workdir)
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def check(cfg, workdir: str) -> bool:

@@ -93,6 +93,29 @@ def test_bad_rows_name_file_line_and_column(tmp_path):
     lm.read_pairs_file(js)
 
 
+def test_generate_input_with_references_on_some_rows_only_is_refused(tmp_path):
+  """generate's input: references on every row (scored) or on none (prompts only). A jsonl
+  whose first row has no completion and later rows do is refused naming that row, as the
+  reverse order is, never read as prompts only (which dropped every reference)."""
+  from jaxft.stages import generate
+  ts = generate.text_settings(generate.GenerateData(prompt_column='p', completion_column='c'),
+                              {})
+  mixed = tmp_path / 'mixed.jsonl'
+  mixed.write_text('{"p": "a[1]"}\n{"p": "b[2]", "c": "Two."}\n{"p": "c[3]", "c": "Three."}\n')
+  with pytest.raises(ValueError, match=r"mixed.jsonl:1: no 'c' \(a reference\) on this row, "
+                                       r'but 2 of the 3 rows have one'):
+    generate.read_inputs(str(mixed), ts)
+  mixed.write_text('{"p": "b[2]", "c": "Two."}\n{"p": "a[1]"}\n')
+  with pytest.raises(ValueError, match=r"mixed.jsonl:2: no 'c' .* but 1 of the 2 rows"):
+    generate.read_inputs(str(mixed), ts)
+  only = tmp_path / 'only.jsonl'
+  only.write_text('{"p": "a[1]"}\n{"p": "b[2]"}\n')
+  assert generate.read_inputs(str(only), ts)[:2] == (['a[1]', 'b[2]'], None)
+  full = tmp_path / 'full.jsonl'
+  full.write_text('{"p": "a[1]", "c": "One."}\n{"p": "a[1]", "c": "Uno."}\n')
+  assert generate.read_inputs(str(full), ts)[:2] == (['a[1]'], [['One.', 'Uno.']])
+
+
 @pytest.mark.parametrize('suffix', ['.csv', '.jsonl', '.txt'])
 def test_bytes_that_are_not_utf8_are_named_not_a_traceback(tmp_path, suffix):
   """A Latin-1 'é' (0xe9) in row 2 is a bad row named by file, line and byte; skip counts it."""

@@ -116,6 +116,20 @@ def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, 
   assert _lines(tmp_path / 'd' / 'generations.jsonl') == ga  # beam: tests/test_decoding.py
 
 
+def test_generate_into_its_source_workdir_keeps_the_training_records(trained):
+  """--workdir equal to init_from (a documented use): the outputs go to WORKDIR/generate/,
+  the training run's results.json, generations.jsonl and config.json stay as they were."""
+  wd, _, _ = trained
+  kept = {n: (wd / n).read_bytes() for n in ('results.json', 'generations.jsonl', 'config.json')}
+  r = run_stage(gen_config(wd), str(wd))  # the program of the test above: no compile
+  assert {n: (wd / n).read_bytes() for n in kept} == kept
+  out = wd / 'generate'
+  assert r['output'] == str(out / 'generations.jsonl') and r['n_inputs'] == 46
+  assert len(_lines(out / 'generations.jsonl')) == 46
+  assert json.loads((out / 'results.json').read_text())['scores'] == r['scores']
+  assert json.loads((out / 'config.json').read_text())['init_from'] == str(wd)
+
+
 def test_a_workdir_and_its_export_hold_the_same_parameters(trained):
   """init_from either one gives the same model: every tensor of a GPT-2 LM, none fresh."""
   wd, _, _ = trained

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -241,3 +242,54 @@ def test_inference_runs_in_fp32_unless_asked(tmp_path):
   p32 = np.array([list(r['probs'].values()) for r in fp32])
   p16 = np.array([list(r['probs'].values()) for r in bf16])
   assert not np.array_equal(p32, p16) and np.abs(p32 - p16).max() < 0.05
+
+
+# ------------------------------------------------------------- outputs of a training workdir
+
+def _copy_of(wd: str, tmp_path: Path) -> Path:
+  dst = tmp_path / 'run'
+  shutil.copytree(wd, dst, ignore=shutil.ignore_patterns('.jaxft.lock'))
+  return dst
+
+
+def test_predict_in_a_training_workdir_keeps_its_records(tmp_path):
+  """predict without init_from in a fine-tune's workdir (a documented use) writes under
+  WORKDIR/predict/: the fine-tune's results.json (history, best) and config.json stay."""
+  wd = _copy_of(ner_workdir()[0], tmp_path)
+  kept = {n: (wd / n).read_bytes() for n in ('results.json', 'config.json')}
+  c = load_config_module('predict').get_config()
+  c.predict.input = 'dev'
+  r = run_stage(c, str(wd))
+  assert {n: (wd / n).read_bytes() for n in kept} == kept
+  assert not (wd / 'predictions.jsonl').exists()
+  assert r['output'] == str(wd / 'predict' / 'predictions.jsonl') and 'f1' in r
+  assert json.loads((wd / 'predict' / 'results.json').read_text())['f1'] == r['f1']
+
+
+def test_predictions_replace_a_symlink_and_a_failed_write_keeps_the_old_file(tmp_path,
+                                                                             monkeypatch):
+  """predictions.jsonl is written through a temporary file renamed into place: a symlink
+  there is replaced, not followed; an error mid-write leaves the previous file whole."""
+  wd, _ = ner_workdir()
+  (tmp_path / 'in.txt').write_text('Peter Blackburn\nEU rejects German call\n')
+  out = tmp_path / 'p'
+  out.mkdir()
+  victim = tmp_path / 'victim.txt'
+  victim.write_text('not yours\n')
+  (out / 'predictions.jsonl').symlink_to(victim)
+  _, recs = predict(wd, str(tmp_path / 'in.txt'), out)
+  assert victim.read_text() == 'not yours\n' and len(recs) == 2
+  assert not (out / 'predictions.jsonl').is_symlink()
+  before = (out / 'predictions.jsonl').read_bytes()
+
+  from jaxft.stages import predict as predict_stage
+  records = predict_stage._ner_records
+
+  def fail_after_one(*args):
+    yield records(*args)[0]
+    raise OSError('killed mid-write')
+  monkeypatch.setattr(predict_stage, '_ner_records', fail_after_one)
+  with pytest.raises(OSError, match='killed mid-write'):
+    predict(wd, str(tmp_path / 'in.txt'), out)
+  assert (out / 'predictions.jsonl').read_bytes() == before
+  assert not [p.name for p in out.iterdir() if '.tmp' in p.name]

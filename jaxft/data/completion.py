@@ -135,6 +135,7 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
         if line.strip():
           add(f'{path}:{lineno}', line, None)
     elif fmt == 'jsonl':
+      rows = []
       for lineno, line in enumerate(f, 1):
         where = f'{path}:{lineno}'
         if not line.strip():
@@ -147,9 +148,10 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
         if not isinstance(row, dict):
           bad(where, 'bad_row', f'expected a JSON object, got {type(row).__name__}')
           continue
-        if not prompts and not sources and with_completion and completion_column not in row \
-            and not require_completion:
-          with_completion = False  # prompts only (e.g. inputs to generate for)
+        rows.append((where, row))
+      if with_completion and not require_completion:
+        with_completion = _references_on_every_row(rows, completion_column)
+      for where, row in rows:
         missing = [c for c in (prompt_column, completion_column if with_completion else None)
                    if c is not None and c not in row]
         if missing:
@@ -178,6 +180,18 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
   if require_completion and not with_completion:
     raise ValueError(f'{path}: no completions (column {completion_column!r}) to train on')
   return Pairs(prompts, completions if with_completion else None, sources)
+
+
+def _references_on_every_row(rows: list[tuple[str, dict]], completion_column: str) -> bool:
+  """Whether jsonl rows of prompts carry references: on every row (True) or on none (False).
+  Some but not all is refused naming the first row without one: reading the file as prompts
+  only would drop every reference unscored, and scoring a subset would score another file."""
+  lacking = [where for where, row in rows if completion_column not in row]
+  if not lacking or len(lacking) == len(rows):
+    return not lacking
+  raise ValueError(f'{lacking[0]}: no {completion_column!r} (a reference) on this row, but '
+                   f'{len(rows) - len(lacking)} of the {len(rows)} rows have one: give every '
+                   f'row a {completion_column!r} to score the outputs, or none to only generate')
 
 
 def _check_header(path, header: list[str], prompt_column: str, completion_column: str | None,

@@ -5,7 +5,8 @@ A stage module has `parse(cfg) -> Settings` (its ConfigDict read once into small
 dataclasses; ConfigError for anything wrong, before anything is loaded) and
 `run(settings, workdir) -> dict` (build, train, export; results.json last). `run(cfg,
 workdir)` here is how every stage runs: validate, lock the workdir, check it holds no other
-run, record the config, dispatch. A pipeline runs several stages that way, in sub-workdirs.
+run, record the config, dispatch; a stage whose source is the workdir itself runs in
+WORKDIR/<stage>/. A pipeline runs several stages that way, in sub-workdirs.
 """
 from __future__ import annotations
 
@@ -185,6 +186,12 @@ def run(cfg, workdir: str) -> dict:
   try:
     if cfg.stage == 'pipeline':
       return run_pipeline(cfg, workdir)
+    if workdir_lib.reads_workdir(cfg, workdir):
+      # The workdir is this stage's source: run in a subfolder (the source stays locked), so
+      # its config.json, results.json and other outputs are never replaced.
+      sub_cfg, sub_dir = workdir_lib.reader_run(cfg, workdir)
+      logging.info('%s reads %s: its outputs go to %s', cfg.stage, workdir, sub_dir)
+      return run(sub_cfg, sub_dir)
     if write_config and jax.process_index() == 0:
       config_lib.save_config(cfg, workdir)
     results = REGISTRY[cfg.stage].run(settings, workdir)

@@ -12,7 +12,10 @@ their completions (BLEU, chrF, ROUGE-L in results.json). Decoding: `generate.*`
 (docs/generation.md), batched and jitted with a KV cache; prompts are left-padded to the
 longest one, so a single compile serves the file and each output is what that prompt gives
 alone (sampling draws from a key per input, fold_in(seed, index)). A workdir is loaded
-exactly as trained (its PEFT modules included, nothing freshly initialised).
+exactly as trained (its PEFT modules included, nothing freshly initialised). With --workdir
+equal to init_from the stage runs in WORKDIR/generate/ (stages.run): the fine-tune's own
+generations.jsonl and results.json stay. A jsonl input has references on every row or on
+none (some but not all is refused naming the first row without one).
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ runs in predict.dtype (float32 by default, whatever the training used);
 predict.quantize=int8 runs it with int8 dense kernels (jaxft.models.quantize). With
 predict.explain each line also holds one attribution per input token (integrated gradients
 or attention rollout, jaxft/objectives/explain.py), and predict.explain_html writes them as
-a page of highlighted tokens (docs/explain.md).
+a page of highlighted tokens (docs/explain.md). Without init_from the stage reads the
+fine-tune in --workdir and runs in WORKDIR/predict/ (stages.run): the fine-tune's
+results.json and config.json stay as they are.
 """
 from __future__ import annotations
 
@@ -211,11 +213,10 @@ def run(s: Settings, workdir: str) -> dict:
                _ner_records(ex, scores, arrays, labels))
     for rec, attr in zip(records, attributions or ()):
       rec['attributions'] = attr
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, 'w') as f:
+    with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
       for rec in records:
         f.write(json.dumps(rec) + '\n')
-    logging.info('wrote %d predictions to %s', len(records), out_path)
+    logging.info('wrote %d predictions to %s', len(arrays['input_ids']), out_path)
     if s.predict.explain_html:
       files.atomic_write(s.predict.explain_html,
                          explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')

@@ -167,7 +167,10 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, stub_stages):
   assert not os.path.exists(f'{wd}/checkpoints')
 
 
-def test_a_stage_reading_the_workdir_is_allowed_and_keeps_its_config(tmp_path, stub_stages):
+def test_a_stage_reading_the_workdir_runs_in_a_subfolder_and_keeps_its_files(tmp_path,
+                                                                             stub_stages):
+  """A stage given its source as --workdir runs in WORKDIR/<stage>/ (init_from = WORKDIR):
+  the source run's config.json and results are never replaced."""
   wd = str(tmp_path / 'w')
   main_lib.run_stage(_cfg(), wd)
   before = open(f'{wd}/config.json').read()
@@ -180,8 +183,18 @@ def test_a_stage_reading_the_workdir_is_allowed_and_keeps_its_config(tmp_path, s
   p = mod.get_config()
   p.train.batch_size = 8
   main_lib.run_stage(p, wd)  # predict without init_from reads the workdir it runs in
-  assert [s for s, _ in stub_stages] == ['pretrain_mlm', 'pretrain_mlm', 'predict']
+  main_lib.run_stage(p, wd)  # and again: the subfolder holds the same run
+  assert stub_stages == [('pretrain_mlm', wd), ('pretrain_mlm', f'{wd}/pretrain_mlm'),
+                         ('predict', f'{wd}/predict'), ('predict', f'{wd}/predict')]
   assert open(f'{wd}/config.json').read() == before
+  for sub, stage in (('pretrain_mlm', 'pretrain_mlm'), ('predict', 'predict')):
+    saved = json.load(open(f'{wd}/{sub}/config.json'))
+    assert saved['stage'] == stage and saved['init_from'] == wd
+  c = _cfg(hidden_size=64)
+  c.overwrite = True  # the readers' outputs belong to the old run: moved aside with it
+  main_lib.run_stage(c, wd)
+  (old,) = glob.glob(f'{wd}/overwritten-*')
+  assert sorted(os.listdir(old)) == ['config.json', 'predict', 'pretrain_mlm']
 
 
 def test_pipeline_locks_its_root_and_each_sub_workdir(tmp_path, stub_stages, monkeypatch):
