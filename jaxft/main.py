@@ -75,13 +75,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
     distributed.check_processes(cfg)  # the same config and devices on every process
+  run_reporting_errors(cfg, os.path.abspath(_WORKDIR.value))
+
+
+def run_reporting_errors(cfg, workdir: str) -> dict:
+  """run_stage, with the errors that are the user's to fix printed as one line and the
+  process ended with their exit code (what the command line does)."""
   try:
-    run_stage(cfg, os.path.abspath(_WORKDIR.value))
+    return run_stage(cfg, workdir)
   except Exception as e:  # noqa: BLE001
     code = _user_error(e)
     if code is None:
       raise
-    print(f'{"config error" if code == 2 else "error"}: {e}', file=sys.stderr)
+    kind = 'config error' if isinstance(e, (ConfigError, DataSettingsError)) else 'error'
+    print(f'{kind}: {e}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -124,7 +131,7 @@ def _parse_flags(argv):
 
 
 # Errors that are the user's to fix, reported in one line: (kinds, exit code).
-_USER_ERRORS = (((ConfigError, DataSettingsError), 2),
+_USER_ERRORS = (((ConfigError, DataSettingsError, files.InputError), 2),
                 ((WorkdirError, checkpointing.NoIntactCheckpoint, checkpointing.StateMismatch,
                   checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
 

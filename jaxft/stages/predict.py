@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError, read_text_lines
 from jaxft.export import int8_model
+from jaxft.files import MissingInput, check_writable
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.models.quantize import param_bytes
@@ -135,11 +137,14 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
   split = spec
   if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
     data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
+  elif not re.fullmatch(r'\w+', spec):  # a path, not a split name
+    raise MissingInput(f'predict.input={spec!r}: no such file')
   try:
     return _split_inputs(split, kind, data, tokenizer)
   except MissingSplitError as e:
-    raise ValueError(f'predict.input={spec!r}: {e}. Set predict.input to a split the '
-                     'training data has (dev, train, ...) or to a file') from None
+    raise MissingInput(f'predict.input={spec!r}: neither a file nor a split the training '
+                       f'data has ({e}). Set predict.input to a split the training data has '
+                       '(dev, train, ...) or to a file') from None
 
 
 def _split_inputs(split: str, kind: str, data, tokenizer):
@@ -188,6 +193,12 @@ def run(s: Settings, workdir: str) -> dict:
   labels = _trained(src)
   kind = labels['kind']
   tokenizer = sources.tokenizer_of(src)
+  # The input and the output are checked before the model is loaded and anything runs.
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
+  out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
+  check_writable(out_path, 'predict.output')
+  if s.predict.explain_html:
+    check_writable(s.predict.explain_html, 'predict.explain_html')
   dtype = s.predict.dtype  # inference precision: fp32 unless asked, whatever trained
   mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
   head = 'cls' if kind == 'cls' else 'token_cls'
@@ -196,11 +207,9 @@ def run(s: Settings, workdir: str) -> dict:
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   if s.predict.quantize == 'int8':
     model_def, params = int8_model(model_def, params)
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
                   if s.predict.explain else None)
-  out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   if loop.is_main():
     records = (_cls_records(ex, scores, labels) if kind == 'cls' else
                _ner_records(ex, scores, arrays, labels))
