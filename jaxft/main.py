@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from jaxft import checkpointing, compilation_cache, distributed, files, stages
 from jaxft.config import ConfigError
 from jaxft.data.pretrain import DataSettingsError
+from jaxft.export import OnnxMismatch
 from jaxft.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py[:variant]).',
@@ -133,7 +134,7 @@ def _parse_flags(argv):
 # Errors that are the user's to fix, reported in one line: (kinds, exit code).
 _USER_ERRORS = (((ConfigError, DataSettingsError, files.InputError), 2),
                 ((WorkdirError, checkpointing.NoIntactCheckpoint, checkpointing.StateMismatch,
-                  checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
+                  checkpointing.CheckpointWriteError, files.OutputWriteError, OnnxMismatch), 1))
 
 
 def _user_error(e: BaseException) -> int | None:
