@@ -559,6 +559,13 @@ def cls_settings(data: ClsData) -> dict:
   return s
 
 
+def split_path(data: ClsData, split: str, task=None) -> Path:
+  """The file of `split` (data.<split>_file under data.path, or the GLUE preset's)."""
+  task = task or cls_settings(data)['task']
+  default_files = dict(task.files) if task else {}
+  return split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+
+
 def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: bool):
   """(examples, stats, hf_label_names or None) for one split under settings `s`."""
   task = s['task']
@@ -570,8 +577,7 @@ def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: b
     split_name = hf_split_name(data, split, task.hf_splits if task else None)
     ds, where = hf_load(data, split_name, 'glue', task.name if task else None)
     return read_cls_hf(ds, name=where, **common)
-  default_files = dict(task.files) if task else {}
-  path = split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+  path = split_path(data, split, task)
   column_names = data.column_names or None
   if column_names is None and task and split in task.headerless and data.has_header:
     column_names = task.headerless[split]

@@ -421,6 +421,12 @@ def predictions_to_tags(predictions: np.ndarray, word_ids: np.ndarray,
 
 # --------------------------------------------------------------------------- NER: entry
 
+def split_path(data: NerData, split: str) -> Path:
+  """The file of `split` (data.<split>_file, under data.path when relative)."""
+  defaults = {k: getattr(NerData, f'{k}_file') for k in ('train', 'dev', 'test')}
+  return split_file(data, split, defaults)
+
+
 def read_ner_split(data: NerData, split: str, labels, require_tags: bool):
   if data.source == 'hf':
     split_name = hf_split_name(data, split, None)
@@ -428,8 +434,7 @@ def read_ner_split(data: NerData, split: str, labels, require_tags: bool):
     return read_ner_hf(ds, tokens_column=data.hf_tokens_column, tags_column=data.hf_tags_column,
                        tag_scheme=data.tag_scheme, labels=labels, on_bad_row=data.on_bad_row,
                        require_tags=require_tags, name=where)
-  defaults = {k: getattr(NerData, f'{k}_file') for k in ('train', 'dev', 'test')}
-  path = split_file(data, split, defaults)
+  path = split_path(data, split)
   ex, stats = read_conll(path, token_column=int(data.token_column),
                          tag_column=int(data.tag_column), tag_scheme=data.tag_scheme,
                          labels=labels, on_bad_row=data.on_bad_row, require_tags=require_tags)

@@ -24,6 +24,7 @@ from jaxft.files import InputError, MissingInput
 IGNORE_INDEX = -100  # label of positions the loss and metrics ignore (HF convention)
 _MAX_LOGGED = 10  # skipped rows logged one by one before only counting
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = _REPO_ROOT / 'data'  # jaxft's data directory: the bundled data, GLUE presets
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # GLUE parse-tree columns are long
 

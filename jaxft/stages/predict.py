@@ -33,9 +33,9 @@ from jaxft import config as config_lib
 from jaxft import files, partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.data.splits import MissingSplitError, read_text_lines
+from jaxft.data.splits import DATA_DIR, MissingSplitError, normalize_split, read_text_lines
 from jaxft.export import int8_model
-from jaxft.files import MissingInput, check_writable
+from jaxft.files import InputError, MissingInput, check_writable
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.models.quantize import param_bytes
@@ -125,8 +125,11 @@ def trained_data(src: str, kind: str):
   return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
 
 
-def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
-  """(arrays, examples-info) for a split name or a file."""
+def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict,
+                trusted_dirs: tuple | None = None, settings_from: str = ''):
+  """(arrays, examples-info) for a split name or a file. A split name reads the file the
+  data settings (from `settings_from`, a stored config.json) name for it, which must lie in
+  one of `trusted_dirs` when given: a workdir's config.json is not trusted to pick files."""
   # Every row once, in file order (resampling would reorder the rows under their sources).
   label_key = 'label_values' if kind == 'cls' else 'label_names'
   data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
@@ -140,11 +143,31 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
   elif not re.fullmatch(r'\w+', spec):  # a path, not a split name
     raise MissingInput(f'predict.input={spec!r}: no such file')
   try:
+    if not is_file and data.source == 'files':
+      _check_split_file(spec, kind, data, trusted_dirs, settings_from)
     return _split_inputs(split, kind, data, tokenizer)
   except MissingSplitError as e:
     raise MissingInput(f'predict.input={spec!r}: neither a file nor a split the training '
                        f'data has ({e}). Set predict.input to a split the training data has '
                        '(dev, train, ...) or to a file') from None
+
+
+def _check_split_file(split: str, kind: str, data, trusted_dirs, settings_from: str) -> None:
+  """Log the file `split` resolves to; InputError unless it lies in `trusted_dirs`."""
+  path = (classification.split_path(data, normalize_split(split)) if kind == 'cls' else
+          ner.split_path(data, normalize_split(split)))
+  logging.info('predict.input=%r: the %s split of %s is %s', split, split,
+               settings_from or 'the data settings', path)
+  if trusted_dirs is None:
+    return
+  real = os.path.realpath(path)
+  if not any(real.startswith(os.path.realpath(d) + os.sep) for d in trusted_dirs):
+    raise InputError(f'predict.input={split!r} resolves to {path} (data.path / '
+                     f'data.{normalize_split(split)}_file '
+                     f'in {settings_from}), outside jaxft\'s data directory '
+                     f'{", ".join(map(str, trusted_dirs))}: a workdir\'s config.json is not '
+                     f'trusted to name files to read. To read it, give the file itself: '
+                     f'--config.predict.input={path}')
 
 
 def _split_inputs(split: str, kind: str, data, tokenizer):
@@ -194,7 +217,9 @@ def run(s: Settings, workdir: str) -> dict:
   kind = labels['kind']
   tokenizer = sources.tokenizer_of(src)
   # The input and the output are checked before the model is loaded and anything runs.
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels,
+                           trusted_dirs=(DATA_DIR,),
+                           settings_from=os.path.join(src, 'config.json'))
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   check_writable(out_path, 'predict.output')
   if s.predict.explain_html:

@@ -5,6 +5,7 @@ be written is refused before the work starts. Run through `jaxft.main.run_report
 (what the command line runs after parsing its flags), in-process; nothing here compiles."""
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -248,6 +249,25 @@ def test_predict_unwritable_output_is_refused_before_the_model(tmp_path, capsys)
   c = _predict_config(tmp_path, texts)
   c.predict.output = str(tmp_path / 'a_file' / 'predictions.jsonl')
   assert_one_line(c, tmp_path / 'w', capsys, 'predict.output=', str(tmp_path / 'a_file'))
+
+
+def test_predict_split_from_a_stored_config_must_lie_in_the_data_directory(tmp_path, capsys,
+                                                                          caplog):
+  """A workdir's config.json edited to name /etc/passwd as its test split is not read; a
+  split in jaxft's data directory is, and the log names the file it resolved to."""
+  c = _predict_config(tmp_path, 'test', data_path='/etc')
+  conf = json.load(open(os.path.join(c.init_from, 'config.json')))
+  conf['data']['test_file'] = 'passwd'
+  json.dump(conf, open(os.path.join(c.init_from, 'config.json'), 'w'))
+  line = assert_one_line(c, tmp_path / 'w', capsys, "predict.input='test' resolves to "
+                         '/etc/passwd', os.path.join(c.init_from, 'config.json'),
+                         'outside jaxft\'s data directory', '--config.predict.input=/etc/passwd')
+  assert not os.path.exists(tmp_path / 'w' / 'predictions.jsonl'), line
+  c = _predict_config(tmp_path / 'b', 'dev', data_path=os.path.join(REPO, 'data/glue/sst2'))
+  with caplog.at_level(logging.INFO), pytest.raises(FileNotFoundError, match='no checkpoint'):
+    main_lib.run_reporting_errors(c, str(tmp_path / 'w2'))  # reads the split, then the model
+  assert f"the dev split of {c.init_from}/config.json is {REPO}/data/glue/sst2/dev.tsv" in \
+      caplog.text
 
 
 # ------------------------------------------------------------------------- prepare_data
