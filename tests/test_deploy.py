@@ -74,9 +74,10 @@ def test_onnx_export_gives_the_jaxft_logits(onnx_run):
   assert np.abs(want[:, 1] - want[:, 0]).max() > 1e-2  # a trained head, not a constant
   # a reference 0.01 away (tol here: 1e-4 * max(1, |logit| < 10)) is an error naming it
   wrong = lambda batch: session.run(['logits'], batch)[0] + 0.01
-  with pytest.raises(ValueError, match=r'model.onnx gives logits 0.01 away from jaxft.s '
-                                       r'\(max abs difference; allowed 0.000'):
+  with pytest.raises(ValueError, match=r'model.onnx.rejected gives logits 0.01 away from '
+                                       r'jaxft.s \(max abs difference; allowed 0.000'):
     export_onnx(os.path.join(wd, 'export'), 'cls', wrong, max_len=64)
+  assert not os.path.exists(path)  # the re-export failed: no model.onnx, not even the old one
 
 
 def _quantized_and_bound(x, kernel, contract):
