@@ -87,7 +87,7 @@ def jax_logits(model_def: ModelDef, params) -> Callable[[dict], np.ndarray]:
 def compute_in_fp32(model: nnx.Module) -> None:
   """Set every submodule's compute dtype (`dtype`, and the `cfg` some of them read it from)
   to float32: the same model and weights, run as an fp32 model (a fresh merge each call)."""
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if getattr(module, 'dtype', None) is not None:
       module.dtype = jnp.float32
     cfg = getattr(module, 'cfg', None)
