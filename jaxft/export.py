@@ -7,11 +7,13 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from jaxft.models import hf, quantize
+from jaxft.models.config import ModelConfig
 from jaxft.train.state import ModelDef, to_host
 
 ONNX_OPSET = 17  # LayerNormalization is one op from 17 on; onnxruntime >= 1.12 runs it
@@ -55,12 +57,42 @@ def check_onnx(settings: ExportSettings) -> None:
                      f"{DEPLOY_EXTRA}")
 
 
+class OnnxMismatch(ValueError):
+  """export/model.onnx does not compute what jaxft computes; `check` is the record for
+  results.json (the file was kept as model.onnx.rejected, never as model.onnx)."""
+
+  def __init__(self, message: str, check: dict):
+    super().__init__(message)
+    self.check = check
+
+
 def jax_logits(model_def: ModelDef, params) -> Callable[[dict], np.ndarray]:
-  """batch (numpy int arrays) -> the jaxft model's fp32 logits, as numpy."""
-  host = to_host(params)
-  forward = jax.jit(lambda p, batch: model_def.merge(p)(**batch)['logits'])
+  """batch (numpy int arrays) -> the jaxft model's logits as numpy, computed in fp32 from
+  the parameters as fp32, whatever model.dtype the run computed in: the exported file is an
+  fp32 model, and a bf16 forward is ~1e-3 of the largest logit away from any fp32 one."""
+  host = jax.tree.map(
+      lambda x: x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      to_host(params))
+
+  def forward(p, batch):
+    model = model_def.merge(p)
+    compute_in_fp32(model)
+    return model(**batch)['logits']
+
+  forward = jax.jit(forward)
   return lambda batch: np.asarray(forward(host, {k: np.asarray(v, np.int32)
                                                  for k, v in batch.items()}))
+
+
+def compute_in_fp32(model: nnx.Module) -> None:
+  """Set every submodule's compute dtype (`dtype`, and the `cfg` some of them read it from)
+  to float32: the same model and weights, run as an fp32 model (a fresh merge each call)."""
+  for _, module in nnx.iter_modules(model):
+    if getattr(module, 'dtype', None) is not None:
+      module.dtype = jnp.float32
+    cfg = getattr(module, 'cfg', None)
+    if isinstance(cfg, ModelConfig):
+      module.cfg = cfg.replace(dtype=jnp.float32)
 
 
 def sample_inputs(vocab_size: int, max_len: int, seed: int = 0) -> list[dict]:
@@ -80,10 +112,12 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
   """hf_dir/model.onnx from the Hugging Face export (torch.onnx, dynamic batch and
   sequence axes), then checked with onnxruntime against `reference` (the jaxft logits) on
   `sample_inputs`: max |onnx - jaxft| must be <= rtol * max(1, max |jaxft|). Both are fp32
-  forwards of the same weights in different op orders; their gap is a few fp32 roundings
-  per layer (~1e-6 relative to the largest logit), so 1e-4 catches any real mismatch (a
-  wrong weight, mask or axis) and never a CPU's rounding. Returns {path, max_abs_diff,
-  tol}; a mismatch raises naming the difference."""
+  forwards of the same weights in different op orders (`reference`: jax_logits); their gap
+  is a few fp32 roundings per layer (~1e-6 relative to the largest logit), so 1e-4 catches
+  any real mismatch (a wrong weight, mask or axis) and never a CPU's rounding. The file is
+  written as model.onnx.rejected and renamed model.onnx once it passes. Returns {path,
+  max_abs_diff, tol}; a mismatch raises OnnxMismatch naming the difference (and holding
+  that record, `passed`: False, for results.json)."""
   check_onnx(ExportSettings(onnx=True))
   import onnxruntime as ort  # optional dependencies: the `deploy` extra
   import torch
@@ -96,16 +130,20 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
   model = auto.from_pretrained(hf_dir, attn_implementation='eager').eval()
   inputs = sample_inputs(model.config.vocab_size, max_len)
   path = os.path.join(hf_dir, 'model.onnx')
+  unchecked = path + '.rejected'  # its name until the check passes
+  for stale in (path, unchecked):
+    if os.path.exists(stale):
+      os.remove(stale)
   axes = {name: {0: 'batch', 1: 'sequence'} for name in ONNX_INPUTS}
   axes['logits'] = {0: 'batch'} if head == 'cls' else {0: 'batch', 1: 'sequence'}
   with torch.no_grad():
     # The TorchScript exporter: 5x faster than dynamo=True here (3.6 s against 19 s for a
     # tiny BERT) and it needs no onnxscript.
-    torch.onnx.export(model, (), path, kwargs={k: torch.from_numpy(v) for k, v in
+    torch.onnx.export(model, (), unchecked, kwargs={k: torch.from_numpy(v) for k, v in
                                                inputs[0].items()},
                       input_names=list(ONNX_INPUTS), output_names=['logits'],
                       dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
-  session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+  session = ort.InferenceSession(unchecked, providers=['CPUExecutionProvider'])
   diff, scale = 0.0, 1.0
   for batch in inputs:
     got = session.run(['logits'], batch)[0]
@@ -114,8 +152,10 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
     scale = max(scale, float(np.max(np.abs(want))))
   tol = rtol * scale
   if not diff <= tol:
-    raise ValueError(f'export.onnx: {path} gives logits {diff:.3g} away from jaxft\'s '
-                     f'(max abs difference; allowed {tol:.3g})')
+    raise OnnxMismatch(f'export.onnx: {unchecked} gives logits {diff:.3g} away from jaxft\'s '
+                       f'(max abs difference; allowed {tol:.3g}); not kept as model.onnx',
+                       {'path': unchecked, 'max_abs_diff': diff, 'tol': tol, 'passed': False})
+  os.replace(unchecked, path)
   logging.info('exported %s (onnxruntime logits within %.3g of jaxft)', path, diff)
   return {'path': path, 'max_abs_diff': diff, 'tol': tol}
 

@@ -35,6 +35,33 @@ class OutputWriteError(RuntimeError):
   """An output could not be written for a reason the user must fix (one-line message)."""
 
 
+class InputError(ValueError):
+  """An input the user gave that cannot be used as it is: a missing, empty, undecodable or
+  malformed file, a bad row, a directory that ships code. The message names the file, line
+  and key; the command line reports it in one line (exit code 2), like a config error."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+  """An input file or directory that does not exist (a FileNotFoundError too)."""
+
+
+def check_writable(path: str, key: str) -> None:
+  """InputError naming `key` unless a file can be created at `path`: checked before the
+  work whose result goes there, not after it."""
+  where = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(where, exist_ok=True)
+    probe = os.path.join(where, f'.{os.path.basename(path)}.{secrets.token_hex(4)}.probe')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise InputError(f'{key}={path!r} cannot be written: {e.strerror or e} '
+                     f'({e.filename or where})') from None
+  if os.path.isdir(path):
+    raise InputError(f'{key}={path!r} is a directory; name a file')
+
+
 def _chain(e: BaseException):
   seen = set()
   while e is not None and id(e) not in seen:

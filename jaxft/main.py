@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from jaxft import checkpointing, compilation_cache, distributed, files, stages
 from jaxft.config import ConfigError
 from jaxft.data.pretrain import DataSettingsError
+from jaxft.export import OnnxMismatch
 from jaxft.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<x>.py[:variant]).',
@@ -76,7 +77,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
     distributed.check_processes(cfg)  # the same config and devices on every process
-  _exit_on_user_error(run_stage, cfg, os.path.abspath(_WORKDIR.value))
+  run_reporting_errors(cfg, os.path.abspath(_WORKDIR.value))
+
+
+def run_reporting_errors(cfg, workdir: str) -> dict:
+  """run_stage, with the errors that are the user's to fix printed as one line and the
+  process ended with their exit code (what the command line does)."""
+  return _exit_on_user_error(run_stage, cfg, workdir)
 
 
 def _exit_on_user_error(fn, *args):
@@ -87,7 +94,8 @@ def _exit_on_user_error(fn, *args):
     code = _user_error(e)
     if code is None:
       raise
-    print(f'{"config error" if code == 2 else "error"}: {e}', file=sys.stderr)
+    kind = 'config error' if isinstance(e, (ConfigError, DataSettingsError)) else 'error'
+    print(f'{kind}: {e}', file=sys.stderr)
     sys.exit(code)
 
 
@@ -130,9 +138,9 @@ def _parse_flags(argv):
 
 
 # Errors that are the user's to fix, reported in one line: (kinds, exit code).
-_USER_ERRORS = (((ConfigError, DataSettingsError), 2),
+_USER_ERRORS = (((ConfigError, DataSettingsError, files.InputError), 2),
                 ((WorkdirError, checkpointing.NoIntactCheckpoint, checkpointing.StateMismatch,
-                  checkpointing.CheckpointWriteError, files.OutputWriteError), 1))
+                  checkpointing.CheckpointWriteError, files.OutputWriteError, OnnxMismatch), 1))
 
 
 def _user_error(e: BaseException) -> int | None:

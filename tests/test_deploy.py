@@ -74,9 +74,10 @@ def test_onnx_export_gives_the_jaxft_logits(onnx_run):
   assert np.abs(want[:, 1] - want[:, 0]).max() > 1e-2  # a trained head, not a constant
   # a reference 0.01 away (tol here: 1e-4 * max(1, |logit| < 10)) is an error naming it
   wrong = lambda batch: session.run(['logits'], batch)[0] + 0.01
-  with pytest.raises(ValueError, match=r'model.onnx gives logits 0.01 away from jaxft.s '
-                                       r'\(max abs difference; allowed 0.000'):
+  with pytest.raises(ValueError, match=r'model.onnx.rejected gives logits 0.01 away from '
+                                       r'jaxft.s \(max abs difference; allowed 0.000'):
     export_onnx(os.path.join(wd, 'export'), 'cls', wrong, max_len=64)
+  assert not os.path.exists(path)  # the re-export failed: no model.onnx, not even the old one
 
 
 def _quantized_and_bound(x, kernel, contract):
@@ -179,3 +180,40 @@ def test_onnx_config_errors(monkeypatch):
   with pytest.raises(ValueError, match=r"needs onnxruntime, not installed: pip install "
                                        r"'jaxft\[deploy\]'"):
     check_onnx(ExportSettings(onnx=True))
+
+
+def _tiny_onnx_run(name: str, **model) -> tuple[str, dict]:
+  c = cls_config(num_steps=2, eval_every=0, batch_size=16)
+  c.model.update(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, **model)
+  c.data.dev_file = small_dev(32)
+  c.export.update(hf=True, onnx=True)
+  wd = os.path.join(tmp_root(), name)
+  return wd, finetune_outcome(c, wd).results
+
+
+def test_onnx_check_of_a_bf16_run_compares_fp32_forwards():
+  """A run that computes in bf16 (model.dtype='auto' on a CPU with bf16 units) exports an
+  fp32 ONNX model: the check compares it with jaxft's fp32 forward of the same weights, not
+  with the bf16 forward (~1e-3 of the largest logit away), and passes."""
+  wd, res = _tiny_onnx_run('deploy-bf16', dtype='bfloat16')
+  assert res['onnx']['max_abs_diff'] <= res['onnx']['tol']
+  assert os.path.isfile(os.path.join(wd, 'export', 'model.onnx'))
+
+
+def test_a_failed_onnx_check_leaves_no_model_onnx_and_writes_results(monkeypatch):
+  """A mismatch keeps the file only as model.onnx.rejected, and results.json (the run's
+  metrics, the failed check) is written before the error."""
+  import json
+
+  from jaxft import export, finetuning
+  real = export.jax_logits
+  monkeypatch.setattr(finetuning, 'jax_logits',
+                      lambda *a: (lambda batch, f=real(*a): f(batch) + 0.5))
+  with pytest.raises(export.OnnxMismatch, match='model.onnx.rejected gives logits 0.5 away'):
+    _tiny_onnx_run('deploy-mismatch')
+  wd = os.path.join(tmp_root(), 'deploy-mismatch')
+  assert not os.path.exists(os.path.join(wd, 'export', 'model.onnx'))
+  assert os.path.isfile(os.path.join(wd, 'export', 'model.onnx.rejected'))
+  results = json.load(open(os.path.join(wd, 'results.json')))
+  assert results['onnx']['passed'] is False and results['onnx']['max_abs_diff'] > 0.4
+  assert results['step'] == 2

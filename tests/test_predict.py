@@ -155,8 +155,8 @@ def test_ner_txt_tags_and_entities(tmp_path):
 
 
 def test_ner_dev_gold_and_f1_match_the_finetune_eval(tmp_path):
-  wd, fine = ner_workdir()
-  r, recs = predict(wd, 'dev', tmp_path / 'p')
+  wd, fine = ner_workdir()  # its dev split (a file outside data/) given as the file itself
+  r, recs = predict(wd, str(CONLL_TINY), tmp_path / 'p')
   words, tags = read_conll(CONLL_TINY)
   assert [rec['tokens'] for rec in recs] == words
   assert [rec['gold'] for rec in recs] == tags
@@ -194,7 +194,7 @@ def test_labelled_input_is_an_eval_only_run_with_the_tasks_metrics(tmp_path):
   assert saved['accuracy'] == r['accuracy'] == pytest.approx(fine['final']['eval/accuracy'],
                                                              abs=1.5 / 872)
   wd, fine = ner_workdir()
-  r, _ = predict(wd, 'dev', tmp_path / 'ner')
+  r, _ = predict(wd, str(CONLL_TINY), tmp_path / 'ner')
   assert {'precision', 'recall', 'f1', 'accuracy'} <= set(r)
   assert r['f1'] == pytest.approx(fine['best']['value'], abs=1e-9)
 

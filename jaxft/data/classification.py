@@ -14,8 +14,10 @@ import numpy as np
 from absl import logging
 
 from jaxft.data.splits import (BadRows, TaskData, apply_balance, bad_bytes, check_truncation,
-                               hf_column, hf_load, hf_split_name, normalize_split, open_text,
-                               pad_id, split_file, too_long_rows, wants_token_types)
+                               hf_column, hf_load, hf_split_name, no_rows_message,
+                               normalize_split, open_text, pad_id, split_file, too_long_rows,
+                               wants_token_types)
+from jaxft.files import InputError
 
 # ----------------------------------------------------------------------------- presets
 
@@ -175,10 +177,10 @@ def _column_index(header: Sequence[str], column: str | int | None, where: str,
     return None
   if isinstance(column, (int, np.integer)):
     if not -len(header) <= column < len(header):
-      raise ValueError(f'{where}: {key}={column} is out of range for {len(header)} columns')
+      raise InputError(f'{where}: {key}={column} is out of range for {len(header)} columns')
     return int(column) % len(header)
   if column not in header:
-    raise ValueError(f'{where}: {key}={column!r} is not a column; columns are {list(header)}')
+    raise InputError(f'{where}: {key}={column!r} is not a column; columns are {list(header)}')
   return list(header).index(column)
 
 
@@ -200,7 +202,7 @@ def _file_format(path: Path, fmt: str) -> str:
     return 'jsonl'
   if suffix in ('.parquet', '.pq'):
     return 'parquet'
-  raise ValueError(f'{path}: cannot tell the format from the extension; set data.format')
+  raise InputError(f'{path}: cannot tell the format from the extension; set data.format')
 
 
 class _Collector:
@@ -271,6 +273,8 @@ def read_cls_file(path: str | os.PathLike, *, text_column: str | int,
            **bad.stats()}
   if bad.counts:
     logging.warning('%s: skipped %d bad rows %s', path, stats['n_skipped'], dict(bad.counts))
+  if require_labels and not c.texts:  # a split to train or evaluate on: never silently none
+    raise InputError(no_rows_message(path, bad))
   examples = ClsExamples(c.texts, c.pairs if text_pair_column is not None else None,
                          c.ys if has_labels else None, c.sources)
   return examples, stats
@@ -313,15 +317,15 @@ def _read_parquet(path: Path, c: _Collector, has_labels: bool, require_labels: b
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # noqa: BLE001  (pyarrow raises ArrowInvalid and friends)
-    raise ValueError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from e
+    raise InputError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from e
   columns = pf.schema_arrow.names
   for key, col in (('data.text_column', c.text_column),
                    ('data.text_pair_column', c.text_pair_column)):
     if col is not None and col not in columns:
-      raise ValueError(f'{path}: {key}={col!r} is not a column; columns are {columns}')
+      raise InputError(f'{path}: {key}={col!r} is not a column; columns are {columns}')
   if has_labels and c.label_column not in columns:
     if require_labels:
-      raise ValueError(f'{path}: data.label_column={c.label_column!r} is not a column; '
+      raise InputError(f'{path}: data.label_column={c.label_column!r} is not a column; '
                        f'columns are {columns}')
     has_labels = False
     logging.info('%s: no %r column; reading without labels', path, c.label_column)
@@ -356,7 +360,7 @@ def _read_delimited(path: Path, fmt: str, c: _Collector, has_labels: bool,
         ncols = len(row)  # headerless without names: the first row sets the width
         for key, col in (('text_column', ti), ('text_pair_column', pi), ('label_column', li)):
           if col is not None and not -ncols <= col < ncols:
-            raise ValueError(f'{where}: data.{key}={col} is out of range for {ncols} columns')
+            raise InputError(f'{where}: data.{key}={col} is out of range for {ncols} columns')
       why = next((w for w in map(bad_bytes, row) if w is not None), None)
       if why is not None:
         c.bad(where, 'bad_encoding', why)
@@ -374,10 +378,10 @@ def _read_header(path: Path, reader) -> list[str]:
   try:
     header = [h.strip() for h in next(reader)]
   except StopIteration:
-    raise ValueError(f'{path}:1: empty file, expected a header row') from None
+    raise InputError(f'{path}:1: empty file, expected a header row') from None
   why = next((w for w in map(bad_bytes, header) if w is not None), None)
   if why is not None:
-    raise ValueError(f'{path}:1: {why}')  # a header is not a row that can be skipped
+    raise InputError(f'{path}:1: {why}')  # a header is not a row that can be skipped
   return header
 
 
@@ -388,7 +392,7 @@ def _columns(path: Path, header, from_file: bool, c: _Collector, has_labels: boo
   if header is None:  # integer columns only
     for key, col in (('text_column', c.text_column), ('label_column', c.label_column)):
       if col is not None and not isinstance(col, (int, np.integer)):
-        raise ValueError(f'{path}: {key}={col!r} needs a header or data.column_names')
+        raise InputError(f'{path}: {key}={col!r} needs a header or data.column_names')
     return None, (c.text_column, c.text_pair_column, c.label_column), has_labels
   ti = _column_index(header, c.text_column, where0, 'data.text_column')
   pi = _column_index(header, c.text_pair_column, where0, 'data.text_pair_column')
@@ -419,10 +423,10 @@ def read_cls_hf(dataset, *, text_column: str, text_pair_column: str | None = Non
   for key, col in (('data.text_column', text_column),
                    ('data.text_pair_column', text_pair_column)):
     if col is not None and col not in columns:
-      raise ValueError(f'{name}: {key}={col!r} is not a column; columns are {columns}')
+      raise InputError(f'{name}: {key}={col!r} is not a column; columns are {columns}')
   has_labels = label_column is not None and label_column in columns
   if label_column is not None and not has_labels and require_labels:
-    raise ValueError(f'{name}: data.label_column={label_column!r} is not a column; '
+    raise InputError(f'{name}: data.label_column={label_column!r} is not a column; '
                      f'columns are {columns}')
   feature = dataset.features[label_column] if has_labels else None
   class_label = isinstance(feature, datasets.ClassLabel)
@@ -555,6 +559,13 @@ def cls_settings(data: ClsData) -> dict:
   return s
 
 
+def split_path(data: ClsData, split: str, task=None) -> Path:
+  """The file of `split` (data.<split>_file under data.path, or the GLUE preset's)."""
+  task = task or cls_settings(data)['task']
+  default_files = dict(task.files) if task else {}
+  return split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+
+
 def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: bool):
   """(examples, stats, hf_label_names or None) for one split under settings `s`."""
   task = s['task']
@@ -566,8 +577,7 @@ def read_cls_split(data: ClsData, s: dict, split: str, labels, require_labels: b
     split_name = hf_split_name(data, split, task.hf_splits if task else None)
     ds, where = hf_load(data, split_name, 'glue', task.name if task else None)
     return read_cls_hf(ds, name=where, **common)
-  default_files = dict(task.files) if task else {}
-  path = split_file(data, split, default_files, (task.dir_name, task.name) if task else ())
+  path = split_path(data, split, task)
   column_names = data.column_names or None
   if column_names is None and task and split in task.headerless and data.has_header:
     column_names = task.headerless[split]

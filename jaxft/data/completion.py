@@ -33,9 +33,10 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from jaxft.data.splits import (IGNORE_INDEX, BadRows, MissingSplitError, TaskData, bad_bytes,
-                               check_truncation, hf_column, hf_load, hf_split_name,
-                               normalize_split, open_text, split_file)
+from jaxft.data.splits import (IGNORE_INDEX, SKIP_HINT, BadRows, MissingSplitError, TaskData,
+                               bad_bytes, check_truncation, hf_column, hf_load, hf_split_name,
+                               no_rows_message, normalize_split, open_text, split_file)
+from jaxft.files import InputError
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'txt')
 
@@ -99,21 +100,23 @@ def file_format(path: Path, fmt: str = 'auto') -> str:
   by_suffix = {'.csv': 'csv', '.tsv': 'tsv', '.jsonl': 'jsonl', '.json': 'jsonl',
                '.ndjson': 'jsonl', '.txt': 'txt'}
   if path.suffix.lower() not in by_suffix:
-    raise ValueError(f'{path}: cannot tell the format from the extension; set data.format '
+    raise InputError(f'{path}: cannot tell the format from the extension; set data.format '
                      f'to one of {FORMATS}')
   return by_suffix[path.suffix.lower()]
 
 
 def read_pairs_file(path, *, prompt_column: str = 'prompt',
                     completion_column: str | None = 'completion', fmt: str = 'auto',
-                    on_bad_row: str = 'error', require_completion: bool = True) -> Pairs:
-  """A csv / tsv / jsonl / txt file -> Pairs. Problems name file, line and column.
+                    on_bad_row: str = 'error', require_completion: bool = True,
+                    bad_row_hint: str = SKIP_HINT) -> Pairs:
+  """A csv / tsv / jsonl / txt file -> Pairs. Problems name file, line and column (and
+  `bad_row_hint`, what to do about a bad row).
 
   Without the completion column (or for txt: one prompt per non-blank line) the pairs have
   `completions=None`, unless `require_completion`."""
   path = Path(path)
   fmt = file_format(path, fmt)
-  bad = BadRows(on_bad_row)
+  bad = BadRows(on_bad_row, bad_row_hint)
   prompts, completions, sources = [], [], []
   with_completion = completion_column is not None and fmt != 'txt'
 
@@ -178,7 +181,9 @@ def read_pairs_file(path, *, prompt_column: str = 'prompt',
   if bad.counts:
     logging.warning('%s: skipped %d bad rows %s', path, sum(bad.counts.values()), dict(bad.counts))
   if require_completion and not with_completion:
-    raise ValueError(f'{path}: no completions (column {completion_column!r}) to train on')
+    raise InputError(f'{path}: no completions (column {completion_column!r}) to train on')
+  if require_completion and not prompts:
+    raise InputError(no_rows_message(path, bad))
   return Pairs(prompts, completions if with_completion else None, sources)
 
 
@@ -198,15 +203,15 @@ def _check_header(path, header: list[str], prompt_column: str, completion_column
                   with_completion: bool, require_completion: bool) -> bool:
   """Raises naming the file for a header without the columns; whether completions are read."""
   if bad_bytes(' '.join(header)):
-    raise ValueError(f'{path}:1: header: {bad_bytes(" ".join(header))}')
+    raise InputError(f'{path}:1: header: {bad_bytes(" ".join(header))}')
   if not header:
-    raise ValueError(f'{path}:1: empty file, expected a header row')
+    raise InputError(f'{path}:1: empty file, expected a header row')
   if prompt_column not in header:
-    raise ValueError(f'{path}:1: data.prompt_column={prompt_column!r} is not a column; '
+    raise InputError(f'{path}:1: data.prompt_column={prompt_column!r} is not a column; '
                      f'columns are {header}')
   if with_completion and completion_column not in header:
     if require_completion:
-      raise ValueError(f'{path}:1: data.completion_column={completion_column!r} is not a '
+      raise InputError(f'{path}:1: data.completion_column={completion_column!r} is not a '
                        f'column; columns are {header}')
     return False
   return with_completion
@@ -218,11 +223,11 @@ def read_pairs_hf(dataset, *, prompt_column: str, completion_column: str | None,
   """A `datasets.Dataset` -> Pairs; rows are named '<name>[row i]' in errors."""
   cols = dataset.column_names
   if prompt_column not in cols:
-    raise ValueError(f'{name}: data.prompt_column={prompt_column!r} is not a column; '
+    raise InputError(f'{name}: data.prompt_column={prompt_column!r} is not a column; '
                      f'columns are {cols}')
   with_completion = completion_column is not None and completion_column in cols
   if require_completion and not with_completion:
-    raise ValueError(f'{name}: data.completion_column={completion_column!r} is not a column; '
+    raise InputError(f'{name}: data.completion_column={completion_column!r} is not a column; '
                      f'columns are {cols}')
   bad = BadRows(on_bad_row)
   ps = hf_column(dataset, prompt_column)

@@ -15,6 +15,7 @@ from jaxft.data.splits import (IGNORE_INDEX, BadRows, TaskData, apply_balance, b
                                check_truncation, hf_column, hf_load, hf_split_name,
                                normalize_split, open_text, pad_id, split_file, too_long_rows,
                                wants_token_types)
+from jaxft.files import InputError
 
 @dataclasses.dataclass(frozen=True)
 class NerData(TaskData):
@@ -179,11 +180,11 @@ def read_conll(path: str | os.PathLike, *, token_column: int = 0, tag_column: in
       if ncols is None:
         ncols = len(parts)
         if ncols == 1 and require_tags:
-          raise ValueError(f'{path}:{lineno}: one column per line, but tags are required '
+          raise InputError(f'{path}:{lineno}: one column per line, but tags are required '
                            f'(expected `token ... tag`)')
         for key, col in (('token_column', token_column), ('tag_column', tag_column)):
           if ncols > 1 and not -ncols <= col < ncols:
-            raise ValueError(f'{path}:{lineno}: data.{key}={col} is out of range for '
+            raise InputError(f'{path}:{lineno}: data.{key}={col} is out of range for '
                              f'{ncols} columns')
       n_tokens += 1
       cur_lines.append(lineno)
@@ -222,11 +223,11 @@ def read_ner_hf(dataset, *, tokens_column: str = 'tokens', tags_column: str = 'n
   tag_error([], tag_scheme)
   columns = dataset.column_names
   if tokens_column not in columns:
-    raise ValueError(f'{name}: data.hf_tokens_column={tokens_column!r} is not a column; '
+    raise InputError(f'{name}: data.hf_tokens_column={tokens_column!r} is not a column; '
                      f'columns are {columns}')
   has_tags = tags_column in columns
   if not has_tags and require_tags:
-    raise ValueError(f'{name}: data.hf_tags_column={tags_column!r} is not a column; '
+    raise InputError(f'{name}: data.hf_tags_column={tags_column!r} is not a column; '
                      f'columns are {columns}')
   feat_names = None
   if has_tags:
@@ -256,7 +257,7 @@ def read_ner_hf(dataset, *, tokens_column: str = 'tokens', tags_column: str = 'n
         continue
       if raw and isinstance(raw[0], (int, np.integer)):
         if names is None:
-          raise ValueError(f'{name}: integer tags without ClassLabel names; set data.labels '
+          raise InputError(f'{name}: integer tags without ClassLabel names; set data.labels '
                            'to the tag names in id order')
         if any(not 0 <= t < len(names) for t in raw):
           bad(where, 'bad_label', f'tag id outside 0..{len(names) - 1}: {raw}')
@@ -420,6 +421,12 @@ def predictions_to_tags(predictions: np.ndarray, word_ids: np.ndarray,
 
 # --------------------------------------------------------------------------- NER: entry
 
+def split_path(data: NerData, split: str) -> Path:
+  """The file of `split` (data.<split>_file, under data.path when relative)."""
+  defaults = {k: getattr(NerData, f'{k}_file') for k in ('train', 'dev', 'test')}
+  return split_file(data, split, defaults)
+
+
 def read_ner_split(data: NerData, split: str, labels, require_tags: bool):
   if data.source == 'hf':
     split_name = hf_split_name(data, split, None)
@@ -427,8 +434,7 @@ def read_ner_split(data: NerData, split: str, labels, require_tags: bool):
     return read_ner_hf(ds, tokens_column=data.hf_tokens_column, tags_column=data.hf_tags_column,
                        tag_scheme=data.tag_scheme, labels=labels, on_bad_row=data.on_bad_row,
                        require_tags=require_tags, name=where)
-  defaults = {k: getattr(NerData, f'{k}_file') for k in ('train', 'dev', 'test')}
-  path = split_file(data, split, defaults)
+  path = split_path(data, split)
   ex, stats = read_conll(path, token_column=int(data.token_column),
                          tag_column=int(data.tag_column), tag_scheme=data.tag_scheme,
                          labels=labels, on_bad_row=data.on_bad_row, require_tags=require_tags)

@@ -31,6 +31,7 @@ import numpy as np
 from jaxft.data import text as text_lib
 from jaxft.data import token_store
 from jaxft.data.packing import DocSequence, PackedRows, PackSpec, packed_rows
+from jaxft.files import InputError
 
 _CLM_TYPES = ('gpt2', 'gpt', 'clm', 'causal')
 _MLM_TYPES = ('bert', 'roberta', 'mlm', 'distilbert', 'electra')
@@ -289,8 +290,8 @@ def open_store(settings: LmDataSettings, tokenizer, workdir: str | None, split: 
   options = build_options(settings, f'tokenize {split}', process_index, process_count)
   store = token_store.open_or_build(source, tokenizer, store_root(settings, workdir), options)
   if store.n_docs == 0:
-    raise ValueError(f'the {split} source of data ({source.describe()}) has no non-empty '
-                     'documents')
+    raise InputError(f'the {split} source of data ({source.describe()}) has no non-empty '
+                     'documents: no text to train on')
   logging.info('token store %s: %s documents, %s tokens, %.2f bytes/token (%s in %.1fs)',
                store.path, f'{store.n_docs:,}', f'{store.n_tokens:,}',
                store.nbytes / max(store.n_tokens, 1),

@@ -2,7 +2,7 @@
 the bad-row policy, truncation, padding and class balance.
 
 Bad input is never turned into a silently wrong label: every problem names file and line
-(1-based, header included) and either raises `ValueError` or, with
+(1-based, header included) and either raises `InputError` (jaxft.files) or, with
 `data.on_bad_row='skip'`, is skipped and counted in the returned stats.
 """
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from jaxft.files import InputError, MissingInput
+
 IGNORE_INDEX = -100  # label of positions the loss and metrics ignore (HF convention)
 _MAX_LOGGED = 10  # skipped rows logged one by one before only counting
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = _REPO_ROOT / 'data'  # jaxft's data directory: the bundled data, GLUE presets
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # GLUE parse-tree columns are long
 
@@ -34,19 +37,24 @@ def normalize_split(split: str) -> str:
 
 # ----------------------------------------------------------------------------- bad rows
 
-class BadRows:
-  """Applies `on_bad_row` ('error' | 'skip'): raise with location, or count and log."""
+SKIP_HINT = "set data.on_bad_row='skip' to skip and count such rows"
 
-  def __init__(self, on_bad_row: str):
+
+class BadRows:
+  """Applies `on_bad_row` ('error' | 'skip'): raise with location (and `hint`: what the
+  user can do, for a stage that reads no data.on_bad_row another one), or count and log."""
+
+  def __init__(self, on_bad_row: str, hint: str = SKIP_HINT):
     if on_bad_row not in ('error', 'skip'):
       raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     self.skip = on_bad_row == 'skip'
+    self.hint = hint
     self.counts: collections.Counter = collections.Counter()
 
   def __call__(self, where: str, reason: str, message: str):
     msg = f'{where}: {message}'
     if not self.skip:
-      raise ValueError(msg + " (set data.on_bad_row='skip' to skip and count such rows)")
+      raise InputError(f'{msg} ({self.hint})')
     self.counts[reason] += 1
     total = sum(self.counts.values())
     if total <= _MAX_LOGGED:
@@ -56,6 +64,13 @@ class BadRows:
 
   def stats(self) -> dict:
     return {'n_skipped': int(sum(self.counts.values())), 'skipped': dict(self.counts)}
+
+
+def no_rows_message(path, bad: BadRows) -> str:
+  """What to say about a file that gave no rows (a header alone, or every row skipped)."""
+  skipped = sum(bad.counts.values())
+  return f'{path}: no rows' + (f' ({skipped} bad rows skipped: {dict(bad.counts)})' if skipped
+                               else ' (the file holds a header at most)')
 
 
 # ---------------------------------------------------------------------- text files
@@ -136,7 +151,7 @@ def wants_token_types(tokenizer) -> bool:
 
 # ---------------------------------------------------------------------- config helpers
 
-class MissingSplitError(FileNotFoundError):
+class MissingSplitError(MissingInput):
   """A split has no file / HF split: callers may treat dev and test as optional."""
 
 

@@ -29,6 +29,8 @@ import sys
 import threading
 from typing import Iterator, Sequence
 
+from jaxft.files import InputError, MissingInput
+
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.json': 'jsonl',
                '.ndjson': 'jsonl', '.csv': 'csv', '.tsv': 'tsv', '.parquet': 'parquet'}
 _FORMATS = ('txt', 'jsonl', 'csv', 'tsv', 'parquet')
@@ -125,7 +127,7 @@ def plan_shards(source: Source, shard_bytes: int) -> list[Shard]:
 def file_format(path: str, configured: str = '') -> str:
   fmt = configured or _EXTENSIONS.get(os.path.splitext(path)[1].lower())
   if fmt is None:
-    raise ValueError(f'{path}: unknown file type; supported: {sorted(_EXTENSIONS)} '
+    raise InputError(f'{path}: unknown file type; supported: {sorted(_EXTENSIONS)} '
                      "(or set data.file_format='txt'|'jsonl'|'csv'|'tsv'|'parquet')")
   if fmt not in _FORMATS:
     raise ValueError(f'data.file_format must be one of {_FORMATS}, got {fmt!r}')
@@ -338,19 +340,19 @@ def expand_paths(patterns: Sequence[str], key: str = 'data.files') -> list[str]:
     if glob.has_magic(pattern):
       matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
       if not matches:
-        raise FileNotFoundError(f'{key}: pattern {pattern!r} matches no files')
+        raise MissingInput(f'{key}: pattern {pattern!r} matches no files')
       out.extend(matches)
     elif os.path.isdir(pattern):
       matches = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
                        if os.path.splitext(f)[1].lower() in _EXTENSIONS)
       if not matches:
-        raise FileNotFoundError(f'{key}: directory {pattern!r} has no '
+        raise MissingInput(f'{key}: directory {pattern!r} has no '
                                 f'{"/".join(sorted(_EXTENSIONS))} files')
       out.extend(matches)
     elif os.path.isfile(pattern):
       out.append(pattern)
     else:
-      raise FileNotFoundError(f'{key}: file {pattern!r} does not exist')
+      raise MissingInput(f'{key}: file {pattern!r} does not exist')
   return out
 
 
@@ -420,7 +422,7 @@ def _decode(data: bytes, path: str, offset: int) -> str:
     text = data.decode('utf-8')
   except UnicodeDecodeError as e:
     line = text_line_of(path, offset + e.start)
-    raise ValueError(f'{path}:{line}: not valid UTF-8 ({e.reason})') from e
+    raise InputError(f'{path}:{line}: not valid UTF-8 ({e.reason})') from e
   return text.replace('\r\n', '\n').replace('\r', '\n')
 
 
@@ -444,7 +446,7 @@ def read_jsonl(path: str, text_column: str = 'text') -> list[str]:
     try:
       rows = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{e.lineno}: bad JSON: {e.msg}') from e
+      raise InputError(f'{path}:{e.lineno}: bad JSON: {e.msg}') from e
   docs = []
   for i, row in enumerate(rows):
     text = _column(row, text_column, f'{path}: item {i}')
@@ -462,7 +464,7 @@ def _iter_jsonl_lines(path: str, text_column: str, start: int, end: int) -> Iter
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{text_line_of(path, offset) + i}: bad JSON line: {e.msg} '
+      raise InputError(f'{path}:{text_line_of(path, offset) + i}: bad JSON line: {e.msg} '
                        f'(column {e.colno}): {line.strip()[:80]!r}') from e
     doc = _column(row, text_column, lambda: f'{path}:{text_line_of(path, offset) + i}')
     if doc.strip():
@@ -476,7 +478,7 @@ def _column(row, text_column: str, where) -> str:
       row[text_column], (str, type(None))):
     where = where() if callable(where) else where
   if not isinstance(row, dict):
-    raise ValueError(f'{where}: expected a JSON object with key {text_column!r}, '
+    raise InputError(f'{where}: expected a JSON object with key {text_column!r}, '
                      f'got {type(row).__name__}')
   if text_column not in row:
     raise KeyError(f'{where}: no column {text_column!r} (data.text_column); '
@@ -485,7 +487,7 @@ def _column(row, text_column: str, where) -> str:
   if text is None:
     return ''
   if not isinstance(text, str):
-    raise ValueError(f'{where}: column {text_column!r} is {type(text).__name__}, not text')
+    raise InputError(f'{where}: column {text_column!r} is {type(text).__name__}, not text')
   return text
 
 
@@ -502,7 +504,7 @@ def iter_csv(path: str, text_column: str = 'text', delimiter: str = ',') -> Iter
     try:
       header = next(reader)
     except StopIteration:
-      raise ValueError(f'{path}: empty file (expected a header row)') from None
+      raise InputError(f'{path}: empty file (expected a header row)') from None
     if text_column not in header:
       raise KeyError(f'{path}:1: no column {text_column!r} (data.text_column); '
                      f'available columns: {header}')
@@ -511,7 +513,7 @@ def iter_csv(path: str, text_column: str = 'text', delimiter: str = ',') -> Iter
       if not row:
         continue
       if len(row) <= col:
-        raise ValueError(f'{path}:{reader.line_num}: row has {len(row)} fields, '
+        raise InputError(f'{path}:{reader.line_num}: row has {len(row)} fields, '
                          f'header has {len(header)} (column {text_column!r} missing)')
       if row[col].strip():
         yield row[col]
@@ -529,7 +531,7 @@ def _iter_parquet(path: str, text_column: str, start: int, end: int) -> Iterator
                                columns=[text_column]):
     for text in batch.column(0).to_pylist():
       if text is not None and not isinstance(text, str):
-        raise ValueError(f'{path}: row {row}: column {text_column!r} is '
+        raise InputError(f'{path}: row {row}: column {text_column!r} is '
                          f'{type(text).__name__}, not text')
       row += 1
       if text and text.strip():

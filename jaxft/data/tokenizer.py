@@ -17,6 +17,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from jaxft.files import InputError
+
 BERT_SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 GPT2_EOS = '<|endoftext|>'
 
@@ -84,7 +86,7 @@ def _load_file(f: str):
 
 def refuse_remote_code(config_file: str, what: str = 'tokenizer', only: str | None = None
                        ) -> None:
-  """ValueError when a config file (tokenizer_config.json, config.json) has an `auto_map`
+  """InputError when a config file (tokenizer_config.json, config.json) has an `auto_map`
   (its entry `only`, when given): code shipped in the directory that transformers would
   import, or ask about on stdin."""
   if not os.path.isfile(config_file):
@@ -98,7 +100,7 @@ def refuse_remote_code(config_file: str, what: str = 'tokenizer', only: str | No
     auto_map = {only: auto_map[only]} if isinstance(auto_map, dict) and only in auto_map else {}
   if auto_map:
     modules = sorted({str(v).split('.')[0] for v in _flat_values(auto_map)})
-    raise ValueError(
+    raise InputError(
         f'{config_file}: "auto_map" names code ({", ".join(modules)}) to run for this '
         f'{what}; jaxft never runs code from a model or tokenizer directory. Use a directory '
         f'without custom code (or remove "auto_map" if the files hold a standard {what})')

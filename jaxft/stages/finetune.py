@@ -15,7 +15,7 @@ from jaxft import config as config_lib
 from jaxft import continual, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.export import ExportSettings, check_onnx
+from jaxft.export import ExportSettings, OnnxMismatch, check_onnx
 from jaxft.finetuning import (export_trained, init_trainable, load_split, model_and_tokenizer,
                               resolve_steps, summary, test_hook, with_default_metric)
 from jaxft.models import build_model
@@ -150,8 +150,13 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
     # the export holds the new task's classifier alone (no previous_head)
     export_def = (ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels))
                   if previous else model_def)
-    onnx = _export(s, params, trainable and continual.without_previous_head(trainable), mcfg,
-                   tokenizer, workdir, info['label_names'], export_def)
+    try:
+      onnx = _export(s, params, trainable and continual.without_previous_head(trainable), mcfg,
+                     tokenizer, workdir, info['label_names'], export_def)
+    except OnnxMismatch as e:  # the run's results still go to results.json, with the check
+      results['onnx'] = e.check
+      write_results(workdir, results)
+      raise
     if onnx:
       results['onnx'] = onnx
   write_results(workdir, results)

@@ -27,6 +27,7 @@ from jaxft import config as config_lib
 from jaxft import generation, sources
 from jaxft.data import completion as lm_data
 from jaxft.data.splits import pad_id as pad_id_of
+from jaxft.files import InputError, MissingInput, check_writable
 from jaxft.generation import DecodingSection
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
@@ -91,9 +92,9 @@ def parse(cfg) -> Settings:
 
 
 def load_lm(s: Settings):
-  """(model_def, host params, mcfg, tokenizer, the trained data section): a workdir exactly as
-  trained (PEFT modules included); an HF directory must hold every tensor of a GPT-2 LM
-  (generating from freshly initialised weights would be a silent wrong result)."""
+  """(model_def, host params, mcfg, tokenizer): a workdir exactly as trained (PEFT modules
+  included); an HF directory must hold every tensor of a GPT-2 LM (generating from freshly
+  initialised weights would be a silent wrong result)."""
   src = s.source
   _check_tokenizer(src, s.data.tokenizer)
   tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
@@ -103,12 +104,12 @@ def load_lm(s: Settings):
   base_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
   if sources.is_jaxft_workdir(src):
     model_def, params = sources.trained_model(src, base_def, which=s.generate.checkpoint)
-    return model_def, params, mcfg, tokenizer, sources.workdir_config(src).get('data') or {}
+    return model_def, params, mcfg, tokenizer
   params, report = sources.load_init(src, base_def)
   if report['missing']:
     raise ValueError(f'{src} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
                      f'{report["missing"][:3]}): not a causal-LM checkpoint')
-  return base_def, params, mcfg, tokenizer, {}
+  return base_def, params, mcfg, tokenizer
 
 
 def _check_tokenizer(src: str, asked: str) -> None:
@@ -123,19 +124,40 @@ def _check_tokenizer(src: str, asked: str) -> None:
         'a tokenizer)')
 
 
-def text_settings(data: GenerateData, trained: dict) -> dict:
-  """data.* here when set, else the trained run's, else CompletionData's defaults."""
+def trained_data(src: str) -> tuple[dict, str]:
+  """(the data section a finetune_lm workdir was trained with, where it comes from); ({}, '')
+  for an HF directory."""
+  if not sources.is_jaxft_workdir(src):
+    return {}, ''
+  return (sources.workdir_config(src).get('data') or {}), os.path.join(src, 'config.json')
+
+
+def text_settings(data: GenerateData, trained: dict, trained_from: str = '') -> dict:
+  """data.* here when set, else the trained run's (read from `trained_from`), else
+  CompletionData's defaults; InputError for a template without {prompt}, naming its origin."""
   defaults = lm_data.CompletionData()
-  return {k: getattr(data, k) or trained.get(k) or getattr(defaults, k)
-          for k in ('prompt_column', 'completion_column', 'template', 'completion_prefix',
-                    'format')}
+  ts = {k: getattr(data, k) or trained.get(k) or getattr(defaults, k)
+        for k in ('prompt_column', 'completion_column', 'template', 'completion_prefix',
+                  'format')}
+  if '{prompt}' not in ts['template']:
+    origin = 'data.template' if data.template else f'{trained_from}: data.template'
+    raise InputError(f'{origin}={ts["template"]!r} must contain {{prompt}} (where each prompt '
+                     'goes); set --config.data.template')
+  return ts
 
 
 def read_inputs(path: str, ts: dict):
-  """(distinct prompts, their references or None, first source of each)."""
+  """(distinct prompts, their references or None, first source of each); InputError naming
+  the file when it is missing, holds no prompt, or has a bad row (generate skips none)."""
+  if not os.path.isfile(path):
+    raise MissingInput(f'generate.input={path!r}: no such file')
   pairs = lm_data.read_pairs_file(path, prompt_column=ts['prompt_column'],
                                   completion_column=ts['completion_column'] or None,
-                                  fmt=ts['format'], require_completion=False)
+                                  fmt=ts['format'], require_completion=False,
+                                  bad_row_hint='fix or remove the row: generate reads every row')
+  if not len(pairs):
+    raise InputError(f'{path}: no rows, no prompt to generate for (the file holds a header at '
+                     'most)')
   prompts, refs, where = lm_data.group_by_prompt(pairs)
   return prompts, (refs if pairs.completions is not None else None), where
 
@@ -143,12 +165,13 @@ def read_inputs(path: str, ts: dict):
 def run(s: Settings, workdir: str) -> dict:
   t0 = time.time()
   g = s.generate
-  model_def, params, mcfg, tokenizer, trained = load_lm(s)
-  ts = text_settings(s.data, trained)
-  decode = generation.decode_settings(g, tokenizer)
+  # The input and the output are checked before the model is loaded and anything decodes.
+  ts = text_settings(s.data, *trained_data(s.source))
   prompts, refs, where = read_inputs(g.input, ts)
-  if not prompts:
-    raise ValueError(f'{g.input}: no prompts')
+  out = g.output or os.path.join(workdir, generation.GENERATIONS)
+  check_writable(out, 'generate.output')
+  model_def, params, mcfg, tokenizer = load_lm(s)
+  decode = generation.decode_settings(g, tokenizer)
   prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'])
   generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)
   t1 = time.time()
@@ -164,7 +187,6 @@ def run(s: Settings, workdir: str) -> dict:
              'wall_time_sec': time.time() - t0}
   if refs is not None:
     results['scores'] = metrics_lib.generation_metrics(texts, refs)
-  out = g.output or os.path.join(workdir, generation.GENERATIONS)
   results['output'] = out
   generation.write_generations(out, prompts, texts, results.get('scores'))
   if loop.is_main():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,9 @@ from jaxft import config as config_lib
 from jaxft import files, partitioning, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
-from jaxft.data.splits import MissingSplitError, read_text_lines
+from jaxft.data.splits import DATA_DIR, MissingSplitError, normalize_split, read_text_lines
 from jaxft.export import int8_model
+from jaxft.files import InputError, MissingInput, check_writable
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.models.quantize import param_bytes
@@ -125,8 +127,11 @@ def trained_data(src: str, kind: str):
   return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
 
 
-def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
-  """(arrays, examples-info) for a split name or a file."""
+def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict,
+                trusted_dirs: tuple | None = None, settings_from: str = ''):
+  """(arrays, examples-info) for a split name or a file. A split name reads the file the
+  data settings (from `settings_from`, a stored config.json) name for it, which must lie in
+  one of `trusted_dirs` when given: a workdir's config.json is not trusted to pick files."""
   # Every row once, in file order (resampling would reorder the rows under their sources).
   label_key = 'label_values' if kind == 'cls' else 'label_names'
   data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
@@ -135,18 +140,47 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict):
   if is_file and spec.endswith('.txt') and not (kind == 'ner' and ner.looks_like_conll(spec)):
     arrays, info = _txt_inputs(spec, kind, data, tokenizer, labels)
   else:
-    split = spec
-    if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
-      data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
-    try:
-      arrays, info = _split_inputs(split, kind, data, tokenizer)
-    except MissingSplitError as e:
-      raise ValueError(f'predict.input={spec!r}: {e}. Set predict.input to a split the '
-                       'training data has (dev, train, ...) or to a file') from None
+    arrays, info = _file_or_split_inputs(spec, is_file, kind, data, tokenizer, trusted_dirs,
+                                         settings_from)
   if not len(arrays['input_ids']):  # a wrong path or a failed export, not an empty answer
     what = spec if is_file else f'the split {spec!r} of the trained data'
     raise config_lib.ConfigError(f'predict.input={spec!r}: {what} has no rows to predict')
   return arrays, info
+
+
+def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer, trusted_dirs,
+                          settings_from: str):
+  split = spec
+  if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
+    data, split = dataclasses.replace(data, test_file=os.path.abspath(spec)), 'test'
+  elif not re.fullmatch(r'\w+', spec):  # a path, not a split name
+    raise MissingInput(f'predict.input={spec!r}: no such file')
+  try:
+    if not is_file and data.source == 'files':
+      _check_split_file(spec, kind, data, trusted_dirs, settings_from)
+    return _split_inputs(split, kind, data, tokenizer)
+  except MissingSplitError as e:
+    raise MissingInput(f'predict.input={spec!r}: neither a file nor a split the training '
+                       f'data has ({e}). Set predict.input to a split the training data has '
+                       '(dev, train, ...) or to a file') from None
+
+
+def _check_split_file(split: str, kind: str, data, trusted_dirs, settings_from: str) -> None:
+  """Log the file `split` resolves to; InputError unless it lies in `trusted_dirs`."""
+  path = (classification.split_path(data, normalize_split(split)) if kind == 'cls' else
+          ner.split_path(data, normalize_split(split)))
+  logging.info('predict.input=%r: the %s split of %s is %s', split, split,
+               settings_from or 'the data settings', path)
+  if trusted_dirs is None:
+    return
+  real = os.path.realpath(path)
+  if not any(real.startswith(os.path.realpath(d) + os.sep) for d in trusted_dirs):
+    raise InputError(f'predict.input={split!r} resolves to {path} (data.path / '
+                     f'data.{normalize_split(split)}_file '
+                     f'in {settings_from}), outside jaxft\'s data directory '
+                     f'{", ".join(map(str, trusted_dirs))}: a workdir\'s config.json is not '
+                     f'trusted to name files to read. To read it, give the file itself: '
+                     f'--config.predict.input={path}')
 
 
 def _split_inputs(split: str, kind: str, data, tokenizer):
@@ -195,11 +229,18 @@ def run(s: Settings, workdir: str) -> dict:
   labels = _trained(src)
   kind = labels['kind']
   tokenizer = sources.tokenizer_of(src)
+  # The input and the output are checked before the model is loaded and anything runs.
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels,
+                           trusted_dirs=(DATA_DIR,),
+                           settings_from=os.path.join(src, 'config.json'))
+  out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
+  check_writable(out_path, 'predict.output')
+  if s.predict.explain_html:
+    check_writable(s.predict.explain_html, 'predict.explain_html')
   dtype = s.predict.dtype  # inference precision: fp32 unless asked, whatever trained
   mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
   head = 'cls' if kind == 'cls' else 'token_cls'
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels)
   base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   if s.predict.quantize == 'int8':
@@ -207,7 +248,6 @@ def run(s: Settings, workdir: str) -> dict:
   scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
   attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
                   if s.predict.explain else None)
-  out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   if loop.is_main():
     records = (_cls_records(ex, scores, labels) if kind == 'cls' else
                _ner_records(ex, scores, arrays, labels))
@@ -215,7 +255,7 @@ def run(s: Settings, workdir: str) -> dict:
       rec['attributions'] = attr
     with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
       for rec in records:
-        f.write(json.dumps(rec) + '\n')
+        f.write(files.json_text(rec) + '\n')
     logging.info('wrote %d predictions to %s', len(arrays['input_ids']), out_path)
     if s.predict.explain_html:
       files.atomic_write(s.predict.explain_html,
