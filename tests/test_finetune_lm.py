@@ -215,6 +215,7 @@ def test_generate_refuses_a_tokenizer_that_is_not_the_models(tmp_path):
                                         rf"'{own}' has its own tokenizer \({own}\)"):
     run_stage(c, str(tmp_path / 'gen'))
   c.data.tokenizer = f'{own}/'
+  c.data.update(prompt_column='mr', completion_column='ref')  # an HF directory has none
   with pytest.raises(Exception) as e:  # the same tokenizer: what fails now is the model
     run_stage(c, str(tmp_path / 'gen'))
   assert 'is neither a jaxft workdir' in str(e.value), e.value

@@ -96,7 +96,6 @@ def load_lm(s: Settings):
   included); an HF directory must hold every tensor of a GPT-2 LM (generating from freshly
   initialised weights would be a silent wrong result)."""
   src = s.source
-  _check_tokenizer(src, s.data.tokenizer)
   tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
   mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
   if mcfg.model_type != 'gpt2':
@@ -165,7 +164,9 @@ def read_inputs(path: str, ts: dict):
 def run(s: Settings, workdir: str) -> dict:
   t0 = time.time()
   g = s.generate
-  # The input and the output are checked before the model is loaded and anything decodes.
+  # The settings, the input and the output are checked before the model is loaded and
+  # anything decodes.
+  _check_tokenizer(s.source, s.data.tokenizer)
   ts = text_settings(s.data, *trained_data(s.source))
   prompts, refs, where = read_inputs(g.input, ts)
   out = g.output or os.path.join(workdir, generation.GENERATIONS)

@@ -127,11 +127,10 @@ def trained_data(src: str, kind: str):
   return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
 
 
-def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict,
-                trusted_dirs: tuple | None = None, settings_from: str = ''):
+def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict, settings_from: str = ''):
   """(arrays, examples-info) for a split name or a file. A split name reads the file the
-  data settings (from `settings_from`, a stored config.json) name for it, which must lie in
-  one of `trusted_dirs` when given: a workdir's config.json is not trusted to pick files."""
+  data settings name for it; from `settings_from` (a stored config.json) only a data file
+  under its data.path (`_check_split_file`)."""
   # Every row once, in file order (resampling would reorder the rows under their sources).
   label_key = 'label_values' if kind == 'cls' else 'label_names'
   data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
@@ -140,15 +139,14 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict,
   if is_file and spec.endswith('.txt') and not (kind == 'ner' and ner.looks_like_conll(spec)):
     arrays, info = _txt_inputs(spec, kind, data, tokenizer, labels)
   else:
-    arrays, info = _file_or_split_inputs(spec, is_file, kind, data, tokenizer, trusted_dirs,
-                                         settings_from)
+    arrays, info = _file_or_split_inputs(spec, is_file, kind, data, tokenizer, settings_from)
   if not len(arrays['input_ids']):  # a wrong path or a failed export, not an empty answer
     what = spec if is_file else f'the split {spec!r} of the trained data'
     raise config_lib.ConfigError(f'predict.input={spec!r}: {what} has no rows to predict')
   return arrays, info
 
 
-def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer, trusted_dirs,
+def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer,
                           settings_from: str):
   split = spec
   if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
@@ -157,7 +155,7 @@ def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer, 
     raise MissingInput(f'predict.input={spec!r}: no such file')
   try:
     if not is_file and data.source == 'files':
-      _check_split_file(spec, kind, data, trusted_dirs, settings_from)
+      _check_split_file(spec, kind, data, settings_from)
     return _split_inputs(split, kind, data, tokenizer)
   except MissingSplitError as e:
     raise MissingInput(f'predict.input={spec!r}: neither a file nor a split the training '
@@ -165,22 +163,36 @@ def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer, 
                        '(dev, train, ...) or to a file') from None
 
 
-def _check_split_file(split: str, kind: str, data, trusted_dirs, settings_from: str) -> None:
-  """Log the file `split` resolves to; InputError unless it lies in `trusted_dirs`."""
+# What a classification split file is named like; a CoNLL file (NER) is recognised by its
+# content, whatever its name (CoNLL-2003's eng.testa).
+SPLIT_SUFFIXES = ('.tsv', '.csv', '.jsonl', '.json', '.txt')
+
+
+def _check_split_file(split: str, kind: str, data, settings_from: str) -> None:
+  """Log the file `split` resolves to. A split name from a stored config.json (not this
+  command's) must name a data file, under that config's `data.path` when it has one (or
+  jaxft's bundled data/): an edited config.json must not make predict copy another file (`data.path=/etc`,
+  `test_file=passwd`) into predictions.jsonl. Any file named on the command line is read."""
   path = (classification.split_path(data, normalize_split(split)) if kind == 'cls' else
           ner.split_path(data, normalize_split(split)))
   logging.info('predict.input=%r: the %s split of %s is %s', split, split,
                settings_from or 'the data settings', path)
-  if trusted_dirs is None:
+  if not settings_from:
     return
   real = os.path.realpath(path)
-  if not any(real.startswith(os.path.realpath(d) + os.sep) for d in trusted_dirs):
+  inside = not data.path or any(  # split files named whole (no data.path) are checked by kind
+      real.startswith(os.path.realpath(os.path.expanduser(str(r))) + os.sep)
+      for r in (data.path, DATA_DIR))
+  looks_like_data = (os.path.splitext(real)[1].lower() in SPLIT_SUFFIXES if kind == 'cls'
+                     else ner.looks_like_conll(real))
+  if not (inside and looks_like_data):
+    why = (f'outside data.path={data.path!r}' if not inside else
+           'not a data file (' + ('.tsv/.csv/.jsonl/.json/.txt' if kind == 'cls' else
+                                  'not CoNLL') + ')')
     raise InputError(f'predict.input={split!r} resolves to {path} (data.path / '
-                     f'data.{normalize_split(split)}_file '
-                     f'in {settings_from}), outside jaxft\'s data directory '
-                     f'{", ".join(map(str, trusted_dirs))}: a workdir\'s config.json is not '
-                     f'trusted to name files to read. To read it, give the file itself: '
-                     f'--config.predict.input={path}')
+                     f'data.{normalize_split(split)}_file in {settings_from}), {why}: a '
+                     f'workdir\'s config.json is not trusted to name any file to read. To read '
+                     f'it, give the file itself: --config.predict.input={path}')
 
 
 def _split_inputs(split: str, kind: str, data, tokenizer):
@@ -231,7 +243,6 @@ def run(s: Settings, workdir: str) -> dict:
   tokenizer = sources.tokenizer_of(src)
   # The input and the output are checked before the model is loaded and anything runs.
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels,
-                           trusted_dirs=(DATA_DIR,),
                            settings_from=os.path.join(src, 'config.json'))
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   check_writable(out_path, 'predict.output')

@@ -12,16 +12,19 @@ import pytest
 import harness
 
 STEPS = 60
+KILLS = ('startup', 'mid-save', 'step', 'step')
 
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
   seed = int(os.environ.get('JAXFT_CRASH_SEED', random.randrange(10**6)))
-  o = harness.crash_run(str(tmp_path), num_steps=STEPS, seed=seed)
+  # one kill of each kind and a second after a step (the harness's default plan has six)
+  o = harness.crash_run(str(tmp_path), num_steps=STEPS, seed=seed, kills=KILLS)
   about = f'seed {seed}\n{harness.table(o)}'
   print(about)
   killed = [s for s in o.starts if s.killed]
-  assert len(killed) >= 5, about
+  assert len(killed) >= len(KILLS), about
+  assert {s.kind for s in killed} >= set(KILLS), about
   assert any(s.cut for s in o.starts), f'no kill landed inside an async save\n{about}'
   assert sum(s.resumed_from is not None for s in o.starts) >= 3, about
   last = o.starts[-1]

@@ -253,16 +253,22 @@ def test_predict_unwritable_output_is_refused_before_the_model(tmp_path, capsys)
 
 def test_predict_split_from_a_stored_config_must_lie_in_the_data_directory(tmp_path, capsys,
                                                                           caplog):
-  """A workdir's config.json edited to name /etc/passwd as its test split is not read; a
-  split in jaxft's data directory is, and the log names the file it resolved to."""
+  """A workdir's config.json edited to name /etc/passwd as its test split is not read, nor a
+  split file outside its data.path; a data file under data.path is, and the log names the
+  file it resolved to."""
   c = _predict_config(tmp_path, 'test', data_path='/etc')
   conf = json.load(open(os.path.join(c.init_from, 'config.json')))
   conf['data']['test_file'] = 'passwd'
   json.dump(conf, open(os.path.join(c.init_from, 'config.json'), 'w'))
   line = assert_one_line(c, tmp_path / 'w', capsys, "predict.input='test' resolves to "
                          '/etc/passwd', os.path.join(c.init_from, 'config.json'),
-                         'outside jaxft\'s data directory', '--config.predict.input=/etc/passwd')
+                         'not a data file', '--config.predict.input=/etc/passwd')
   assert not os.path.exists(tmp_path / 'w' / 'predictions.jsonl'), line
+  elsewhere = _write(tmp_path / 'elsewhere' / 'dev.tsv', 'sentence\tlabel\ngood\t1\n')
+  conf['data'].update(path=os.path.join(REPO, 'data/glue/sst2'), test_file=str(elsewhere))
+  json.dump(conf, open(os.path.join(c.init_from, 'config.json'), 'w'))
+  assert_one_line(c, tmp_path / 'w', capsys, "predict.input='test' resolves to "
+                  f'{elsewhere}', 'outside data.path=', f'--config.predict.input={elsewhere}')
   c = _predict_config(tmp_path / 'b', 'dev', data_path=os.path.join(REPO, 'data/glue/sst2'))
   with caplog.at_level(logging.INFO), pytest.raises(FileNotFoundError, match='no checkpoint'):
     main_lib.run_reporting_errors(c, str(tmp_path / 'w2'))  # reads the split, then the model
