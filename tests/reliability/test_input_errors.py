@@ -194,14 +194,6 @@ def test_generate_bad_row_names_what_generate_accepts(tmp_path, capsys):
   assert 'on_bad_row' not in line and 'fix or remove the row' in line, line
 
 
-def test_generate_unwritable_output_is_refused_before_decoding(tmp_path, capsys):
-  prompts = _write(tmp_path / 'prompts.txt', 'a prompt\n')
-  _write(tmp_path / 'a_file', 'x')
-  c = _gen_config(tmp_path, prompts)
-  c.generate.output = str(tmp_path / 'a_file' / 'out.jsonl')
-  assert_one_line(c, tmp_path / 'w', capsys, 'generate.output=', str(tmp_path / 'a_file'))
-
-
 # ------------------------------------------------------------------------------ predict
 
 def _cls_workdir(d, data_path) -> str:
@@ -243,12 +235,14 @@ def test_predict_missing_input_file_says_so(tmp_path, capsys):
   assert '_file' not in line, line  # not `set data./path/x.txt_file`
 
 
-def test_predict_unwritable_output_is_refused_before_the_model(tmp_path, capsys):
-  texts = _write(tmp_path / 'texts.txt', 'good\n')
+@pytest.mark.parametrize('stage', ['generate', 'predict'])
+def test_unwritable_output_is_refused_before_the_model(tmp_path, capsys, stage):
+  """generate.output / predict.output that cannot be written fail before any model work."""
+  inputs = _write(tmp_path / 'inputs.txt', 'a text\n')
   _write(tmp_path / 'a_file', 'x')
-  c = _predict_config(tmp_path, texts)
-  c.predict.output = str(tmp_path / 'a_file' / 'predictions.jsonl')
-  assert_one_line(c, tmp_path / 'w', capsys, 'predict.output=', str(tmp_path / 'a_file'))
+  c = (_gen_config if stage == 'generate' else _predict_config)(tmp_path, inputs)
+  c[stage].output = str(tmp_path / 'a_file' / 'out.jsonl')
+  assert_one_line(c, tmp_path / 'w', capsys, f'{stage}.output=', str(tmp_path / 'a_file'))
 
 
 def test_predict_split_from_a_stored_config_must_lie_in_the_data_directory(tmp_path, capsys,
