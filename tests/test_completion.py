@@ -97,16 +97,17 @@ def test_generate_input_with_references_on_some_rows_only_is_refused(tmp_path):
   """generate's input: references on every row (scored) or on none (prompts only). A jsonl
   whose first row has no completion and later rows do is refused naming that row, as the
   reverse order is, never read as prompts only (which dropped every reference)."""
+  from jaxft.files import InputError  # the command line's one-line error, exit 2
   from jaxft.stages import generate
   ts = generate.text_settings(generate.GenerateData(prompt_column='p', completion_column='c'),
                               {})
   mixed = tmp_path / 'mixed.jsonl'
   mixed.write_text('{"p": "a[1]"}\n{"p": "b[2]", "c": "Two."}\n{"p": "c[3]", "c": "Three."}\n')
-  with pytest.raises(ValueError, match=r"mixed.jsonl:1: no 'c' \(a reference\) on this row, "
+  with pytest.raises(InputError, match=r"mixed.jsonl:1: no 'c' \(a reference\) on this row, "
                                        r'but 2 of the 3 rows have one'):
     generate.read_inputs(str(mixed), ts)
   mixed.write_text('{"p": "b[2]", "c": "Two."}\n{"p": "a[1]"}\n')
-  with pytest.raises(ValueError, match=r"mixed.jsonl:2: no 'c' .* but 1 of the 2 rows"):
+  with pytest.raises(InputError, match=r"mixed.jsonl:2: no 'c' .* but 1 of the 2 rows"):
     generate.read_inputs(str(mixed), ts)
   only = tmp_path / 'only.jsonl'
   only.write_text('{"p": "a[1]"}\n{"p": "b[2]"}\n')

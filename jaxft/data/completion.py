@@ -194,7 +194,7 @@ def _references_on_every_row(rows: list[tuple[str, dict]], completion_column: st
   lacking = [where for where, row in rows if completion_column not in row]
   if not lacking or len(lacking) == len(rows):
     return not lacking
-  raise ValueError(f'{lacking[0]}: no {completion_column!r} (a reference) on this row, but '
+  raise InputError(f'{lacking[0]}: no {completion_column!r} (a reference) on this row, but '
                    f'{len(rows) - len(lacking)} of the {len(rows)} rows have one: give every '
                    f'row a {completion_column!r} to score the outputs, or none to only generate')
 

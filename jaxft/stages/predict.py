@@ -171,8 +171,9 @@ SPLIT_SUFFIXES = ('.tsv', '.csv', '.jsonl', '.json', '.txt')
 def _check_split_file(split: str, kind: str, data, settings_from: str) -> None:
   """Log the file `split` resolves to. A split name from a stored config.json (not this
   command's) must name a data file, under that config's `data.path` when it has one (or
-  jaxft's bundled data/): an edited config.json must not make predict copy another file (`data.path=/etc`,
-  `test_file=passwd`) into predictions.jsonl. Any file named on the command line is read."""
+  jaxft's bundled data/): an edited config.json must not make predict copy another file
+  (`data.path=/etc`, `test_file=passwd`) into predictions.jsonl. Any file named on the
+  command line is read."""
   path = (classification.split_path(data, normalize_split(split)) if kind == 'cls' else
           ner.split_path(data, normalize_split(split)))
   logging.info('predict.input=%r: the %s split of %s is %s', split, split,
@@ -267,7 +268,7 @@ def run(s: Settings, workdir: str) -> dict:
     with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
       for rec in records:
         f.write(files.json_text(rec) + '\n')
-    logging.info('wrote %d predictions to %s', len(arrays['input_ids']), out_path)
+    logging.info('wrote %d predictions to %s', len(records), out_path)
     if s.predict.explain_html:
       files.atomic_write(s.predict.explain_html,
                          explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')

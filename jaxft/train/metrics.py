@@ -218,8 +218,9 @@ class MetricsWriter:
           self._tb.add_scalar(k, x, step)
       else:
         try:
-          json.dumps(files.json_safe(v), allow_nan=False)
-          record[k] = files.json_safe(v)
+          safe = files.json_safe(v)
+          json.dumps(safe, allow_nan=False)  # kept only when serialisable
+          record[k] = safe
         except (TypeError, ValueError):
           pass
     self._file.write(json.dumps(record, allow_nan=False) + '\n')
