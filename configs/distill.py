@@ -16,7 +16,7 @@ import ml_collections
 from jaxft.config import as_section, base_config, mlm_config
 from jaxft.data.pretrain import default_data_config
 from jaxft.data.classification import GLUE_TASKS
-from jaxft.stages.distill import DistillSettings
+from jaxft.distill.settings import DistillSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def _finetune_cls():
 
 
 def distill_config(kind: str) -> ml_collections.ConfigDict:
-  """The `distill` section (jaxft.stages.distill.DistillSettings) for a kind."""
+  """The `distill` section (jaxft.distill.settings.DistillSettings) for a kind."""
   return as_section(DistillSettings(kind=kind))
 
 

@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from jaxft.config import as_section, base_config, finetune_config
+from jaxft.config import as_section, base_config, finetune_config, peft_config
 from jaxft.continual import ContinualSettings
 from jaxft.data.classification import GLUE_TASKS, ClsData
 
@@ -37,6 +37,7 @@ def get_config(variant: str = 'sst2'):
     raise ValueError(f'configs/finetune_cls.py variant {task!r}; choose a GLUE task '
                      f'{sorted(GLUE_TASKS)} or custom')
   c = base_config()
+  c.peft = peft_config()
   c.stage = 'finetune_cls'
   c.model.update(type='bert', hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
                  max_position_embeddings=512)

@@ -18,7 +18,7 @@ by loss alone.
 """
 import os
 
-from jaxft.config import as_section, base_config, finetune_config
+from jaxft.config import as_section, base_config, finetune_config, peft_config
 from jaxft.data.completion import CompletionData
 from jaxft.generation import DecodingSection
 
@@ -42,6 +42,7 @@ def get_config(variant: str = 'e2e'):
   if variant not in VARIANTS:
     raise ValueError(f'configs/finetune_lm.py variant {variant!r}; choose from {VARIANTS}')
   c = base_config()
+  c.peft = peft_config()
   c.stage = 'finetune_lm'
   # A small GPT-2 shape: on CPU the 50k-token output projection is most of the FLOPs, and
   # its cost grows with hidden_size (docs/generation.md).

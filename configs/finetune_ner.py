@@ -7,7 +7,7 @@ when present. The tag scheme of those files is declared by data.tag_scheme.
 """
 import os
 
-from jaxft.config import as_section, base_config, finetune_config
+from jaxft.config import as_section, base_config, finetune_config, peft_config
 from jaxft.data.ner import NerData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def get_config(variant: str = ''):
   c = base_config()
+  c.peft = peft_config()
   c.stage = 'finetune_ner'
   c.model.update(type='bert', hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
                  max_position_embeddings=512)

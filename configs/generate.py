@@ -12,14 +12,19 @@ and out/results.json with BLEU / chrF / ROUGE-L when the input has references. W
 --workdir equal to init_from the outputs go to WORKDIR/generate/ (the fine-tune's own
 generations.jsonl and results.json are never replaced).
 """
-from jaxft.config import as_section, base_config
+import ml_collections
+
+from jaxft.config import as_section, run_config
+from jaxft.models.config import ModelConfig
 from jaxft.stages.generate import GenerateData, GenerateSection
 
 
 def get_config(variant: str = ''):
   del variant
-  c = base_config()
-  c.stage = 'generate'
+  c = run_config('generate')
+  c.seed = 0
+  c.init_from = ''  # a finetune_lm workdir or an HF GPT-2 directory
+  c.model = ml_collections.ConfigDict(ModelConfig.section_defaults())  # runtime fields
   c.model.type = 'gpt2'
   c.data = as_section(GenerateData())  # '' = as the trained workdir (or the defaults)
   c.generate = as_section(GenerateSection())

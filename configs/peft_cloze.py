@@ -11,7 +11,7 @@ Verbalizer words must be single tokens of the model's vocabulary.
 import importlib.util
 import os
 
-from jaxft.config import as_section, base_config
+from jaxft.config import as_section, base_config, peft_config
 from jaxft.stages.cloze import ClozeSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,8 @@ def get_config(variant: str = 'sst2'):
   task = variant or 'sst2'
   template, verbalizer = PRESETS.get(task, ('{text} It was [MASK].', ''))
   c = base_config()
+  c.peft = peft_config()
+  del c.export  # cloze scores and trains; it exports nothing
   c.stage = 'cloze'
   c.model.update(type='bert', hidden_dropout=0.1, attention_dropout=0.1)
   c.data = data_config(task)
@@ -44,5 +46,4 @@ def get_config(variant: str = 'sst2'):
   c.optimizer.update(lr=1e-5, warmup_ratio=0.0, schedule='constant', weight_decay=0.01)
   c.train.update(num_steps=100, batch_size=8, eval_every=50, log_every=10)
   c.checkpoint.update(every=0, keep=1, keep_best=0)
-  c.export.hf = False
   return c

@@ -7,13 +7,15 @@ Writes out/predictions.jsonl (or predict.output). Without init_from it reads the
 --config.predict.explain=integrated_gradients|attention_rollout, and an HTML page of them:
 --config.predict.explain_html=out/explain.html (docs/explain.md).
 """
-from jaxft.config import as_section, base_config
+from jaxft.config import as_section, run_config
+from jaxft.partitioning import MeshSettings
 from jaxft.stages.predict import PredictSettings
 
 
 def get_config(variant: str = ''):
   del variant
-  c = base_config()
-  c.stage = 'predict'
+  c = run_config('predict')
+  c.init_from = ''  # the fine-tuned workdir ('' = the one in --workdir)
+  c.mesh = as_section(MeshSettings())
   c.predict = as_section(PredictSettings())
   return c

@@ -27,7 +27,7 @@ def configured_dir(cfg) -> str:
     cfg = cfg[cfg.pipeline[0]]
   value = cfg.get('compilation_cache_dir', None)
   if value is not None and not isinstance(value, str):
-    return ''  # off; the stage's config check names the key (jaxft.config.check_sections)
+    return ''  # off; the stage's config check names the key (jaxft.config.parse_settings)
   return DEFAULT_DIR if value is None else value
 
 

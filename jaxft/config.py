@@ -24,7 +24,7 @@ from jaxft.export import ExportSettings
 from jaxft.models.config import ModelConfig
 from jaxft.partitioning import MeshSettings
 from jaxft.peft import PeftConfig
-from jaxft.train.loop import CheckpointSettings, LoopSettings, TrainSettings
+from jaxft.train.loop import CheckpointSettings, TrainSettings
 from jaxft.train.optimizer import FreezeSettings, OptimizerSettings
 
 
@@ -41,22 +41,32 @@ def as_section(settings) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(settings))
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every key shared by all stages, at its default."""
+def run_config(stage: str) -> ml_collections.ConfigDict:
+  """The keys of every config, whatever its stage reads."""
   c = ml_collections.ConfigDict()
-  c.stage = 'pretrain_mlm'
-  c.seed = 0
-  c.init_from = ''  # a jaxft workdir or a Hugging Face checkpoint directory
+  c.stage = stage
   c.overwrite = False  # reuse a workdir that holds a different run (its files are moved aside)
   c.compilation_cache_dir = compilation_cache.DEFAULT_DIR  # compiled programs on disk; '' = off
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys every training stage reads, at their defaults; a config file adds its stage's
+  own sections (`peft_config()`, `mlm_config()`, ...)."""
+  c = run_config('pretrain_mlm')
+  c.seed = 0
+  c.init_from = ''  # a jaxft workdir or a Hugging Face checkpoint directory
   c.model = ml_collections.ConfigDict(ModelConfig.section_defaults())
   c.mesh = as_section(MeshSettings())
   c.optimizer = as_section(OptimizerSettings())
   c.train = as_section(TrainSettings())
   c.checkpoint = as_section(CheckpointSettings())
   c.export = as_section(ExportSettings())
-  c.peft = ml_collections.ConfigDict(PeftConfig.section_defaults())
   return c
+
+
+def peft_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(PeftConfig.section_defaults())
 
 
 def mlm_config() -> ml_collections.ConfigDict:
@@ -79,25 +89,84 @@ def _plain(value):
 
 
 def section(cls, values, key: str):
-  """`cls` (a settings dataclass) from a config section: every key known, every type right."""
+  """`cls` (a settings dataclass) from a config section: every key known, every type right.
+
+  The one parser. A class whose config shape is not its fields (the `model` section's `type`,
+  `peft`'s nested groups) declares it: `section_defaults()` gives the section's keys at their
+  defaults (checked here like fields) and `from_section(values)` builds the class."""
   values = _plain(values) or {}
+  where = key or 'the config'
   if not isinstance(values, dict):
-    raise ConfigError(f'{key} must be a section, got {values!r}')
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  hints = typing.get_type_hints(cls)
+    raise ConfigError(f'{where} must be a section, got {values!r}')
+  shaped = hasattr(cls, 'section_defaults')
+  defaults = cls.section_defaults() if shaped else {
+      f.name: _default(f) for f in dataclasses.fields(cls)}
+  hints = {} if shaped else typing.get_type_hints(cls)
+  dotted = lambda k: f'{key}.{k}' if key else k  # noqa: E731
   for k in values:
-    if k not in fields:
-      raise ConfigError(f'unknown config key {key}.{k}{closest(k, fields)}; keys of {key}: '
-                        f'{sorted(fields)}')
+    if k not in defaults:
+      what = f'keys of {key}' if key else 'this stage reads'
+      raise ConfigError(f'unknown config key {dotted(k)}{closest(k, defaults)}; {what}: '
+                        f'{sorted(defaults)}')
   kwargs = {}
-  for name, value in values.items():
-    kwargs[name] = _coerce(value, _default(fields[name]), hints[name], f'{key}.{name}')
+  for name, default in defaults.items():
+    kind = hints.get(name)
+    if dataclasses.is_dataclass(kind) and name not in values and default is None:
+      kwargs[name] = section(kind, {}, dotted(name))  # an absent section: its defaults
+    elif name not in values:
+      continue
+    elif dataclasses.is_dataclass(kind):
+      kwargs[name] = section(kind, values[name], dotted(name))
+    elif isinstance(default, dict):  # a nested group of a shaped section (peft.lora)
+      kwargs[name] = _group(values[name], default, dotted(name))
+    else:
+      kwargs[name] = _coerce(values[name], default, kind, dotted(name))
   try:
-    return cls(**kwargs)
+    return cls.from_section(kwargs) if shaped else cls(**kwargs)
   except ConfigError:
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from e
+
+
+def _group(values, defaults: dict, key: str) -> dict:
+  values = _plain(values) or {}
+  if not isinstance(values, dict):
+    raise ConfigError(f'{key} must be a section, got {values!r}')
+  for k in values:
+    if k not in defaults:
+      raise ConfigError(f'unknown config key {key}.{k}{closest(k, defaults)}; keys of {key}: '
+                        f'{sorted(defaults)}')
+  return {k: _coerce(v, defaults[k], None, f'{key}.{k}') for k, v in values.items()}
+
+
+# Keys of every config that no stage's settings hold: `overwrite` (jaxft.workdir reads it)
+# and the entry point's own keys.
+RUN_KEYS = ('overwrite',) + ENTRY_KEYS
+
+
+def parse_settings(cls, cfg):
+  """A stage's settings from its whole ConfigDict: `cls`'s fields are the config's top-level
+  keys (sections are dataclass fields, `seed` / `init_from` plain ones), so the class is the
+  schema: a key it has no field for is a typo (closest key named), unless the class's
+  `accepted_keys` lists it (a section its config files carry that the stage does not read)."""
+  for key in ENTRY_KEYS:
+    scalar(cfg, key, '')
+  skip = RUN_KEYS + tuple(getattr(cls, 'accepted_keys', ()))
+  return section(cls, {k: v for k, v in cfg.items() if k not in skip}, '')
+
+
+def section_types(cls, prefix: str = '') -> dict[str, type]:
+  """{dotted section name: its settings dataclass} of a stage's settings class (where each
+  key's default and meaning are written; --show_config reads them)."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    kind = typing.get_type_hints(cls).get(f.name)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+      out[prefix + f.name] = kind
+      if not hasattr(kind, 'section_defaults'):
+        out.update(section_types(kind, f'{prefix}{f.name}.'))
+  return out
 
 
 def _default(f: dataclasses.Field):
@@ -146,55 +215,6 @@ def _type_name(v) -> str:
 def scalar(cfg, key: str, default):
   """A top-level key (seed, init_from, ...) with its type checked."""
   return _coerce(cfg.get(key, default), default, None, key)
-
-
-def model_section(cfg) -> ModelConfig:
-  """The `model` section as a ModelConfig (vocab_size 0 = the tokenizer's, resolved later)."""
-  d = dict(_plain(cfg.get('model', {})) or {})
-  defaults = ModelConfig.section_defaults()
-  for k, v in d.items():
-    if k not in defaults:
-      raise ConfigError(f'unknown config key model.{k}{closest(k, defaults)}; keys of model: '
-                        f'{sorted(defaults)}')
-    _coerce(v, defaults[k], None, f'model.{k}')
-  try:
-    return ModelConfig.from_config_dict({**defaults, **d})
-  except (ValueError, TypeError) as e:
-    raise ConfigError(str(e)) from e
-
-
-def loop_settings(cfg, name: str | None = None) -> LoopSettings:
-  """The `train`, `checkpoint`, `optimizer` and `mesh` sections and the seed."""
-  return LoopSettings(train=section(TrainSettings, cfg.get('train'), 'train'),
-                      checkpoint=section(CheckpointSettings, cfg.get('checkpoint'), 'checkpoint'),
-                      optimizer=section(OptimizerSettings, cfg.get('optimizer'), 'optimizer'),
-                      mesh=section(MeshSettings, cfg.get('mesh'), 'mesh'),
-                      seed=scalar(cfg, 'seed', 0), name=name or cfg.get('stage', 'train'))
-
-
-def peft_settings(cfg) -> PeftConfig:
-  section = _plain(cfg.get('peft', {})) or {}
-  defaults = PeftConfig.section_defaults()
-  for group in ('lora', 'adapter', 'prompt'):  # nested: checked here, like section() does
-    for k, v in (section.get(group) or {}).items():
-      if k in defaults[group]:
-        _coerce(v, defaults[group][k], None, f'peft.{group}.{k}')
-  try:
-    return PeftConfig.from_section(section, seed=scalar(cfg, 'seed', 0))
-  except (ValueError, TypeError) as e:
-    raise ConfigError(str(e)) from e
-
-
-def check_sections(cfg, known) -> None:
-  """Top-level keys a stage does not read are typos (the closest known key named); the
-  entry point's own keys (ENTRY_KEYS) are known to every stage, and type-checked here."""
-  known = tuple(known) + ENTRY_KEYS
-  for key in ENTRY_KEYS:
-    scalar(cfg, key, '')
-  for k in cfg.keys():
-    if k not in known:
-      raise ConfigError(f'unknown config key {k}{closest(k, known)}; this stage reads '
-                        f'{sorted(known)}')
 
 
 def save_config(cfg, workdir: str) -> None:

@@ -41,7 +41,7 @@ from jaxft.objectives import classification, distill
 from jaxft.sources import PREVIOUS_HEAD
 from jaxft.train import loop
 from jaxft.train.state import ModelDef
-from jaxft.train.step import Objective, make_eval_step
+from jaxft.train.step import Objective
 from jaxft.trees import flat_params, map_named
 
 METHODS = ('none', 'replay', 'l2sp', 'lwf')
@@ -189,11 +189,12 @@ def without_previous_head(params):
   return {k: v for k, v in params.items() if k != PREVIOUS_HEAD}
 
 
-def constants(previous: Previous, method: str, mesh, rules):
-  """The previous model's params on the mesh (L2-SP's anchor, LwF's teacher), or None."""
+def constants(previous: Previous, method: str, mesh_settings):
+  """The previous model's params on the run's mesh (L2-SP's anchor, LwF's teacher), or
+  None."""
   if method not in ('l2sp', 'lwf'):
     return None
-  return jax.device_put(previous.params, previous.model_def.param_shardings(mesh, rules))
+  return loop.place(mesh_settings, previous.model_def, previous.params).params
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -259,7 +260,7 @@ def objective(c: ContinualSettings, previous: Previous, num_labels: int, is_regr
     sums['lwf_sum'] = (soft * w).sum()
     return loss_sum + c.lwf_weight * sums['lwf_sum'], sums
 
-  return Objective(head='cls', loss=loss, evaluate=base.evaluate, num_labels=num_labels)
+  return Objective(loss=loss, evaluate=base.evaluate)
 
 
 def _replay_sums(model, out, batch, w, deterministic, rngs, is_regression, prev_regression,
@@ -363,14 +364,12 @@ def previous_task_hook(previous: Previous, mdef: ModelDef, tokenizer,
   if dev is None:
     return []
   base = classification.cls(previous.num_labels, previous.is_regression)
-  view = Objective(head='cls', loss=base.loss,
+  view = Objective(loss=base.loss,
                    evaluate=lambda model, batch: base.evaluate(PreviousHeadView(model), batch))
 
   def fn(trained: loop.Trained) -> dict:
-    step = make_eval_step(mdef, view, trained.mesh, trained.rules,
-                          jax.tree.map(lambda x: x.sharding, trained.params))
-    return loop.evaluate(step, trained.params, loader_lib.eval_batches(dev, batch_size)(),
-                         trained.mesh, trained.rules, classification.cls_summary(info))
+    return trained.placed(mdef).evaluate(view, loader_lib.eval_batches(dev, batch_size)(),
+                                         classification.cls_summary(info))
 
   return [loop.Hook(PREVIOUS_TASK, fn)]
 

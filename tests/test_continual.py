@@ -219,8 +219,7 @@ def test_replay_run_and_the_previous_task_workdir(tmp, previous):
   assert len(lines) == 8
   # predict scores the earlier task from workdir/previous_task: the same dev metrics
   pt = rec['previous_task_workdir']
-  c = config_lib.base_config()
-  c.stage = 'predict'
+  c = config_lib.run_config('predict')
   c.init_from = pt
   c.predict = config_lib.as_section(PredictSettings(input='dev'))
   got = run_stage(c, str(tmp / 'predict_previous'))

@@ -1,4 +1,5 @@
 """Text sources, data settings, shard plans, FULL-SENTENCES packing, eval split, loader."""
+import functools
 import json
 import os
 import random
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxft import config as config_lib
+from jaxft.config import ConfigError
 from jaxft.data import text
 from jaxft.data.loader import make_loader
 from jaxft.data.packing import pack_clm, pack_mlm
@@ -38,7 +41,7 @@ def _cfg(**kw):
     if isinstance(v, list):  # programmatic lists of paths: a ConfigDict holds strings
       del cfg[k]
     setattr(cfg, k, v)
-  return LmDataSettings.from_config(cfg)
+  return config_lib.section(LmDataSettings, cfg, 'data')
 
 
 def _docs(split='train', **kw):
@@ -262,16 +265,18 @@ def test_shards_read_the_same_documents_as_the_whole_source(tmp_path):
 def test_settings_reject_unknown_keys_and_bad_values():
   cfg = default_data_config()
   assert set(cfg.keys()) == {f for f in LmDataSettings.__dataclass_fields__}
-  assert LmDataSettings.from_config(cfg) == LmDataSettings()
+  parse = functools.partial(config_lib.section, LmDataSettings, key='data')
+  assert parse(cfg) == LmDataSettings()
   cfg.max_lenn = 64
-  with pytest.raises(DataSettingsError, match=r'unknown key data\.max_lenn \(did you mean '
-                                              r'data\.max_len\?\)'):
-    LmDataSettings.from_config(cfg)
-  with pytest.raises(DataSettingsError, match=r"data\.eval_split_by='random'; allowed"):
-    LmDataSettings.from_config({'eval_split_by': 'random'})
-  with pytest.raises(DataSettingsError, match=r"data\.max_len='64': must be an int"):
-    LmDataSettings.from_config({'max_len': '64'})
-  assert LmDataSettings.from_config({'eval_fraction': 0}).eval_fraction == 0.0
+  with pytest.raises(ConfigError, match=r"unknown config key data\.max_lenn \(did you mean "
+                                        r"'max_len'\?\)"):
+    parse(cfg)
+  with pytest.raises(ConfigError, match=r"data\.eval_split_by='random'; allowed"):
+    parse({'eval_split_by': 'random'})
+  with pytest.raises(ConfigError, match=r"data\.max_len='64' has the wrong type: it must be an "
+                                        r"int"):
+    parse({'max_len': '64'})
+  assert parse({'eval_fraction': 0}).eval_fraction == 0.0
 
 
 def test_path_keys_override_from_the_command_line(tmp_path):
@@ -292,7 +297,7 @@ def test_path_keys_override_from_the_command_line(tmp_path):
     config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True,
                                     sys_argv=argv)  # as jaxft.main defines it
     fv(argv)
-    settings = LmDataSettings.from_config(fv.config.data)
+    settings = config_lib.section(LmDataSettings, fv.config.data, 'data')
     for split in ('train', 'eval'):
       paths = text.expand_paths(settings.text_source(split).paths)
       assert [os.path.basename(p) for p in paths] == expected

@@ -27,6 +27,7 @@ from jaxft.objectives import distill as task_lib
 from jaxft.objectives import lm
 from jaxft.objectives.outputs import outputs
 from jaxft.partitioning import MeshSettings
+from jaxft.distill import settings as distill_settings
 from jaxft.stages import distill as stage
 from jaxft.train import loop
 from jaxft.train.state import ModelDef, create_train_state, to_host
@@ -329,12 +330,12 @@ def test_configs_load_and_bad_settings_are_named():
     stages.validate(c)
     assert c.stage == 'distill' and c.distill.kind == ('mlm' if v == 'mlm' else 'cls')
   with pytest.raises(ValueError, match='out of range'):
-    stage.parse_layer_map('0:0,3:9', 2, 4)
-  assert stage.parse_layer_map('', 3, 6) == ((0, 0), (1, 2), (2, 4), (3, 6))
+    distill_settings.parse_layer_map('0:0,3:9', 2, 4)
+  assert distill_settings.parse_layer_map('', 3, 6) == ((0, 0), (1, 2), (2, 4), (3, 6))
   c = mod.get_config('sst2')
   c.distill.attention_weight = 1.0
   with pytest.raises(ValueError, match='equal head counts'):
-    stage.make_spec(stages.validate(c).distill, STUDENT.replace(num_heads=2), TEACHER)
+    distill_settings.make_spec(stages.validate(c).distill, STUDENT.replace(num_heads=2), TEACHER)
 
 
 class _Tokenizer:

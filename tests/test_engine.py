@@ -388,7 +388,7 @@ def _poisoned_task():
     loss_sum = loss_sum + jnp.where(p == 1, jnp.nan, 0.0)
     return _poison_grad(loss_sum, (p == 2).astype(jnp.float32)), sums
 
-  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(loss=loss, evaluate=base.evaluate, prepare=base.prepare)
 
 
 def test_nonfinite_skip_keeps_params_and_counts():

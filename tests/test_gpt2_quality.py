@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from lm_runs import REPO, load_config, run_main
 
+from jaxft import config as config_lib
 from jaxft.data.pretrain import LmDataSettings, build_lm_data
 from jaxft.data.tokenizer import load_tokenizer
 
@@ -29,7 +30,7 @@ def test_tiny_gpt2_beats_unigram_perplexity(tmp_path):
   cfg = load_config('gpt2_clm').get_config('tiny')
   cfg.train.batch_size, cfg.data.max_len = GPT2['train.batch_size'], GPT2['data.max_len']
   tok = load_tokenizer(cfg.data.tokenizer)
-  train, evals, _ = build_lm_data(LmDataSettings.from_config(cfg.data), tok, str(tmp_path),
+  train, evals, _ = build_lm_data(config_lib.section(LmDataSettings, cfg.data, 'data'), tok, str(tmp_path),
                                   'gpt2', process_index=0, process_count=1)
   train = train.rows()
   vocab = len(tok)

@@ -1,6 +1,7 @@
 """The house rules of jaxft/, checked on its source: no import from a lower layer to a higher
-one (function-local imports included: they cannot hide an upward edge), and no function
-longer than 80 lines."""
+one, nor sideways between two packages of one layer (function-local imports included: they
+cannot hide an edge); a stage imports no other stage and builds no mesh (the loop owns
+meshes: `loop.train`, `loop.place`); no function longer than 80 lines."""
 import ast
 import pathlib
 
@@ -8,15 +9,17 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / 'jaxft'
 
-# Bottom to top. A module may import its own layer and the ones below.
+# Bottom to top: the real levels of the import graph. A module may import its own package
+# and the layers below; two packages of one layer never import each other.
 LAYERS = (
-    ('jaxft.trees', 'jaxft.partitioning', 'jaxft.checkpointing', 'jaxft.distributed',
-     'jaxft.files', 'jaxft.compilation_cache'),
-    ('jaxft.models', 'jaxft.data'),
-    ('jaxft.train',),
-    ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.sources', 'jaxft.workdir',
-     'jaxft.distill', 'jaxft.finetuning', 'jaxft.generation', 'jaxft.continual'),
-    ('jaxft.config',),
+    ('jaxft.trees', 'jaxft.files', 'jaxft.compilation_cache', 'jaxft.partitioning'),
+    ('jaxft.checkpointing', 'jaxft.distributed', 'jaxft.data'),
+    ('jaxft.models',),
+    ('jaxft.train', 'jaxft.workdir'),
+    ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.generation'),
+    ('jaxft.sources', 'jaxft.config'),
+    ('jaxft.distill', 'jaxft.finetuning'),
+    ('jaxft.continual',),
     ('jaxft.stages',),
     ('jaxft.main',),
 )
@@ -30,9 +33,15 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _layer(module: str) -> int | None:
+  return (_package(module) or (None,))[0]
+
+
+def _package(module: str) -> tuple[int, str] | None:
+  """(layer, the package or module of LAYERS that holds `module`)."""
   for i, prefixes in enumerate(LAYERS):
-    if any(module == p or module.startswith(p + '.') for p in prefixes):
-      return i
+    for p in prefixes:
+      if module == p or module.startswith(p + '.'):
+        return i, p
   return None
 
 
@@ -62,19 +71,78 @@ def test_every_module_has_a_layer():
   assert not missing, f'modules without a layer in tests/test_layers.py: {missing}'
 
 
-def test_no_import_goes_up_a_layer():
-  upward = []
+def _bad_imports():
+  """'file:line: what' for every import up a layer or sideways within one."""
   for path in _sources():
     module = _module_name(path)
-    mine = _layer(module)
+    mine = _package(module)
     if mine is None:
       continue
     for line, target in _imports(ast.parse(path.read_text()), module):
-      theirs = _layer(target)
-      if theirs is not None and theirs > mine:
-        upward.append(f'{path.relative_to(PKG.parent)}:{line}: {module} (layer {mine}) imports '
-                      f'{target} (layer {theirs})')
-  assert not upward, '\n'.join(upward)
+      theirs = _package(target)
+      if theirs is None or theirs[1] == mine[1]:
+        continue
+      if theirs[0] > mine[0]:
+        yield (f'{path.relative_to(PKG.parent)}:{line}: {module} (layer {mine[0]}) imports '
+               f'{target} (layer {theirs[0]})')
+      elif theirs[0] == mine[0]:
+        yield (f'{path.relative_to(PKG.parent)}:{line}: {module} imports {target}, a package '
+               f'of its own layer {mine[0]} (move one of them a layer down or up)')
+
+
+def test_no_import_goes_up_a_layer_or_sideways():
+  bad = list(_bad_imports())
+  assert not bad, '\n'.join(bad)
+
+
+def test_the_layer_table_is_tight():
+  """Every package sits on the lowest layer its imports allow: a table with room to spare
+  lets a module chain sideways unnoticed."""
+  needed = {}
+  for path in _sources():
+    module = _module_name(path)
+    mine = _package(module)
+    if mine is None:
+      continue
+    for _, target in _imports(ast.parse(path.read_text()), module):
+      theirs = _package(target)
+      if theirs is not None and theirs[1] != mine[1]:
+        needed[mine[1]] = max(needed.get(mine[1], 0), theirs[0] + 1)
+  loose = [f'{p} is on layer {i} but needs only {needed.get(p, 0)}'
+           for i, prefixes in enumerate(LAYERS) for p in prefixes
+           if needed.get(p, 0) < i and p not in ('jaxft.main',)]
+  assert not loose, '\n'.join(loose)
+
+
+def _stage_sources():
+  return sorted((PKG / 'stages').glob('*.py'))
+
+
+def test_no_stage_imports_another_stage():
+  bad = []
+  for path in _stage_sources():
+    module = _module_name(path)
+    for line, target in _imports(ast.parse(path.read_text()), module):
+      if target.startswith('jaxft.stages.') and module != 'jaxft.stages' and \
+          target.split('.')[2] != module.split('.')[-1]:
+        bad.append(f'{path.relative_to(PKG.parent)}:{line}: {module} imports {target}')
+  assert not bad, '\n'.join(bad)
+
+
+# What builds a mesh, places parameters on one or compiles a step: the loop's work.
+MESH_WORK = ('build', 'make_mesh', 'param_shardings', 'device_put', 'make_eval_step',
+             'make_train_step')
+
+
+def test_no_stage_builds_a_mesh():
+  bad = []
+  for path in _stage_sources():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Call):
+        name = getattr(node.func, 'attr', None) or getattr(node.func, 'id', None)
+        if name in MESH_WORK:
+          bad.append(f'{path.relative_to(PKG.parent)}:{node.lineno}: calls {name}')
+  assert not bad, '\n'.join(bad)
 
 
 def test_the_checker_sees_a_function_local_upward_import(tmp_path):

@@ -11,14 +11,12 @@ capped (`data.eval_max_rows`), so its cost does not grow with the corpus.
 `LmDataSettings` lists every key of the pretraining `data` section with its default;
 `default_data_config()` is that as a ConfigDict for config files. The stages read the
 section with `config.section(LmDataSettings, cfg.data, 'data')` (a ConfigError naming the
-key); `LmDataSettings.from_config(cfg.data)` does the same without the config layer
-(DataSettingsError), for library code, tests and benchmarks.
+key).
 """
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import difflib
 import logging
 import math
 import os
@@ -103,25 +101,6 @@ class LmDataSettings:
       if getattr(self, key) not in allowed:
         raise DataSettingsError(f'data.{key}={getattr(self, key)!r}; allowed: {allowed}')
 
-  @classmethod
-  def from_config(cls, section) -> 'LmDataSettings':
-    """Settings from a ConfigDict / dict (None or missing keys: defaults); an unknown key or
-    a value of the wrong type or choice raises DataSettingsError naming data.<key>."""
-    if section is None:
-      return cls()
-    values = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-      if key not in fields:
-        hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-        raise DataSettingsError(f'unknown key data.{key}' +
-                                (f' (did you mean data.{hint[0]}?)' if hint else '') +
-                                f'; keys of data: {sorted(fields)}')
-      if value is not None:
-        kwargs[key] = _checked(key, value, fields[key].default)
-    return cls(**kwargs)
-
   def text_source(self, split: str = 'train') -> text_lib.Source | None:
     """The raw text of 'train' or 'eval' (None: no separate eval source is named)."""
     if split not in ('train', 'eval'):
@@ -152,28 +131,6 @@ class LmDataSettings:
       return None
     return text_lib.Source(tfds_name=self.tfds_name, tfds_split=split_name,
                            tfds_data_dir=self.tfds_data_dir, key='data.tfds_name', **common)
-
-
-def _checked(key: str, value, default):
-  """`value` for data.<key>, checked against the type of its default (and its choices)."""
-  if key in _PATH_KEYS and isinstance(value, (list, tuple)):
-    value = tuple(os.fspath(v) for v in value)  # programmatic lists of paths are fine too
-  elif isinstance(default, bool):
-    if not isinstance(value, bool):
-      raise DataSettingsError(f'data.{key}={value!r}: must be a bool (True or False)')
-  elif isinstance(default, int):
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise DataSettingsError(f'data.{key}={value!r}: must be an int')
-  elif isinstance(default, float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise DataSettingsError(f'data.{key}={value!r}: must be a number')
-    value = float(value)
-  elif isinstance(default, str):
-    if isinstance(value, os.PathLike):
-      value = os.fspath(value)
-    if not isinstance(value, str):
-      raise DataSettingsError(f'data.{key}={value!r}: must be a string')
-  return value  # choices: LmDataSettings.__post_init__
 
 
 def default_data_config():

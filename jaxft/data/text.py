@@ -491,10 +491,6 @@ def _column(row, text_column: str, where) -> str:
   return text
 
 
-def read_csv(path: str, text_column: str = 'text', delimiter: str = ',') -> list[str]:
-  return list(iter_csv(path, text_column, delimiter))
-
-
 def iter_csv(path: str, text_column: str = 'text', delimiter: str = ',') -> Iterator[str]:
   """CSV (quoted, RFC 4180) or TSV (unquoted, GLUE-style) with a header row."""
   csv.field_size_limit(sys.maxsize if sys.maxsize < 2**63 else 2**31 - 1)

@@ -144,6 +144,12 @@ class ModelConfig:
     return cls(**d)
 
   @classmethod
+  def from_section(cls, values: dict) -> 'ModelConfig':
+    """From the `model` section's keys (jaxft.config.section checked them): the rest at the
+    section's defaults."""
+    return cls.from_config_dict({**cls.section_defaults(), **values})
+
+  @classmethod
   def section_defaults(cls) -> dict:
     """The `model` config section at its defaults; vocab_size 0 = the tokenizer's size, and
     dtype 'auto' = bf16 compute where the hardware has bf16 units, fp32 elsewhere."""

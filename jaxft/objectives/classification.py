@@ -51,7 +51,7 @@ def cls(num_labels: int, is_regression: bool, *, label_smoothing: float = 0.0) -
             'per_example': {'logits': logits, 'labels': batch['labels'],
                             'index': batch['index'], 'valid': batch['valid']}}
 
-  return Objective(head='cls', loss=loss, evaluate=evaluate, num_labels=num_labels)
+  return Objective(loss=loss, evaluate=evaluate)
 
 
 def ner(num_labels: int, *, label_smoothing: float = 0.0) -> Objective:
@@ -72,7 +72,7 @@ def ner(num_labels: int, *, label_smoothing: float = 0.0) -> Objective:
             'per_example': {'pred': jnp.argmax(logits, -1).astype(jnp.int32),
                             'index': batch['index'], 'valid': batch['valid']}}
 
-  return Objective(head='token_cls', loss=loss, evaluate=evaluate, num_labels=num_labels)
+  return Objective(loss=loss, evaluate=evaluate)
 
 
 def cls_summary(info: dict):

@@ -159,7 +159,7 @@ def cloze(ids: np.ndarray) -> Objective:
             'per_example': {'logits': s, 'labels': batch['labels'], 'index': batch['index'],
                             'valid': batch['valid']}}
 
-  return Objective(head='mlm', loss=loss, evaluate=evaluate, num_labels=int(ids.shape[0]))
+  return Objective(loss=loss, evaluate=evaluate)
 
 
 def predict(model, arrays: dict, ids: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -86,4 +86,4 @@ def completion_objective(*, max_targets: int | None = None,
     loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
     return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
 
-  return Objective(head='clm', loss=loss, evaluate=evaluate)
+  return Objective(loss=loss, evaluate=evaluate)

@@ -175,7 +175,7 @@ def cls(num_labels: int, is_regression: bool, spec: Spec, teacher_def=None, *,
       sums.update(extra_sums)
     return loss_sum, sums
 
-  return Objective(head='cls', loss=loss, evaluate=base.evaluate, num_labels=num_labels)
+  return Objective(loss=loss, evaluate=base.evaluate)
 
 
 def mlm(tokenizer, masking: MaskingSettings, spec: Spec, teacher_def) -> Objective:
@@ -209,4 +209,4 @@ def mlm(tokenizer, masking: MaskingSettings, spec: Spec, teacher_def) -> Objecti
       sums.update(extra_sums)
     return loss_sum, sums
 
-  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(loss=loss, evaluate=base.evaluate, prepare=base.prepare)

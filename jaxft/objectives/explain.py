@@ -185,7 +185,7 @@ def explainer(method: str, *, kind: str, query: str = 'first', steps: int = 64,
       out = attention_rollout(model, batch, query=query)
     return {'per_example': {**out, 'index': batch['index'], 'valid': batch['valid']}}
 
-  return Objective(head='', loss=None, evaluate=evaluate)
+  return Objective(loss=None, evaluate=evaluate)
 
 
 # ------------------------------------------------------------------------- host side

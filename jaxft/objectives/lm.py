@@ -56,7 +56,7 @@ def mlm(tokenizer, settings: MaskingSettings) -> Objective:
     loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
     return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
 
-  return Objective(head='mlm', loss=loss, evaluate=evaluate, prepare=prepare)
+  return Objective(loss=loss, evaluate=evaluate, prepare=prepare)
 
 
 def clm(mask_boundaries: bool) -> Objective:
@@ -81,7 +81,7 @@ def clm(mask_boundaries: bool) -> Objective:
                                               batch['labels'], batch['weights'])
     return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}
 
-  return Objective(head='clm', loss=loss, evaluate=evaluate, prepare=prepare)
+  return Objective(loss=loss, evaluate=evaluate, prepare=prepare)
 
 
 def summarize(sums, per_example):

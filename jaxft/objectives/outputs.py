@@ -16,4 +16,4 @@ def outputs(name: str = 'logits', transform: Callable | None = None, **head_kwar
       out = transform(out)
     return {'per_example': {name: out, 'index': batch['index'], 'valid': batch['valid']}}
 
-  return Objective(head='', loss=None, evaluate=evaluate)
+  return Objective(loss=None, evaluate=evaluate)

@@ -1,9 +1,11 @@
 """Stages: thin jobs on top of the library, and the one registry that the entry point and
 config validation both read.
 
-A stage module has `parse(cfg) -> Settings` (its ConfigDict read once into small typed
-dataclasses; ConfigError for anything wrong, before anything is loaded) and
-`run(settings, workdir) -> dict` (build, train, export; results.json last). `run(cfg,
+A stage module has `Settings` (a frozen dataclass whose fields are its config's keys: the
+one schema of its config, parsed by jaxft.config.parse_settings and checked in its
+__post_init__; ConfigError for anything wrong, before anything is loaded; `settings_class(cfg)`
+where the stage or a key picks between two) and `run(settings, workdir) -> dict` (build,
+train, export; results.json last). `run(cfg,
 workdir)` here is how every stage runs: validate, lock the workdir, check it holds no other
 run, record the config, dispatch; a stage whose source is the workdir itself runs in
 WORKDIR/<stage>/. A pipeline runs several stages that way, in sub-workdirs.
@@ -18,34 +20,32 @@ import jax
 from absl import logging
 
 from jaxft import config as config_lib
-from jaxft import distributed, partitioning
 from jaxft import workdir as workdir_lib
 from jaxft.config import ConfigError
-from jaxft.data.classification import ClsData
-from jaxft.data.completion import CompletionData
-from jaxft.data.masking import MaskingSettings
-from jaxft.data.ner import NerData
-from jaxft.data.pretrain import LmDataSettings
-from jaxft.export import ExportSettings
-from jaxft.generation import DecodingSection
 from jaxft.models.config import ModelConfig
-from jaxft.partitioning import MeshSettings
-from jaxft.peft import PeftConfig
+from jaxft.train import loop
 from jaxft.stages import (cloze, distill, finetune, finetune_lm, generate, info, predict,
                           prepare_data, pretrain)
-from jaxft.train.loop import CheckpointSettings, EarlyStoppingSettings, TrainSettings
-from jaxft.train.optimizer import FreezeSettings, OptimizerSettings
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """A stage: its module's parse(cfg) -> settings and run(settings, workdir) -> results."""
+  """A stage: its module's settings class (the schema of its config: parsed by
+  jaxft.config.parse_settings, checked in its __post_init__) and run(settings, workdir)."""
   name: str
   module: Any
   doc: str
 
+  def settings_class(self, cfg) -> type:
+    pick = getattr(self.module, 'settings_class', None)
+    return pick(cfg) if pick is not None else self.module.Settings
+
   def parse(self, cfg):
-    return parse_pipeline(cfg) if self.module is None else self.module.parse(cfg)
+    if self.module is None:
+      return parse_pipeline(cfg)
+    if hasattr(self.module, 'parse'):  # model_info reads the model section of any config
+      return self.module.parse(cfg)
+    return config_lib.parse_settings(self.settings_class(cfg), cfg)
 
   def run(self, settings, workdir: str) -> dict:
     return self.module.run(settings, workdir)
@@ -92,24 +92,15 @@ ONNX_STAGES = ('finetune_cls', 'finetune_ner')  # the stages whose export reads 
 
 def section_types(cfg) -> dict[str, type]:
   """{dotted section name: the settings dataclass that holds its defaults and meanings}."""
-  types = {'model': ModelConfig, 'mesh': MeshSettings, 'optimizer': OptimizerSettings,
-           'train': TrainSettings, 'train.early_stopping': EarlyStoppingSettings,
-           'checkpoint': CheckpointSettings, 'export': ExportSettings, 'mlm': MaskingSettings,
-           'finetune': FreezeSettings, 'predict': predict.PredictSettings,
-           'cloze': cloze.ClozeSettings, 'distill': distill.DistillSettings,
-           'distill.student': distill.StudentShape, 'peft': PeftConfig}
-  stage = cfg.get('stage')
-  if stage in ('finetune_lm', 'generate'):
-    types['generate'] = DecodingSection if stage == 'finetune_lm' else generate.GenerateSection
-  mlm_distill = stage == 'distill' and cfg.get('distill', {}).get('kind') == 'mlm'
-  data = LmDataSettings if mlm_distill else {
-      'finetune_cls': ClsData, 'finetune_ner': NerData, 'cloze': ClsData, 'distill': ClsData,
-      'pretrain_mlm': LmDataSettings, 'pretrain_clm': LmDataSettings,
-      'prepare_data': LmDataSettings, 'finetune_lm': CompletionData,
-      'generate': generate.GenerateData}.get(stage)
-  if data is not None:
-    types['data'] = data
-  return types
+  stage = REGISTRY.get(cfg.get('stage'))
+  if stage is None or stage.module is None:
+    return {}
+  if hasattr(stage.module, 'parse'):
+    return {'model': ModelConfig}
+  try:
+    return config_lib.section_types(stage.settings_class(cfg))
+  except ConfigError:  # --show_config lists the keys first; validate() then says what is wrong
+    return {}
 
 
 def describe(cfg) -> str:
@@ -156,26 +147,13 @@ def validate(cfg, num_devices: int | None = None):
 
 
 def _check_mesh(settings, num_devices: int) -> None:
-  mesh = getattr(settings, 'mesh', None) or getattr(getattr(settings, 'loop', None), 'mesh', None)
+  mesh = getattr(settings, 'mesh', None)
   if mesh is None:
     return
   try:
-    dims = partitioning.mesh_shape(mesh, num_devices)
+    loop.check_layout(mesh, getattr(settings, 'train', None), num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  loop_settings = getattr(settings, 'loop', None)
-  if loop_settings is None:
-    return
-  train = loop_settings.train
-  rules = partitioning.rules_from_config(mesh.rules)
-  dp = partitioning.data_parallel_size_of(dims, rules)
-  if train.batch_size % (dp * train.grad_accum):
-    raise ConfigError(f'train.batch_size={train.batch_size} is not divisible by the '
-                      f'data-parallel size {dp} (mesh.data*mesh.fsdp) x train.grad_accum='
-                      f'{train.grad_accum}')
-  if jax.process_count() > 1:  # every process must hold whole rows of each global batch
-    distributed.check_batch_layout(partitioning.make_mesh(mesh), rules, train.batch_size,
-                                   jax.process_count())
 
 
 def run(cfg, workdir: str) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 from absl import logging
 
 from jaxft import config as config_lib
@@ -29,11 +28,6 @@ from jaxft.train import loop
 from jaxft.train import metrics as metrics_lib
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
-from jaxft.train.step import make_eval_step
-
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'cloze')
-
 
 @dataclasses.dataclass(frozen=True)
 class ClozeSettings:
@@ -45,27 +39,20 @@ class ClozeSettings:
   num_shots: int = 0     # > 0: also train on N examples per class (PET) and re-evaluate
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  init_from: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(loop.RunSettings):
+  """cloze: the config's keys."""
+  init_from: str = ''
   cloze: ClozeSettings
-  loop: loop.LoopSettings
   model: ModelConfig
   data: ClsData
   peft: PeftConfig
 
-
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  s = Settings(init_from=config_lib.scalar(cfg, 'init_from', ''),
-               cloze=config_lib.section(ClozeSettings, cfg.get('cloze'), 'cloze'),
-               loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
-               data=config_lib.section(ClsData, cfg.get('data'), 'data'),
-               peft=config_lib.peft_settings(cfg))
-  if not s.init_from:
-    raise config_lib.ConfigError('cloze needs init_from: a pretrained MLM (jaxft workdir or HF '
-                                 'directory)')
-  return s
+  def __post_init__(self):
+    object.__setattr__(self, 'peft', dataclasses.replace(self.peft, seed=self.seed))
+    if not self.init_from:
+      raise config_lib.ConfigError('cloze needs init_from: a pretrained MLM (jaxft workdir or '
+                                   'HF directory)')
 
 
 def _summary(metric_names, with_predictions: bool):
@@ -118,12 +105,9 @@ def run(s: Settings, workdir: str) -> dict:
 
 
 def _zero_shot(s: Settings, model_def, init_params, objective, dev, metric_names) -> dict:
-  mesh, rules = s.loop.mesh.build()
-  p_sh = model_def.param_shardings(mesh, rules)
-  params = jax.device_put(init_params, p_sh)
-  eval_step = make_eval_step(model_def, objective, mesh, rules, p_sh)
-  zs = loop.evaluate(eval_step, params, loader_lib.eval_batches(dev, s.loop.train.batch_size)(),
-                     mesh, rules, _summary(metric_names, True))
+  model = loop.place(s.mesh, model_def, init_params)
+  zs = model.evaluate(objective, loader_lib.eval_batches(dev, s.train.batch_size)(),
+                      _summary(metric_names, True))
   logging.info('cloze zero-shot on %s: %s', s.cloze.eval_split,
                {k: v for k, v in zs.items() if k != 'predictions'})
   return zs

@@ -27,6 +27,7 @@ from jaxft.data import pretrain as lm_data
 from jaxft.data.masking import MaskingSettings
 from jaxft.distill import student as student_lib
 from jaxft.distill import teacher as teacher_lib
+from jaxft.distill.settings import DistillSettings, make_spec
 from jaxft.export import ExportSettings, export_hf
 from jaxft.models import count_params
 from jaxft.models.config import ModelConfig
@@ -36,119 +37,37 @@ from jaxft.objectives import lm
 from jaxft.objectives.outputs import outputs
 from jaxft.train import loop
 from jaxft.train.metrics import write_results
-from jaxft.train.step import make_eval_step
 
-KINDS = ('cls', 'mlm')
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'teacher', 'model', 'data', 'mesh',
-            'optimizer', 'train', 'checkpoint', 'export', 'peft', 'distill', 'mlm')
-
-
-@dataclasses.dataclass(frozen=True)
-class StudentShape:
-  """`distill.student`: the student's widths; 0 = the teacher's (num_layers: half of it)."""
-  num_layers: int = 0
-  hidden_size: int = 0
-  num_heads: int = 0
-  intermediate_size: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSettings:
-  """The `distill` config section: loss = alpha*T^2*KL(teacher||student) + (1-alpha)*hard
-  loss + weighted feature terms."""
-  kind: str = 'cls'              # cls (GLUE-style) | mlm (DistilBERT pretraining)
-  alpha: float = 0.5
-  temperature: float = 2.0
-  cosine_weight: float = 0.0     # 1 - cos(last hidden states), via projection if widths differ
-  hidden_weight: float = 0.0     # TinyBERT hidden-state MSE over layer_map (projected)
-  attention_weight: float = 0.0  # TinyBERT attention-probability MSE (equal head counts)
-  layer_map: str = ''            # 'student:teacher,...' hidden indices (0 = embeddings); '' uniform
-  student_init: str = 'auto'     # auto | teacher_every_k | init_from | random
-  student_layers: str = ''       # teacher layers (0-based) for teacher_every_k; '' = every k-th
-  student: StudentShape = dataclasses.field(default_factory=StudentShape)
-  teacher_dtype: str = ''        # '' = as stored; 'bfloat16' halves its memory and time
-  cache_teacher: bool = False    # cls: precompute train-split teacher logits once (workdir/cache)
-  measure_speed: bool = True     # inference examples/s of teacher and student on dev
-  speed_batches: int = 0         # 0 = the whole dev set
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(loop.RunSettings):
+  """distill (kind cls): the config's keys."""
+  teacher: str = ''
+  init_from: str = ''
+  distill: DistillSettings
+  model: ModelConfig  # the student's runtime fields (dropout, dtypes, remat)
+  data: classification.ClsData
+  mlm: MaskingSettings  # kind mlm: the masking
+  export: ExportSettings
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f'distill.kind={self.kind!r}; allowed: {KINDS}')
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f'distill.alpha={self.alpha} must be in [0, 1]')
-    if self.temperature <= 0:
-      raise ValueError(f'distill.temperature={self.temperature} must be > 0')
-    for k in ('cosine_weight', 'hidden_weight', 'attention_weight'):
-      if getattr(self, k) < 0:
-        raise ValueError(f'distill.{k}={getattr(self, k)} must be >= 0')
-    if self.student_init not in student_lib.MODES:
-      raise ValueError(f'distill.student_init={self.student_init!r}; allowed: '
-                       f'{student_lib.MODES}')
-    if self.cache_teacher and self.kind != 'cls':
-      raise ValueError('distill.cache_teacher is for classification: MLM masks are drawn per '
-                       'step, so there is no fixed input to precompute teacher logits for')
+    if self.distill.student_init == 'init_from' and not self.init_from:
+      raise config_lib.ConfigError('distill.student_init=init_from needs init_from (a student '
+                                   'checkpoint)')
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  teacher: str
-  distill: DistillSettings
-  loop: loop.LoopSettings
-  model: ModelConfig  # the student's runtime fields (dropout, dtypes, remat)
-  data: classification.ClsData | lm_data.LmDataSettings  # kind cls | kind mlm
-  masking: MaskingSettings
-  export: ExportSettings
-  init_from: str = ''
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MlmSettings(Settings):
+  """distill (kind mlm, DistilBERT pretraining): the config's keys."""
+  data: lm_data.LmDataSettings
 
 
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  dc = config_lib.section(DistillSettings, cfg.get('distill'), 'distill')
-  data = config_lib.section(classification.ClsData if dc.kind == 'cls' else
-                            lm_data.LmDataSettings, cfg.get('data'), 'data')
-  init_from = config_lib.scalar(cfg, 'init_from', '')
-  if dc.student_init == 'init_from' and not init_from:
-    raise config_lib.ConfigError('distill.student_init=init_from needs init_from (a student '
-                                 'checkpoint)')
-  return Settings(teacher=config_lib.scalar(cfg, 'teacher', ''), distill=dc,
-                  loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
-                  data=data, masking=config_lib.section(MaskingSettings, cfg.get('mlm'), 'mlm'),
-                  export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
-                  init_from=init_from)
+def settings_class(cfg) -> type[Settings]:
+  """The kind decides what `data` holds: a GLUE-style task or pretraining text."""
+  kind = (cfg.get('distill') or {}).get('kind', 'cls')
+  return MlmSettings if kind == 'mlm' else Settings
 
 
 # ----------------------------------------------------------------------------- the student
-
-def parse_layer_map(text: str, n_student: int, n_teacher: int) -> tuple[tuple[int, int], ...]:
-  """'0:0,1:2,2:4,3:6' -> ((0, 0), ...); '' -> uniform: student i -> teacher i*L_t/L_s."""
-  if text:
-    try:
-      pairs = tuple(tuple(int(v) for v in p.split(':')) for p in
-                    str(text).replace(' ', '').split(',') if p)
-    except ValueError:
-      pairs = ((),)
-    if any(len(p) != 2 for p in pairs):
-      raise ValueError(f"distill.layer_map={text!r}: write 'student:teacher' pairs, e.g. "
-                       "'0:0,1:2,2:4,3:6' (0 = embeddings, i = layer i)")
-  else:
-    pairs = tuple((i, round(i * n_teacher / n_student)) for i in range(n_student + 1))
-  for s, t in pairs:
-    if not (0 <= s <= n_student and 0 <= t <= n_teacher):
-      raise ValueError(f'distill.layer_map pair {s}:{t} is out of range (student 0..{n_student}, '
-                       f'teacher 0..{n_teacher}; 0 = embeddings)')
-  return pairs
-
-
-def make_spec(dc: DistillSettings, student: ModelConfig,
-              teacher: ModelConfig) -> distill_objectives.Spec:
-  if dc.attention_weight and student.num_heads != teacher.num_heads:
-    raise ValueError(f'distill.attention_weight needs equal head counts (student '
-                     f'{student.num_heads}, teacher {teacher.num_heads})')
-  layer_map = parse_layer_map(dc.layer_map, student.num_layers, teacher.num_layers)
-  return distill_objectives.Spec(alpha=dc.alpha, temperature=dc.temperature,
-                                 cosine_weight=dc.cosine_weight, hidden_weight=dc.hidden_weight,
-                                 attention_weight=dc.attention_weight, layer_map=layer_map)
-
 
 def student_config(s: Settings, teacher: ModelConfig, tokenizer, mode: str) -> ModelConfig:
   """Architecture from init_from (a pretrained student) or the teacher's with
@@ -227,7 +146,7 @@ def eval_parts(s: Settings, data: _Data, smcfg, tokenizer):
     return (cls_objectives.cls(data.info['num_labels'], data.info['is_regression']),
             loader_lib.eval_batches(data.dev, bs),
             cls_objectives.cls_summary(data.dev_info) if data.dev is not None else None, 'logits')
-  return (lm.mlm(tokenizer, s.masking), loader_lib.lm_eval_batches(data.dev, bs, s.loop.seed),
+  return (lm.mlm(tokenizer, s.mlm), loader_lib.lm_eval_batches(data.dev, bs, s.loop.seed),
           lm.summarize, 'last_hidden_state')
 
 
@@ -286,29 +205,28 @@ def distill(s: Settings, workdir: str) -> Distilled:
 def _train(s, workdir, data, train_settings, teacher, sdef, smcfg, spec, tokenizer, init_params,
            init_report, mode) -> Distilled:
   dc, bs, info = s.distill, s.loop.train.batch_size, data.info
-  mesh, rules = s.loop.mesh.build()  # the loop's mesh (same settings -> same mesh)
-  t_sh = teacher.model_def.param_shardings(mesh, rules)
-  t_params = jax.device_put(teacher.params, t_sh)
+  placed = loop.place(s.mesh, teacher.model_def, teacher.params)  # on the loop's mesh
+  t_params = placed.params
   eval_objective, eval_batches, summarize, output = eval_parts(s, data, smcfg, tokenizer)
   speed = dc.measure_speed and data.dev is not None
   t_results = {'path': s.teacher, 'params': teacher.num_params,
                'layers': teacher.mcfg.num_layers, 'hidden_size': teacher.mcfg.hidden_size,
                'dtype': np.dtype(teacher.mcfg.param_dtype).name}
   if eval_batches is not None:
-    t_eval = make_eval_step(teacher.model_def, eval_objective, mesh, rules, t_sh)
-    t_results['dev'] = loop.evaluate(t_eval, t_params, eval_batches(), mesh, rules, summarize)
+    t_results['dev'] = placed.evaluate(eval_objective, eval_batches(), summarize)
     logging.info('teacher dev: %s', t_results['dev'])
-  t_fwd = make_eval_step(teacher.model_def, outputs(output), mesh, rules, t_sh)
+  t_fwd = placed.eval_step(outputs(output))
   if speed:
     t_results['examples_per_sec'] = student_lib.examples_per_sec(
-        t_fwd, t_params, data.dev, bs, mesh, rules, dc.speed_batches)
+        t_fwd, t_params, data.dev, bs, placed.mesh, placed.rules, dc.speed_batches)
   train_arrays, cache_info = data.train, None
   if dc.cache_teacher:
     path = teacher_lib.cache_path(workdir, teacher, train_arrays)
     logits, hit = teacher_lib.cached_logits(
         path, len(train_arrays['input_ids']),
         lambda: loop.evaluate(t_fwd, t_params, loader_lib.eval_batches(train_arrays, bs)(),
-                              mesh, rules, lambda sums, per: loader_lib.ordered(per)['logits']))
+                              placed.mesh, placed.rules,
+                              lambda sums, per: loader_lib.ordered(per)['logits']))
     train_arrays = dict(train_arrays, teacher_logits=logits.astype(np.float32))
     cache_info = {'path': path, 'hit': hit}
     jax.tree.map(lambda x: x.delete(), t_params)  # the step never sees the teacher
@@ -319,7 +237,7 @@ def _train(s, workdir, data, train_settings, teacher, sdef, smcfg, spec, tokeniz
     train_settings = finetuning.with_default_metric(
         train_settings, info if data.dev is not None else None)
   else:
-    objective = distill_objectives.mlm(tokenizer, s.masking, spec, teacher.model_def)
+    objective = distill_objectives.mlm(tokenizer, s.mlm, spec, teacher.model_def)
   loop_data = loop.Data(
       train_iter=loader_lib.make_loader(_train_source(train_arrays), global_batch_size=bs,
                                         seed=s.loop.seed),
@@ -364,8 +282,7 @@ def _student_hook(s, data, sdef, smcfg, init_report, eval_batches, summarize, ou
     if eval_batches is not None:
       out['dev'] = trained.evaluate(eval_batches(), summarize)
     if speed:
-      fwd = make_eval_step(sdef, outputs(output), trained.mesh, trained.rules,
-                           jax.tree.map(lambda x: x.sharding, params))
+      fwd = trained.placed(sdef).eval_step(outputs(output))
       out['examples_per_sec'] = student_lib.examples_per_sec(
           fwd, params, data.dev, s.loop.train.batch_size, trained.mesh, trained.rules,
           s.distill.speed_batches)

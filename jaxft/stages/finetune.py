@@ -27,58 +27,53 @@ from jaxft.train.metrics import write_results
 from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
 
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'finetune', 'continual')
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  kind: str  # 'cls' | 'ner'
-  loop: loop.LoopSettings
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClsSettings(loop.RunSettings):
+  """finetune_cls: the config's keys."""
+  init_from: str = ''
   model: ModelConfig  # the architecture when there is no init_from; its runtime fields always
-  data: classification.ClsData | ner.NerData
-  freeze: FreezeSettings
+  data: classification.ClsData
+  finetune: FreezeSettings
   peft: PeftConfig
   export: ExportSettings
-  init_from: str = ''
-  continual: continual.ContinualSettings = dataclasses.field(
-      default_factory=continual.ContinualSettings)
+  continual: continual.ContinualSettings
 
-  @property
-  def head(self) -> str:
-    return 'cls' if self.kind == 'cls' else 'token_cls'
+  kind = 'cls'
+  head = 'cls'
 
-
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  kind = 'cls' if cfg.stage == 'finetune_cls' else 'ner'
-  data_cls = classification.ClsData if kind == 'cls' else ner.NerData
-  s = Settings(kind=kind, loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
-               data=config_lib.section(data_cls, cfg.get('data'), 'data'),
-               freeze=config_lib.section(FreezeSettings, cfg.get('finetune'), 'finetune'),
-               peft=config_lib.peft_settings(cfg),
-               export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
-               init_from=config_lib.scalar(cfg, 'init_from', ''),
-               continual=config_lib.section(continual.ContinualSettings, cfg.get('continual'),
-                                            'continual'))
-  check_onnx(s.export)
-  if s.continual.enabled:
-    s = _continual_checks(s)
-  if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
-    raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
-                                 f'model.max_position_embeddings={s.model.max_position_embeddings}')
-  return s
+  def __post_init__(self):
+    check_onnx(self.export)
+    # The prompt's random init draws from the run's seed; a continual run starts from the
+    # previous task's workdir (its encoder, tokenizer and head).
+    object.__setattr__(self, 'peft', dataclasses.replace(self.peft, seed=self.seed))
+    if self.continual.enabled:
+      _continual_checks(self)
+      object.__setattr__(self, 'init_from', self.continual.previous)
+    if not self.init_from and self.data.max_len > self.model.max_position_embeddings:
+      raise config_lib.ConfigError(f'data.max_len={self.data.max_len} exceeds model.'
+                                   f'max_position_embeddings={self.model.max_position_embeddings}')
 
 
-def _continual_checks(s: Settings) -> Settings:
-  """continual.previous: a finetune_cls workdir, its tokenizer, no PEFT; init_from it."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NerSettings(ClsSettings):
+  """finetune_ner: the config's keys."""
+  data: ner.NerData
+
+  kind = 'ner'
+  head = 'token_cls'
+
+
+Settings = ClsSettings | NerSettings
+
+
+def _continual_checks(s: Settings) -> None:
+  """continual.previous: a finetune_cls workdir, its tokenizer, no PEFT."""
   if s.kind != 'cls' or s.peft.enabled:
     raise config_lib.ConfigError('continual.previous is for finetune_cls without peft.*')
   try:
     continual.check_previous(s.continual, s.init_from, s.data.tokenizer)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from e
-  return dataclasses.replace(s, init_from=s.continual.previous)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -110,9 +105,9 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
                ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
                                                    seed=s.loop.seed)))
   model_def, init_params, trainable, lr_scale, report = init_trainable(
-      model_def, '' if previous else s.init_from, s.freeze, s.peft, max_len=s.data.max_len,
+      model_def, '' if previous else s.init_from, s.finetune, s.peft, max_len=s.data.max_len,
       num_layers=mcfg.num_layers)
-  ls = float(s.freeze.label_smoothing or 0.0)
+  ls = float(s.finetune.label_smoothing or 0.0)
   if previous:
     init_params, report = continual.init_params(previous, model_def)
     trainable = continual.trainable(c.method, trainable, model_def)
@@ -134,7 +129,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   constants = None
   if previous:
     hooks += continual.previous_task_hook(previous, model_def, tokenizer, bs)
-    constants = continual.constants(previous, c.method, *s.loop.mesh.build())
+    constants = continual.constants(previous, c.method, s.mesh)
   out = loop.train(settings, workdir, model_def, objective, data, init_params=init_params,
                    trainable=trainable, lr_scale=lr_scale, constants=constants, hooks=hooks)
   results = {**out.results, 'labels': info['label_names'], 'init_report': report,
@@ -173,3 +168,7 @@ def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_name
   return export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
                         init_from=s.init_from, id2label=id2label, extra={'labels': label_names},
                         model_def=model_def, max_len=s.data.max_len)
+
+
+def settings_class(cfg) -> type[Settings]:
+  return NerSettings if cfg.get('stage') == 'finetune_ner' else ClsSettings

@@ -34,48 +34,35 @@ from jaxft.train.metrics import GENERATION_METRICS, write_results
 from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
 
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'finetune', 'generate')
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  loop: loop.LoopSettings
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(loop.RunSettings):
+  """finetune_lm: the config's keys."""
+  init_from: str = ''
   model: ModelConfig  # the architecture when there is no init_from; its runtime fields always
   data: lm_data.CompletionData
-  decoding: DecodingSection  # validation decoding ('' method: loss only)
-  freeze: FreezeSettings
+  generate: DecodingSection  # validation decoding ('' method: loss only)
+  finetune: FreezeSettings
   peft: PeftConfig
   export: ExportSettings
-  init_from: str = ''
 
+  def __post_init__(self):
+    object.__setattr__(self, 'peft', dataclasses.replace(self.peft, seed=self.seed))
+    if not self.init_from and self.model.model_type != 'gpt2':
+      raise config_lib.ConfigError(f'finetune_lm needs a GPT-2 model, got model.type='
+                                   f'{self.model.model_type!r}')
+    if not self.init_from and self.data.max_len > self.model.max_position_embeddings:
+      raise config_lib.ConfigError(f'data.max_len={self.data.max_len} exceeds model.'
+                                   f'max_position_embeddings={self.model.max_position_embeddings}')
+    if self.data.packing and 'prompt' in self.peft.methods:
+      raise config_lib.ConfigError('data.packing=True cannot be combined with peft.method='
+                                   'prompt (the soft prompt is prepended per row, not per packed '
+                                   'example)')
+    metric = self.train.early_stopping.metric.removeprefix('eval/')
+    if metric in GENERATION_METRICS and not self.generate.method:
+      raise config_lib.ConfigError(f'train.early_stopping.metric={metric!r} is a generation '
+                                   "metric: it needs generate.method ('greedy', 'beam' or "
+                                   "'sample')")
 
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  s = Settings(loop=config_lib.loop_settings(cfg), model=config_lib.model_section(cfg),
-               data=config_lib.section(lm_data.CompletionData, cfg.get('data'), 'data'),
-               decoding=config_lib.section(DecodingSection, cfg.get('generate'), 'generate'),
-               freeze=config_lib.section(FreezeSettings, cfg.get('finetune'), 'finetune'),
-               peft=config_lib.peft_settings(cfg),
-               export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
-               init_from=config_lib.scalar(cfg, 'init_from', ''))
-  if not s.init_from and s.model.model_type != 'gpt2':
-    raise config_lib.ConfigError(f'finetune_lm needs a GPT-2 model, got model.type='
-                                 f'{s.model.model_type!r}')
-  if not s.init_from and s.data.max_len > s.model.max_position_embeddings:
-    raise config_lib.ConfigError(f'data.max_len={s.data.max_len} exceeds '
-                                 f'model.max_position_embeddings={s.model.max_position_embeddings}')
-  if s.data.packing and 'prompt' in s.peft.methods:
-    raise config_lib.ConfigError('data.packing=True cannot be combined with peft.method=prompt '
-                                 '(the soft prompt is prepended per row, not per packed example)')
-  metric = s.loop.train.early_stopping.metric.removeprefix('eval/')
-  if metric in GENERATION_METRICS and not s.decoding.method:
-    raise config_lib.ConfigError(f'train.early_stopping.metric={metric!r} is a generation metric:'
-                                 " it needs generate.method ('greedy', 'beam' or 'sample')")
-  return s
-
-
-# ----------------------------------------------------------------------------- the stage
 
 def run(s: Settings, workdir: str) -> dict:
   return finetune_lm(s, workdir).results
@@ -159,7 +146,7 @@ def _init(s: Settings, mcfg, workdir: str, tokenizer):
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
   sources.record_model(workdir, mcfg)
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm', seed=s.loop.seed))
-  return init_trainable(model_def, s.init_from, s.freeze, s.peft, max_len=s.data.max_len,
+  return init_trainable(model_def, s.init_from, s.finetune, s.peft, max_len=s.data.max_len,
                         num_layers=mcfg.num_layers)
 
 
@@ -170,7 +157,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   if mcfg.model_type != 'gpt2':
     raise ValueError(f'finetune_lm needs a GPT-2 model; {s.init_from} holds '
                      f'{mcfg.model_type!r}')
-  decode = generation.decode_settings(s.decoding, tokenizer)
+  decode = generation.decode_settings(s.generate, tokenizer)
   train_pairs, dev_pairs, data_info = lm_data.load_splits(d)
   train_arrays, train_stats = _rows(d, tokenizer, train_pairs, d.packing, d.split_seed)
   train, per_epoch = resolve_steps(s.loop.train, len(train_arrays['input_ids']))
@@ -181,7 +168,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   n_targets = min(lm_data.max_targets(train_arrays, dev.arrays), d.max_len)
   model_def, init_params, trainable, lr_scale, report = _init(s, mcfg, workdir, tokenizer)
   objective = completion_objective(max_targets=n_targets, decode_settings=decode,
-                                   label_smoothing=float(s.freeze.label_smoothing or 0.0))
+                                   label_smoothing=float(s.finetune.label_smoothing or 0.0))
   data = loop.Data(
       train_iter=loader_lib.make_loader(train_arrays, global_batch_size=bs, seed=s.loop.seed),
       eval_batches=_eval_batches(dev, bs) if dev.arrays is not None else None,

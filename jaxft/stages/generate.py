@@ -36,10 +36,6 @@ from jaxft.train import metrics as metrics_lib
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
 
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'finetune', 'generate')
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerateSection(DecodingSection):
   """The `generate` config section of the generate stage: decoding, input and output."""
@@ -60,42 +56,39 @@ class GenerateData:
   format: str = ''             # auto | csv | tsv | jsonl | txt
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
-  source: str  # a finetune_lm workdir or an HF GPT-2 directory
+  """generate: the config's keys."""
+  stage: str = 'generate'
+  seed: int = 0
+  init_from: str = ''  # a finetune_lm workdir or an HF GPT-2 directory
   generate: GenerateSection
   data: GenerateData
-  model: ModelConfig  # runtime fields (dtype) only: the architecture is the source's
-  seed: int = 0
+  model: ModelConfig  # runtime fields (dtype) only: the architecture is init_from's
 
-
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  g = config_lib.section(GenerateSection, cfg.get('generate'), 'generate')
-  if not g.method:
-    raise config_lib.ConfigError("generate.method is empty; choose 'greedy', 'beam' or "
-                                 "'sample'")
-  if g.checkpoint not in ('best', 'latest'):
-    raise config_lib.ConfigError(f"generate.checkpoint={g.checkpoint!r}; allowed: 'best', "
-                                 "'latest'")
-  if g.batch_size < 1:
-    raise config_lib.ConfigError(f'generate.batch_size={g.batch_size} must be >= 1')
-  if not g.input:
-    raise config_lib.ConfigError('set generate.input: a csv / tsv / jsonl / txt file of prompts')
-  source = config_lib.scalar(cfg, 'init_from', '')
-  if not source:
-    raise config_lib.ConfigError('generate needs init_from: a finetune_lm workdir or an HF '
-                                 'GPT-2 directory')
-  return Settings(source=source, generate=g,
-                  data=config_lib.section(GenerateData, cfg.get('data'), 'data'),
-                  model=config_lib.model_section(cfg), seed=config_lib.scalar(cfg, 'seed', 0))
+  def __post_init__(self):
+    g = self.generate
+    if not g.method:
+      raise config_lib.ConfigError("generate.method is empty; choose 'greedy', 'beam' or "
+                                   "'sample'")
+    if g.checkpoint not in ('best', 'latest'):
+      raise config_lib.ConfigError(f"generate.checkpoint={g.checkpoint!r}; allowed: 'best', "
+                                   "'latest'")
+    if g.batch_size < 1:
+      raise config_lib.ConfigError(f'generate.batch_size={g.batch_size} must be >= 1')
+    if not g.input:
+      raise config_lib.ConfigError('set generate.input: a csv / tsv / jsonl / txt file of '
+                                   'prompts')
+    if not self.init_from:
+      raise config_lib.ConfigError('generate needs init_from: a finetune_lm workdir or an HF '
+                                   'GPT-2 directory')
 
 
 def load_lm(s: Settings):
   """(model_def, host params, mcfg, tokenizer): a workdir exactly as trained (PEFT modules
   included); an HF directory must hold every tensor of a GPT-2 LM (generating from freshly
   initialised weights would be a silent wrong result)."""
-  src = s.source
+  src = s.init_from
   tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
   mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
   if mcfg.model_type != 'gpt2':
@@ -166,8 +159,8 @@ def run(s: Settings, workdir: str) -> dict:
   g = s.generate
   # The settings, the input and the output are checked before the model is loaded and
   # anything decodes.
-  _check_tokenizer(s.source, s.data.tokenizer)
-  ts = text_settings(s.data, *trained_data(s.source))
+  _check_tokenizer(s.init_from, s.data.tokenizer)
+  ts = text_settings(s.data, *trained_data(s.init_from))
   prompts, refs, where = read_inputs(g.input, ts)
   out = g.output or os.path.join(workdir, generation.GENERATIONS)
   check_writable(out, 'generate.output')
@@ -181,7 +174,7 @@ def run(s: Settings, workdir: str) -> dict:
                                             pad_id=pad_id_of(tokenizer), seed=s.seed)
   dt = time.time() - t1
   texts = generation.completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
-  results = {'stage': 'generate', 'init_from': s.source, 'input': g.input,
+  results = {'stage': 'generate', 'init_from': s.init_from, 'input': g.input,
              'n_inputs': len(prompts), 'decoding': dataclasses.asdict(decode),
              'new_tokens': int(lengths.sum()), 'decode_sec': dt,
              'tokens_per_sec': float(lengths.sum() / max(dt, 1e-9)),

@@ -20,7 +20,7 @@ class Settings:
 def parse(cfg) -> Settings:
   """Any config: only the model (and data.tokenizer, head, num_labels) is read."""
   data = cfg.get('data', None)
-  return Settings(model=config_lib.model_section(cfg),
+  return Settings(model=config_lib.section(ModelConfig, cfg.get('model'), 'model'),
                   tokenizer=(data.get('tokenizer', '') if data is not None else '') or '',
                   head=cfg.get('head', '') or '', num_labels=int(cfg.get('num_labels', 0) or 0))
 

@@ -21,7 +21,6 @@ results.json and config.json stay as they are.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -32,7 +31,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxft import config as config_lib
-from jaxft import files, partitioning, sources
+from jaxft import files, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import DATA_DIR, MissingSplitError, normalize_split, read_text_lines
@@ -48,11 +47,6 @@ from jaxft.train import loop
 from jaxft.train import metrics as metrics_lib
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
-from jaxft.train.step import make_eval_step
-
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'predict', 'finetune')
-
 
 @dataclasses.dataclass(frozen=True)
 class PredictSettings:
@@ -69,29 +63,28 @@ class PredictSettings:
   quantize: str = ''        # 'int8': per-channel int8 dense kernels (docs/deploy.md)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
-  source: str  # the fine-tuned workdir
+  """predict: the config's keys."""
+  stage: str = 'predict'
+  init_from: str = ''  # the fine-tuned workdir ('' = the one in --workdir)
   predict: PredictSettings
   mesh: MeshSettings
 
-
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  p = config_lib.section(PredictSettings, cfg.get('predict'), 'predict')
-  if p.checkpoint not in ('best', 'latest'):
-    raise config_lib.ConfigError(f"predict.checkpoint={p.checkpoint!r}; allowed: 'best', "
-                                 "'latest'")
-  if p.dtype not in ('float32', 'bfloat16'):
-    raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', 'bfloat16'")
-  _check_explain(p)
-  if p.quantize not in ('', 'int8'):
-    raise config_lib.ConfigError(f"predict.quantize={p.quantize!r}; allowed: '', 'int8'")
-  if p.quantize and p.dtype != 'float32':
-    raise config_lib.ConfigError('predict.quantize=int8 runs with predict.dtype=float32 '
-                                 f'(int8 dots, fp32 scales), not {p.dtype}')
-  return Settings(source=config_lib.scalar(cfg, 'init_from', ''), predict=p,
-                  mesh=config_lib.section(MeshSettings, cfg.get('mesh'), 'mesh'))
+  def __post_init__(self):
+    p = self.predict
+    if p.checkpoint not in ('best', 'latest'):
+      raise config_lib.ConfigError(f"predict.checkpoint={p.checkpoint!r}; allowed: 'best', "
+                                   "'latest'")
+    if p.dtype not in ('float32', 'bfloat16'):
+      raise config_lib.ConfigError(f"predict.dtype={p.dtype!r}; allowed: 'float32', "
+                                   "'bfloat16'")
+    _check_explain(p)
+    if p.quantize not in ('', 'int8'):
+      raise config_lib.ConfigError(f"predict.quantize={p.quantize!r}; allowed: '', 'int8'")
+    if p.quantize and p.dtype != 'float32':
+      raise config_lib.ConfigError('predict.quantize=int8 runs with predict.dtype=float32 '
+                                   f'(int8 dots, fp32 scales), not {p.dtype}')
 
 
 def _check_explain(p: PredictSettings) -> None:
@@ -238,7 +231,7 @@ def entities(words, tags):
 
 
 def run(s: Settings, workdir: str) -> dict:
-  src = s.source or workdir
+  src = s.init_from or workdir
   labels = _trained(src)
   kind = labels['kind']
   tokenizer = sources.tokenizer_of(src)
@@ -309,18 +302,14 @@ def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Se
   """An eval objective's per-example outputs in input order; a batch holds about
   predict.batch_size model rows (`rows_per_example` each), a multiple of the data-parallel
   size. With `desc`, a progress bar (rate, ETA)."""
-  mesh, rules = s.mesh.build()
-  dp = partitioning.data_parallel_size(mesh, rules)
+  model = loop.place(s.mesh, model_def, params)
+  dp = model.data_parallel_size
   bs = max(s.predict.batch_size // rows_per_example // dp, 1) * dp
-  p_sh = model_def.param_shardings(mesh, rules)
-  params = jax.device_put(params, p_sh)
-  eval_step = make_eval_step(model_def, objective, mesh, rules, p_sh)
   batches = loader_lib.eval_batches(arrays, bs)()
   if desc:
     batches = tqdm(batches, desc=desc, unit='batch', total=-(-len(arrays['input_ids']) // bs),
                    disable=not loop.is_main(), dynamic_ncols=True)
-  return loop.evaluate(eval_step, params, batches, mesh, rules,
-                       lambda sums, per: loader_lib.ordered(per))
+  return model.evaluate(objective, batches, lambda sums, per: loader_lib.ordered(per))
 
 
 def _explain(model_def, params, arrays, kind, model_type, tokenizer, s: Settings):

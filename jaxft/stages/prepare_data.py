@@ -19,38 +19,61 @@ from absl import logging
 from jaxft import config as config_lib
 from jaxft import sources
 from jaxft.data import pretrain as lm_data
-from jaxft.stages import distill, pretrain
+from jaxft.distill import settings as distill_settings
+from jaxft.models.config import ModelConfig
 from jaxft.train.metrics import write_results
 
-# Any pretraining (or MLM distillation) config runs with --config.stage=prepare_data; only
-# `data`, `model.type` (and a distillation's `teacher`) are read.
-SECTIONS = tuple(dict.fromkeys(pretrain.SECTIONS + distill.SECTIONS))
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
+  """prepare_data: what it reads of a pretraining config (`data`, `model.type`)."""
+  stage: str = 'prepare_data'
   data: lm_data.LmDataSettings
-  model_type: str   # the rows the training stage packs: bert (MLM) | gpt2 (CLM)
-  teacher: str = ''  # distillation: the teacher's tokenizer is the one its run reads
+  model: ModelConfig
+
+  # Any pretraining config runs with --config.stage=prepare_data: its other sections are
+  # the training run's, accepted and not read.
+  accepted_keys = ('seed', 'init_from', 'mesh', 'optimizer', 'train', 'checkpoint', 'export',
+                   'mlm')
+
+  def __post_init__(self):
+    lm_data.lm_style(self.model_type)
+
+  @property
+  def model_type(self) -> str:  # the rows the training stage packs: bert (MLM) | gpt2 (CLM)
+    return self.model.model_type
+
+  @property
+  def tokenizer_source(self) -> str:
+    return ''
 
 
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  model_type = config_lib.model_section(cfg).model_type
-  if 'distill' in cfg:
-    dc = config_lib.section(distill.DistillSettings, cfg.get('distill'), 'distill')
-    if dc.kind != 'mlm':
-      raise config_lib.ConfigError(f'prepare_data reads pretraining text; distill.kind='
-                                   f'{dc.kind!r} reads task files (nothing to prepare)')
-    model_type = 'bert'  # MLM distillation packs BERT rows
-  lm_data.lm_style(model_type)
-  data = config_lib.section(lm_data.LmDataSettings, cfg.get('data'), 'data')
-  return Settings(data=data, model_type=model_type,
-                  teacher=config_lib.scalar(cfg, 'teacher', ''))
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillSettings(Settings):
+  """prepare_data on an MLM distillation config: the teacher's tokenizer, BERT rows."""
+  teacher: str = ''
+  distill: distill_settings.DistillSettings
+
+  @property
+  def model_type(self) -> str:
+    return 'bert'  # MLM distillation packs BERT rows
+
+  @property
+  def tokenizer_source(self) -> str:
+    return self.teacher
+
+
+def settings_class(cfg) -> type[Settings]:
+  if 'distill' not in cfg:
+    return Settings
+  kind = (cfg.distill or {}).get('kind', 'cls')
+  if kind != 'mlm':
+    raise config_lib.ConfigError(f'prepare_data reads pretraining text; distill.kind={kind!r} '
+                                 'reads task files (nothing to prepare)')
+  return DistillSettings
 
 
 def run(s: Settings, workdir: str) -> dict:
-  tokenizer = sources.tokenizer_of(s.teacher, s.data.tokenizer)
+  tokenizer = sources.tokenizer_of(s.tokenizer_source, s.data.tokenizer)
   stats = lm_data.prepare(s.data, tokenizer, workdir, s.model_type)
   root = os.path.dirname(stats['store_path'])
   logging.info('data prepared: %s; train with --config.data.store_dir=%s', stats, root)

@@ -20,42 +20,31 @@ from jaxft.train import loop
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
 
-SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'model', 'data', 'mesh', 'optimizer',
-            'train', 'checkpoint', 'export', 'peft', 'mlm')
 
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  kind: str                # 'mlm' | 'clm'
-  loop: loop.LoopSettings
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(loop.RunSettings):
+  """pretrain_mlm / pretrain_clm: the config's keys."""
+  init_from: str = ''
   model: ModelConfig       # vocab_size 0: the tokenizer's
   data: lm_data.LmDataSettings  # the pretraining `data` section
-  masking: MaskingSettings
+  mlm: MaskingSettings     # the masking of pretrain_mlm
   export: ExportSettings
-  init_from: str = ''
 
+  @property
+  def kind(self) -> str:
+    return 'mlm' if self.stage == 'pretrain_mlm' else 'clm'
 
-def parse(cfg) -> Settings:
-  config_lib.check_sections(cfg, SECTIONS)
-  kind = 'mlm' if cfg.stage == 'pretrain_mlm' else 'clm'
-  model = config_lib.model_section(cfg)
-  want = 'bert' if kind == 'mlm' else 'gpt2'
-  if model.model_type != want:
-    raise config_lib.ConfigError(f'{cfg.stage} needs model.type={want}, got '
-                                 f'{model.model_type!r}')
-  data = config_lib.section(lm_data.LmDataSettings, cfg.get('data'), 'data')
-  loop_settings = config_lib.loop_settings(cfg)
-  if not loop_settings.train.num_steps:
-    raise config_lib.ConfigError(f'{cfg.stage} needs train.num_steps > 0 (the corpus repeats; '
-                                 'train.num_epochs is for fine-tuning)')
-  init_from = config_lib.scalar(cfg, 'init_from', '')
-  if 'data' in cfg and not init_from and data.max_len > model.max_position_embeddings:
-    raise config_lib.ConfigError(f'data.max_len={data.max_len} exceeds '
-                                 f'model.max_position_embeddings={model.max_position_embeddings}')
-  return Settings(kind=kind, loop=loop_settings, model=model, data=data,
-                  masking=config_lib.section(MaskingSettings, cfg.get('mlm'), 'mlm'),
-                  export=config_lib.section(ExportSettings, cfg.get('export'), 'export'),
-                  init_from=init_from)
+  def __post_init__(self):
+    want = 'bert' if self.kind == 'mlm' else 'gpt2'
+    if self.model.model_type != want:
+      raise config_lib.ConfigError(f'{self.stage} needs model.type={want}, got '
+                                   f'{self.model.model_type!r}')
+    if not self.train.num_steps:
+      raise config_lib.ConfigError(f'{self.stage} needs train.num_steps > 0 (the corpus '
+                                   'repeats; train.num_epochs is for fine-tuning)')
+    if not self.init_from and self.data.max_len > self.model.max_position_embeddings:
+      raise config_lib.ConfigError(f'data.max_len={self.data.max_len} exceeds model.'
+                                   f'max_position_embeddings={self.model.max_position_embeddings}')
 
 
 def run(s: Settings, workdir: str) -> dict:
@@ -77,7 +66,7 @@ def run(s: Settings, workdir: str) -> dict:
   head = s.kind
   model_def = ModelDef.create(lambda: build_model(mcfg, head, seed=s.loop.seed))
   init_params = sources.load_init(s.init_from, model_def)[0] if s.init_from else None
-  objective = (lm.mlm(tokenizer, s.masking) if s.kind == 'mlm' else
+  objective = (lm.mlm(tokenizer, s.mlm) if s.kind == 'mlm' else
                lm.clm(s.data.clm_mask_boundaries))
   data = loop.Data(
       train_iter=loader_lib.make_loader(train_rows, global_batch_size=bs, seed=s.loop.seed),

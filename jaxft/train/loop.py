@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxft import checkpointing, partitioning
+from jaxft import checkpointing, distributed, partitioning
 from jaxft.partitioning import MeshSettings
 from jaxft.train import optimizer as optim
 from jaxft.train import state as state_lib
@@ -102,6 +102,23 @@ class LoopSettings:
   name: str = 'train'  # the stage, for the progress bar and results.json
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings:
+  """The config keys of every training stage: a stage's settings class extends this one and
+  adds its own sections (its fields are the config's keys: jaxft.config.parse_settings)."""
+  stage: str = 'train'
+  seed: int = 0
+  train: TrainSettings
+  checkpoint: CheckpointSettings
+  optimizer: OptimizerSettings
+  mesh: MeshSettings
+
+  @property
+  def loop(self) -> LoopSettings:
+    return LoopSettings(train=self.train, checkpoint=self.checkpoint, optimizer=self.optimizer,
+                        mesh=self.mesh, seed=self.seed, name=self.stage)
+
+
 # ----------------------------------------------------------------------------- interface
 
 @dataclasses.dataclass
@@ -123,6 +140,10 @@ class Trained:
 
   def evaluate(self, batches: Iterable[dict], summarize=None) -> dict:
     return evaluate(self.eval_step, self.params, batches, self.mesh, self.rules, summarize)
+
+  def placed(self, model_def: state_lib.ModelDef) -> 'Placed':
+    """These parameters as `model_def` (to run them with another objective)."""
+    return Placed(model_def, self.params, self.mesh, self.rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +219,56 @@ def evaluate(eval_step, params, batches: Iterable[dict], mesh, rules, summarize=
     return summarize(sums, per)
   w = max(sums.get('weight', 1.0), 1e-9)
   return {k: v / w for k, v in sums.items() if k != 'weight'}
+
+
+@dataclasses.dataclass
+class Placed:
+  """A model's parameters on a mesh, and its jitted eval steps: how a model runs outside
+  the train loop (a teacher, a model to predict with, a previous task's model). The loop
+  owns meshes: a stage calls `place` with its mesh settings and never builds one."""
+  model_def: state_lib.ModelDef
+  params: Any
+  mesh: Any
+  rules: Any
+
+  @property
+  def data_parallel_size(self) -> int:
+    return partitioning.data_parallel_size(self.mesh, self.rules)
+
+  def eval_step(self, objective: step_lib.Objective) -> Callable:
+    return step_lib.make_eval_step(self.model_def, objective, self.mesh, self.rules,
+                                   jax.tree.map(lambda x: x.sharding, self.params))
+
+  def evaluate(self, objective: step_lib.Objective, batches: Iterable[dict],
+               summarize=None) -> dict:
+    return evaluate(self.eval_step(objective), self.params, batches, self.mesh, self.rules,
+                    summarize)
+
+
+def place(mesh_settings: MeshSettings, model_def: state_lib.ModelDef, params) -> Placed:
+  """`params` (host arrays) sharded by their logical axes on the mesh `mesh_settings` builds
+  (the same settings build the same mesh as the loop's)."""
+  mesh, rules = mesh_settings.build()
+  return Placed(model_def, jax.device_put(params, model_def.param_shardings(mesh, rules)),
+                mesh, rules)
+
+
+def check_layout(mesh_settings: MeshSettings, train: TrainSettings | None,
+                 num_devices: int) -> None:
+  """ValueError unless the mesh fits `num_devices` and each global batch splits into whole
+  rows per data-parallel shard (and per process), checked before anything is built."""
+  dims = partitioning.mesh_shape(mesh_settings, num_devices)
+  if train is None:
+    return
+  rules = partitioning.rules_from_config(mesh_settings.rules)
+  dp = partitioning.data_parallel_size_of(dims, rules)
+  if train.batch_size % (dp * train.grad_accum):
+    raise ValueError(f'train.batch_size={train.batch_size} is not divisible by the '
+                     f'data-parallel size {dp} (mesh.data*mesh.fsdp) x train.grad_accum='
+                     f'{train.grad_accum}')
+  if jax.process_count() > 1:  # every process must hold whole rows of each global batch
+    distributed.check_batch_layout(partitioning.make_mesh(mesh_settings), rules,
+                                   train.batch_size, jax.process_count())
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -30,11 +30,9 @@ class Objective:
   evaluate(model, batch) -> dict: `sums` to add over the eval set and/or per-example
     arrays under 'per_example' for host-side metrics (F1, ...).
   """
-  head: str
   loss: Callable
   evaluate: Callable
   prepare: Callable = lambda batch, rng: batch
-  num_labels: int | None = None
 
 
 def cross_entropy_sums(logits, labels, weights, label_smoothing: float = 0.0,

@@ -11,6 +11,7 @@ import pytest
 from jaxft import config as config_lib
 from jaxft import main as main_lib
 from jaxft import stages
+from jaxft.peft import PeftConfig
 import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,8 +84,8 @@ def test_peft_numbers_are_checked_like_every_section():
   for value, expected in ((float('nan'), 'peft.lora.alpha=nan is not a finite number'),
                           ('8', "peft.lora.alpha='8' has the wrong type: it must be a number")):
     with pytest.raises(config_lib.ConfigError, match=re.escape(expected)):
-      config_lib.peft_settings(_with(peft__lora__alpha=value))
-  assert config_lib.peft_settings(_with(peft__lora__alpha=32)).lora_scale == 4.0
+      config_lib.section(PeftConfig, {'lora': {'alpha': value}}, 'peft')
+  assert config_lib.section(PeftConfig, {'lora': {'alpha': 32}}, 'peft').lora_scale == 4.0
 
 
 def test_pipeline_errors_name_the_section(tmp_path, stub_stage):

@@ -181,7 +181,6 @@ def test_a_stage_reading_the_workdir_runs_in_a_subfolder_and_keeps_its_files(tmp
   mod = __import__('importlib.util').util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   p = mod.get_config()
-  p.train.batch_size = 8
   main_lib.run_stage(p, wd)  # predict without init_from reads the workdir it runs in
   main_lib.run_stage(p, wd)  # and again: the subfolder holds the same run
   assert stub_stages == [('pretrain_mlm', wd), ('pretrain_mlm', f'{wd}/pretrain_mlm'),

@@ -16,8 +16,10 @@ import ml_collections
 import numpy as np
 
 from jaxft import config as config_lib
+from jaxft import stages
 from jaxft.data import loader as loader_lib
 from jaxft.data.masking import MaskingSettings
+from jaxft.data.pretrain import default_data_config
 from jaxft.models import ModelConfig, build_model
 from jaxft.objectives.lm import mlm
 from jaxft.train import loop
@@ -44,6 +46,8 @@ def config(num_steps: int = 8, **train) -> ml_collections.ConfigDict:
   c.model.update(type='bert', vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
                  intermediate_size=32, max_position_embeddings=LEN, hidden_dropout=0.0,
                  attention_dropout=0.0)
+  c.data = default_data_config()  # the loop is fed synthetic rows; the section is checked
+  c.data.max_len = LEN
   c.optimizer.update(lr=1e-2, schedule='constant', warmup_steps=0)
   c.train.update(num_steps=num_steps, batch_size=BATCH, eval_every=0, log_every=1)
   c.train.update(**train)
@@ -75,7 +79,7 @@ def _poisoned(base: Objective) -> Objective:
     loss_sum = loss_sum + jnp.where(p == 1, jnp.nan, 0.0)
     return nan_grad(loss_sum, (p == 2).astype(jnp.float32)), sums
 
-  return Objective(head='mlm', loss=loss, evaluate=base.evaluate, prepare=base.prepare)
+  return Objective(loss=loss, evaluate=base.evaluate, prepare=base.prepare)
 
 
 @functools.cache
@@ -129,7 +133,7 @@ def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None,
   it = loader_lib.make_loader(data, global_batch_size=BATCH, seed=0, shuffle=False)
   if hook is not None:
     it = _Hooked(it, hook)
-  out = loop.train(config_lib.loop_settings(cfg), workdir, model_def(), task(),
+  out = loop.train(stages.validate(cfg).loop, workdir, model_def(), task(),
                    loop.Data(train_iter=it))
   return {**out.results, 'state': to_host(out.state)}
 
