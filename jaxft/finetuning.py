@@ -10,13 +10,12 @@ import jax
 from absl import logging
 
 from jaxft import peft as peft_lib
-from jaxft import sources
-from jaxft.data import classification, ner
+from jaxft import kinds, sources
+from jaxft.data import classification
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError
 from jaxft.export import ExportSettings, export_hf, export_onnx, jax_logits
 from jaxft.models.config import ModelConfig
-from jaxft.objectives import classification as objectives
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
 from jaxft.train import optimizer as optim
@@ -42,10 +41,9 @@ def model_and_tokenizer(init_from: str, model: ModelConfig, tokenizer_path: str,
 
 def load_split(data, tokenizer, split: str):
   """(arrays, info) of one split, or (None, None) when a dev/test split is absent."""
-  read = classification.load_cls_split if isinstance(data, classification.ClsData) else \
-      ner.load_ner_split
+  kind = kinds.CLS if isinstance(data, classification.ClsData) else kinds.NER
   try:
-    return read(data, tokenizer, split)
+    return kind.load_split(data, tokenizer, split)
   except MissingSplitError:
     if split == 'train':
       raise
@@ -103,19 +101,14 @@ def with_default_metric(train: loop.TrainSettings, info: dict | None) -> loop.Tr
   return dataclasses.replace(train, early_stopping=es)
 
 
-def summary(kind: str, info: dict, arrays: dict):
-  return (objectives.cls_summary(info) if kind == 'cls' else
-          objectives.ner_summary(info, arrays['word_ids']))
-
-
-def test_hook(kind: str, test_arrays, test_info, batch_size: int) -> list[loop.Hook]:
+def test_hook(kind: kinds.Kind, test_arrays, test_info, batch_size: int) -> list[loop.Hook]:
   """Score the final (best) parameters on a labelled test split."""
   if test_arrays is None or not test_info.get('has_labels'):
     return []
 
   def test(trained: loop.Trained) -> dict:
     metrics = trained.evaluate(loader_lib.eval_batches(test_arrays, batch_size)(),
-                               summary(kind, test_info, test_arrays))
+                               kind.summary(test_info, test_arrays))
     logging.info('test: %s', metrics)
     return metrics
 

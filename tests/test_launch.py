@@ -144,8 +144,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
   assert 'skipped: no TPU on this runtime' in text and 'skipped: not on a TPU' in text
   assert 'falling back to CPU' in text
   assert (tmp_path / 'run' / 'quickstart').is_dir()
-  if (REPO / 'configs' / 'finetune_cls.py').exists():
-    assert (tmp_path / 'run' / 'finetune' / 'results.json').exists()
+  assert (tmp_path / 'run' / 'finetune' / 'results.json').exists()
   assert 'pretrain train/loss' in text or any(
       'image/png' in o.get('data', {}) for c in nb.cells if c.cell_type == 'code'
       for o in c.get('outputs', []))

@@ -19,6 +19,7 @@ import pytest
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
 
+from jaxft import kinds
 from jaxft.config import ConfigError
 from jaxft.data.classification import GLUE_TASKS
 from jaxft.data.tokenizer import load_tokenizer
@@ -176,7 +177,7 @@ def test_split_input_ignores_train_class_balance(tmp_path):
   labels = {'label_values': ['0', '1'], 'label_names': ['negative', 'positive'],
             'is_regression': False}
   data_cfg = ClsData(task='sst2', path=str(tmp_path), max_len=16, class_balance='resample')
-  arrays, ex = predict_lib.load_inputs('train', 'cls', data_cfg, tok, labels)
+  arrays, ex = predict_lib.load_inputs('train', kinds.CLS, data_cfg, tok, labels)
   assert arrays['labels'].tolist() == [int(y) for _, y in rows]
   assert [s.rsplit(':', 1)[1] for s in ex['sources']] == ['2', '3', '4', '5', '6']
   ids = tok([t for t, _ in rows], max_length=16, padding='max_length')['input_ids']
@@ -282,13 +283,12 @@ def test_predictions_replace_a_symlink_and_a_failed_write_keeps_the_old_file(tmp
   assert not (out / 'predictions.jsonl').is_symlink()
   before = (out / 'predictions.jsonl').read_bytes()
 
-  from jaxft.stages import predict as predict_stage
-  records = predict_stage._ner_records
+  records = kinds.NER.records
 
   def fail_after_one(*args):
     yield records(*args)[0]
     raise OSError('killed mid-write')
-  monkeypatch.setattr(predict_stage, '_ner_records', fail_after_one)
+  monkeypatch.setattr(kinds.NER, 'records', fail_after_one)
   with pytest.raises(OSError, match='killed mid-write'):
     predict(wd, str(tmp_path / 'in.txt'), out)
   assert (out / 'predictions.jsonl').read_bytes() == before

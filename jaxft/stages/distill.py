@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from jaxft import config as config_lib
-from jaxft import finetuning, sources
+from jaxft import finetuning, kinds, sources
 from jaxft.data import classification
 from jaxft.data import loader as loader_lib
 from jaxft.data import pretrain as lm_data
@@ -245,7 +245,7 @@ def _train(s, workdir, data, train_settings, teacher, sdef, smcfg, spec, tokeniz
   hooks = [loop.Hook('student', _student_hook(s, data, sdef, smcfg, init_report, eval_batches,
                                               summarize, output, speed))]
   if info:
-    hooks += finetuning.test_hook('cls', data.test, data.test_info, bs)
+    hooks += finetuning.test_hook(kinds.CLS, data.test, data.test_info, bs)
   out = loop.train(dataclasses.replace(s.loop, train=train_settings), workdir, sdef, objective,
                    loop_data, init_params=init_params, constants=t_params, hooks=hooks)
   results = {**out.results, 'steps_per_epoch': data.steps_per_epoch, 'teacher': t_results,

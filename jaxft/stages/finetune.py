@@ -12,15 +12,14 @@ import dataclasses
 
 
 from jaxft import config as config_lib
-from jaxft import continual, sources
+from jaxft import continual, kinds, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.export import ExportSettings, OnnxMismatch, check_onnx
 from jaxft.finetuning import (export_trained, init_trainable, load_split, model_and_tokenizer,
-                              resolve_steps, summary, test_hook, with_default_metric)
+                              resolve_steps, test_hook, with_default_metric)
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
-from jaxft.objectives import classification as objectives
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
 from jaxft.train.metrics import write_results
@@ -38,8 +37,7 @@ class ClsSettings(loop.RunSettings):
   export: ExportSettings
   continual: continual.ContinualSettings
 
-  kind = 'cls'
-  head = 'cls'
+  kind = kinds.CLS
 
   def __post_init__(self):
     check_onnx(self.export)
@@ -59,8 +57,7 @@ class NerSettings(ClsSettings):
   """finetune_ner: the config's keys."""
   data: ner.NerData
 
-  kind = 'ner'
-  head = 'token_cls'
+  kind = kinds.NER
 
 
 Settings = ClsSettings | NerSettings
@@ -68,7 +65,7 @@ Settings = ClsSettings | NerSettings
 
 def _continual_checks(s: Settings) -> None:
   """continual.previous: a finetune_cls workdir, its tokenizer, no PEFT."""
-  if s.kind != 'cls' or s.peft.enabled:
+  if s.kind is not kinds.CLS or s.peft.enabled:
     raise config_lib.ConfigError('continual.previous is for finetune_cls without peft.*')
   try:
     continual.check_previous(s.continual, s.init_from, s.data.tokenizer)
@@ -85,7 +82,7 @@ def run(s: Settings, workdir: str) -> dict:
 def finetune(s: Settings, workdir: str) -> loop.Outcome:
   """The stage, returning the state it ends with (on device) beside the results."""
   mcfg, tokenizer = model_and_tokenizer(s.init_from, s.model, s.data.tokenizer, s.data.max_len)
-  if s.kind == 'ner' and mcfg.model_type != 'bert':
+  if s.kind is kinds.NER and mcfg.model_type != 'bert':
     raise ValueError('finetune_ner supports model.type=bert')
   train_arrays, info = load_split(s.data, tokenizer, 'train')
   dev_arrays, dev_info = load_split(s.data, tokenizer, 'dev')
@@ -96,13 +93,13 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   settings = dataclasses.replace(
       s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
-  sources.save_labels(workdir, s.kind, info, mcfg)
+  sources.save_labels(workdir, s.kind.name, info, mcfg)
   sources.record_model(workdir, mcfg)
 
   num_labels = info['num_labels']
   previous = continual.load_previous(c, mcfg, s.data.max_len, s.loop.seed) if c.enabled else None
   model_def = (continual.model_def(mcfg, num_labels, previous, s.loop.seed) if previous else
-               ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels,
+               ModelDef.create(lambda: build_model(mcfg, s.kind.head, num_labels=num_labels,
                                                    seed=s.loop.seed)))
   model_def, init_params, trainable, lr_scale, report = init_trainable(
       model_def, '' if previous else s.init_from, s.finetune, s.peft, max_len=s.data.max_len,
@@ -113,8 +110,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
     trainable = continual.trainable(c.method, trainable, model_def)
     objective = continual.objective(c, previous, num_labels, info['is_regression'], ls)
   else:
-    objective = (objectives.cls(num_labels, info['is_regression'], label_smoothing=ls)
-                 if s.kind == 'cls' else objectives.ner(num_labels, label_smoothing=ls))
+    objective = s.kind.objective(num_labels, info.get('is_regression', False), ls)
 
   bs = settings.train.batch_size
   data = loop.Data(
@@ -123,7 +119,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
                       {k: v for k, v in train_arrays.items() if k != 'word_ids'},
                       global_batch_size=bs, seed=s.loop.seed)),
       eval_batches=loader_lib.eval_batches(dev_arrays, bs),
-      summarize=summary(s.kind, dev_info, dev_arrays) if dev_arrays is not None else None,
+      summarize=s.kind.summary(dev_info, dev_arrays) if dev_arrays is not None else None,
       steps_per_epoch=per_epoch)
   hooks = test_hook(s.kind, test_arrays, test_info, bs)
   constants = None
@@ -143,7 +139,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
     params = continual.without_previous_head(params)
   if not results['preempted']:
     # the export holds the new task's classifier alone (no previous_head)
-    export_def = (ModelDef.create(lambda: build_model(mcfg, s.head, num_labels=num_labels))
+    export_def = (ModelDef.create(lambda: build_model(mcfg, s.kind.head, num_labels=num_labels))
                   if previous else model_def)
     try:
       onnx = _export(s, params, trainable and continual.without_previous_head(trainable), mcfg,
@@ -165,7 +161,7 @@ def _continual_record(c: continual.ContinualSettings, previous_dev) -> dict:
 def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names,
             model_def) -> dict | None:
   id2label = dict(enumerate(label_names)) if label_names else None
-  return export_trained(s.peft, s.export, params, trainable, mcfg, s.head, workdir, tokenizer,
+  return export_trained(s.peft, s.export, params, trainable, mcfg, s.kind.head, workdir, tokenizer,
                         init_from=s.init_from, id2label=id2label, extra={'labels': label_names},
                         model_def=model_def, max_len=s.data.max_len)
 

@@ -31,10 +31,9 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxft import config as config_lib
-from jaxft import files, sources
-from jaxft.data import classification, ner
+from jaxft import files, kinds, sources
 from jaxft.data import loader as loader_lib
-from jaxft.data.splits import DATA_DIR, MissingSplitError, normalize_split, read_text_lines
+from jaxft.data.splits import DATA_DIR, MissingSplitError, normalize_split
 from jaxft.export import int8_model
 from jaxft.files import InputError, MissingInput, check_writable
 from jaxft.models import build_model
@@ -44,7 +43,6 @@ from jaxft.objectives import explain
 from jaxft.objectives.outputs import outputs
 from jaxft.partitioning import MeshSettings
 from jaxft.train import loop
-from jaxft.train import metrics as metrics_lib
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
 
@@ -112,25 +110,25 @@ def _trained(src: str) -> dict:
   return labels
 
 
-def trained_data(src: str, kind: str):
+def trained_data(src: str, kind: kinds.Kind):
   """The data section the workdir was trained with (keys of older versions ignored)."""
-  data_cls = classification.ClsData if kind == 'cls' else ner.NerData
   saved = sources.workdir_config(src).get('data', {})
-  known = {f.name for f in dataclasses.fields(data_cls)}
-  return config_lib.section(data_cls, {k: v for k, v in saved.items() if k in known}, 'data')
+  known = {f.name for f in dataclasses.fields(kind.data_class)}
+  return config_lib.section(kind.data_class, {k: v for k, v in saved.items() if k in known},
+                            'data')
 
 
-def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict, settings_from: str = ''):
+def load_inputs(spec: str, kind: kinds.Kind, data, tokenizer, labels: dict,
+                settings_from: str = ''):
   """(arrays, examples-info) for a split name or a file. A split name reads the file the
   data settings name for it; from `settings_from` (a stored config.json) only a data file
   under its data.path (`_check_split_file`)."""
   # Every row once, in file order (resampling would reorder the rows under their sources).
-  label_key = 'label_values' if kind == 'cls' else 'label_names'
   data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
-      'is_regression') else tuple(labels[label_key]))
+      'is_regression') else tuple(labels[kind.label_key]))
   is_file = os.path.isfile(spec)
-  if is_file and spec.endswith('.txt') and not (kind == 'ner' and ner.looks_like_conll(spec)):
-    arrays, info = _txt_inputs(spec, kind, data, tokenizer, labels)
+  if is_file and kind.reads_lines(spec):
+    arrays, info = kind.line_inputs(spec, data, tokenizer, labels)
   else:
     arrays, info = _file_or_split_inputs(spec, is_file, kind, data, tokenizer, settings_from)
   if not len(arrays['input_ids']):  # a wrong path or a failed export, not an empty answer
@@ -139,7 +137,7 @@ def load_inputs(spec: str, kind: str, data, tokenizer, labels: dict, settings_fr
   return arrays, info
 
 
-def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer,
+def _file_or_split_inputs(spec: str, is_file: bool, kind: kinds.Kind, data, tokenizer,
                           settings_from: str):
   split = spec
   if is_file:  # a file in the trained format (CoNLL for NER, whatever its name)
@@ -149,26 +147,20 @@ def _file_or_split_inputs(spec: str, is_file: bool, kind: str, data, tokenizer,
   try:
     if not is_file and data.source == 'files':
       _check_split_file(spec, kind, data, settings_from)
-    return _split_inputs(split, kind, data, tokenizer)
+    return kind.inputs(data, tokenizer, split)
   except MissingSplitError as e:
     raise MissingInput(f'predict.input={spec!r}: neither a file nor a split the training '
                        f'data has ({e}). Set predict.input to a split the training data has '
                        '(dev, train, ...) or to a file') from None
 
 
-# What a classification split file is named like; a CoNLL file (NER) is recognised by its
-# content, whatever its name (CoNLL-2003's eng.testa).
-SPLIT_SUFFIXES = ('.tsv', '.csv', '.jsonl', '.json', '.txt')
-
-
-def _check_split_file(split: str, kind: str, data, settings_from: str) -> None:
+def _check_split_file(split: str, kind: kinds.Kind, data, settings_from: str) -> None:
   """Log the file `split` resolves to. A split name from a stored config.json (not this
   command's) must name a data file, under that config's `data.path` when it has one (or
   jaxft's bundled data/): an edited config.json must not make predict copy another file
   (`data.path=/etc`, `test_file=passwd`) into predictions.jsonl. Any file named on the
   command line is read."""
-  path = (classification.split_path(data, normalize_split(split)) if kind == 'cls' else
-          ner.split_path(data, normalize_split(split)))
+  path = kind.split_path(data, normalize_split(split))
   logging.info('predict.input=%r: the %s split of %s is %s', split, split,
                settings_from or 'the data settings', path)
   if not settings_from:
@@ -177,63 +169,19 @@ def _check_split_file(split: str, kind: str, data, settings_from: str) -> None:
   inside = not data.path or any(  # split files named whole (no data.path) are checked by kind
       real.startswith(os.path.realpath(os.path.expanduser(str(r))) + os.sep)
       for r in (data.path, DATA_DIR))
-  looks_like_data = (os.path.splitext(real)[1].lower() in SPLIT_SUFFIXES if kind == 'cls'
-                     else ner.looks_like_conll(real))
-  if not (inside and looks_like_data):
+  if not (inside and kind.is_data_file(real)):
     why = (f'outside data.path={data.path!r}' if not inside else
-           'not a data file (' + ('.tsv/.csv/.jsonl/.json/.txt' if kind == 'cls' else
-                                  'not CoNLL') + ')')
+           f'not a data file ({kind.split_files})')
     raise InputError(f'predict.input={split!r} resolves to {path} (data.path / '
                      f'data.{normalize_split(split)}_file in {settings_from}), {why}: a '
                      f'workdir\'s config.json is not trusted to name any file to read. To read '
                      f'it, give the file itself: --config.predict.input={path}')
 
 
-def _split_inputs(split: str, kind: str, data, tokenizer):
-  if kind == 'cls':
-    arrays, info = classification.load_cls_split(data, tokenizer, split)
-    return arrays, {'texts': info['texts'], 'pairs': info['pairs'], 'gold': arrays.get('labels'),
-                    'sources': info['sources']}
-  arrays, info = ner.load_ner_split(data, tokenizer, split)
-  return arrays, {'words': info['words'], 'num_words': info['num_words'], 'gold': info['tags'],
-                  'sources': info['sources']}
-
-
-def _txt_inputs(path: str, kind: str, data, tokenizer, labels: dict):
-  rows, _ = read_text_lines(path, data.on_bad_row)
-  if kind == 'cls':
-    ex = classification.ClsExamples([t for _, t in rows], None, None, [s for s, _ in rows])
-    arrays, st = classification.encode_cls(ex, tokenizer, max_len=data.max_len,
-                                           truncation=data.truncation,
-                                           is_regression=bool(labels.get('is_regression')))
-    keep = st['keep']
-    return arrays, {'texts': [ex.texts[i] for i in keep], 'pairs': None, 'gold': None,
-                    'sources': [ex.sources[i] for i in keep]}
-  ex = ner.NerExamples([t.split() for _, t in rows], None, [s for s, _ in rows])
-  arrays, st = ner.encode_ner(ex, tokenizer, labels['label_names'], max_len=data.max_len,
-                              truncation=data.truncation)
-  words = [ex.words[i] for i in st['keep']]
-  return arrays, {'words': words, 'num_words': [len(w) for w in words], 'gold': None,
-                  'sources': [ex.sources[i] for i in st['keep']]}
-
-
-def entities(words, tags):
-  """[(type, start, end_exclusive, text)] spans of IOB2 tags."""
-  out, cur = [], None
-  for i, t in enumerate(list(tags) + ['O']):
-    if cur is not None and (t == 'O' or t.startswith('B-') or t[2:] != cur[0]):
-      out.append({'type': cur[0], 'start': cur[1], 'end': i,
-                  'text': ' '.join(words[cur[1]:i])})
-      cur = None
-    if t.startswith('B-') or (t.startswith('I-') and cur is None):
-      cur = (t[2:], i)
-  return out
-
-
 def run(s: Settings, workdir: str) -> dict:
   src = s.init_from or workdir
   labels = _trained(src)
-  kind = labels['kind']
+  kind = kinds.of(labels['kind'])
   tokenizer = sources.tokenizer_of(src)
   # The input and the output are checked before the model is loaded and anything runs.
   arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels,
@@ -244,18 +192,16 @@ def run(s: Settings, workdir: str) -> dict:
     check_writable(s.predict.explain_html, 'predict.explain_html')
   dtype = s.predict.dtype  # inference precision: fp32 unless asked, whatever trained
   mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
-  head = 'cls' if kind == 'cls' else 'token_cls'
   num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
-  base_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels))
+  base_def = ModelDef.create(lambda: build_model(mcfg, kind.head, num_labels=num_labels))
   model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
   if s.predict.quantize == 'int8':
     model_def, params = int8_model(model_def, params)
-  scores = _scores(model_def, params, arrays, kind == 'cls' and num_labels > 1, s)
+  scores = _scores(model_def, params, arrays, kind.probabilities(labels), s)
   attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
                   if s.predict.explain else None)
   if loop.is_main():
-    records = (_cls_records(ex, scores, labels) if kind == 'cls' else
-               _ner_records(ex, scores, arrays, labels))
+    records = kind.records(ex, scores, arrays, labels)
     for rec, attr in zip(records, attributions or ()):
       rec['attributions'] = attr
     with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
@@ -266,7 +212,8 @@ def run(s: Settings, workdir: str) -> dict:
       files.atomic_write(s.predict.explain_html,
                          explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')
       logging.info('wrote %s', s.predict.explain_html)
-  metrics = _metrics(kind, scores, arrays, ex, labels)
+  has_gold = ex.get('gold') is not None and len(scores)
+  metrics = kind.metrics(scores, arrays, ex, labels) if has_gold else {}
   result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
             'quantize': s.predict.quantize, 'param_bytes': param_bytes(params), **metrics}
   if loop.is_main() and metrics:
@@ -274,19 +221,6 @@ def run(s: Settings, workdir: str) -> dict:
                                                          metrics.items()))
   write_results(workdir, result)
   return result
-
-
-def _metrics(kind: str, scores: np.ndarray, arrays: dict, ex: dict, labels: dict) -> dict:
-  """The task's metrics on a labelled input (eval-only): GLUE metrics or entity F1."""
-  if ex.get('gold') is None or not len(scores):
-    return {}
-  if kind == 'cls':
-    preds = scores[:, 0] if labels.get('is_regression') else scores
-    return metrics_lib.glue_metrics(labels['metric_names'], preds, np.asarray(ex['gold']))
-  tags = ner.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], labels['label_names'],
-                                 ex['num_words'])
-  m = metrics_lib.ner_metrics(tags, ex['gold'])
-  return {k: m[k] for k in ('precision', 'recall', 'f1', 'accuracy')}
 
 
 def _scores(model_def, params, arrays, softmax: bool, s: Settings) -> np.ndarray:
@@ -315,7 +249,8 @@ def _evaluate(model_def, params, arrays, objective, rows_per_example: int, s: Se
 def _explain(model_def, params, arrays, kind, model_type, tokenizer, s: Settings):
   """Per example, [{'token', 'score'}] by predict.explain (jaxft/objectives/explain.py)."""
   p = s.predict
-  objective = explain.explainer(p.explain, kind=kind, query=explain.query_for(kind, model_type),
+  objective = explain.explainer(p.explain, kind=kind.name,
+                                query=explain.query_for(kind.name, model_type),
                                 steps=p.ig_steps, baseline=p.ig_baseline,
                                 pad_id=tokenizer.pad_token_id)
   ig = p.explain == 'integrated_gradients'
@@ -326,37 +261,3 @@ def _explain(model_def, params, arrays, kind, model_type, tokenizer, s: Settings
     explain.log_completeness(out, p.ig_steps)
   tokens = [tokenizer.convert_ids_to_tokens(row) for row in arrays['input_ids'].tolist()]
   return explain.token_attributions(tokens, arrays['attention_mask'], out['attributions'])
-
-
-def _cls_records(ex: dict, scores: np.ndarray, labels: dict) -> list[dict]:
-  names = labels['label_names']
-  out = []
-  for i in range(len(scores)):
-    rec = {'source': ex['sources'][i]}
-    if ex.get('texts'):
-      rec['text'] = ex['texts'][i]
-    if ex.get('pairs'):
-      rec['text_pair'] = ex['pairs'][i]
-    if labels.get('is_regression'):
-      rec['score'] = float(scores[i][0])
-    else:
-      k = int(np.argmax(scores[i]))
-      rec['label'] = names[k]
-      rec['probs'] = {names[j]: float(scores[i][j]) for j in range(len(names))}
-      if ex['gold'] is not None:
-        rec['gold'] = names[int(ex['gold'][i])]
-    out.append(rec)
-  return out
-
-
-def _ner_records(ex: dict, scores: np.ndarray, arrays: dict, labels: dict) -> list[dict]:
-  tags = ner.predictions_to_tags(scores.argmax(-1), arrays['word_ids'], labels['label_names'],
-                                 ex['num_words'])
-  out = []
-  for i in range(len(tags)):
-    rec = {'source': ex['sources'][i], 'tokens': ex['words'][i], 'tags': tags[i],
-           'entities': entities(ex['words'][i], tags[i])}
-    if ex['gold'] is not None:
-      rec['gold'] = ex['gold'][i]
-    out.append(rec)
-  return out
