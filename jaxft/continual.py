@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +41,48 @@ from jaxft.models.config import ModelConfig
 from jaxft.objectives import classification, distill
 from jaxft.sources import PREVIOUS_HEAD
 from jaxft.train import loop
+from jaxft.train import optimizer as optim
 from jaxft.train.state import ModelDef
 from jaxft.train.step import Objective
 from jaxft.trees import flat_params, map_named
 
-METHODS = ('none', 'replay', 'l2sp', 'lwf')
 HEAD = 'classifier'  # BERT's task head: everything else is the shared encoder
 PREVIOUS_TASK = 'previous_task'  # workdir/previous_task: the earlier task, new encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a continual method changes in the fine-tune: the rows it trains on, the term its
+  loss adds on the new rows, and what the step reads."""
+  name: str
+  replays: bool = False          # batches mix earlier-task rows, each through its own head
+  anchored: bool = False         # the step reads the previous model's params (constants)
+  trains_previous_head: bool = False  # a loss reaches the previous head (else it is frozen)
+  term: Callable | None = None   # (c, previous, model, out, args, w, sums, constants,
+  #                                deterministic, rngs) -> the added loss (its sum in sums)
+
+
+def _l2sp_term(c, previous, model, out, args, w, sums, constants, deterministic, rngs):
+  sums['l2sp_sum'] = l2sp_penalty(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                  constants) * sums['weight']
+  return c.l2sp_weight * sums['l2sp_sum']
+
+
+def _lwf_term(c, previous, model, out, args, w, sums, constants, deterministic, rngs):
+  mine = previous_logits(model, out, deterministic, rngs)
+  theirs = previous.model_def.merge(jax.lax.stop_gradient(constants))(*args)['logits']
+  soft = (distill.squared_error(mine, theirs) if previous.is_regression else
+          distill.kl_soft_targets(mine, theirs, c.lwf_temperature))
+  sums['lwf_sum'] = (soft * w).sum()
+  return c.lwf_weight * sums['lwf_sum']
+
+
+METHODS = {m.name: m for m in (
+    Method('none'),
+    Method('replay', replays=True, trains_previous_head=True),
+    Method('l2sp', anchored=True, term=_l2sp_term),
+    Method('lwf', anchored=True, trains_previous_head=True, term=_lwf_term),
+)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +115,10 @@ class ContinualSettings:
   @property
   def enabled(self) -> bool:
     return bool(self.previous)
+
+  @property
+  def method_spec(self) -> Method:
+    return METHODS[self.method or 'none']
 
 
 # ----------------------------------------------------------------------------- checks
@@ -175,10 +215,10 @@ def init_params(previous: Previous, mdef: ModelDef):
   return sources.complete(mdef, values), report
 
 
-def trainable(method: str, mask, mdef: ModelDef):
+def trainable(method: Method, mask, mdef: ModelDef):
   """The trainable mask with the previous head frozen unless a loss reaches it (replay,
   lwf): AdamW's weight decay would otherwise shrink it without any gradient."""
-  if method in ('replay', 'lwf'):
+  if method.trains_previous_head:
     return mask
   base = mask if mask is not None else jax.tree.map(lambda _: True, mdef.abstract_params)
   return map_named(lambda name, t: bool(t) and not name.startswith(PREVIOUS_HEAD + '.'), base)
@@ -189,10 +229,10 @@ def without_previous_head(params):
   return {k: v for k, v in params.items() if k != PREVIOUS_HEAD}
 
 
-def constants(previous: Previous, method: str, mesh_settings):
+def constants(previous: Previous, method: Method, mesh_settings):
   """The previous model's params on the run's mesh (L2-SP's anchor, LwF's teacher), or
   None."""
-  if method not in ('l2sp', 'lwf'):
+  if not method.anchored:
     return None
   return loop.place(mesh_settings, previous.model_def, previous.params).params
 
@@ -236,7 +276,8 @@ def objective(c: ContinualSettings, previous: Previous, num_labels: int, is_regr
   """The new task's classification loss plus the method's term; evaluation is the new
   task's."""
   base = classification.cls(num_labels, is_regression, label_smoothing=label_smoothing)
-  if c.method == 'none':
+  how = c.method_spec
+  if not (how.replays or how.term):
     return base
 
   def loss(model, batch, rng, deterministic, constants=None):
@@ -244,21 +285,13 @@ def objective(c: ContinualSettings, previous: Previous, num_labels: int, is_regr
     args = classification.inputs(batch)
     out = model(*args, deterministic=deterministic, rngs=rngs)
     w = classification.example_weights(batch, out['logits'])
-    if c.method == 'replay':
+    if how.replays:
       return _replay_sums(model, out, batch, w, deterministic, rngs, is_regression,
                           previous.is_regression, label_smoothing)
     loss_sum, sums = classification.hard_loss(out['logits'], batch['labels'], w, is_regression,
                                               label_smoothing)
-    if c.method == 'l2sp':
-      sums['l2sp_sum'] = l2sp_penalty(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                                      constants) * sums['weight']
-      return loss_sum + c.l2sp_weight * sums['l2sp_sum'], sums
-    mine = previous_logits(model, out, deterministic, rngs)
-    theirs = previous.model_def.merge(jax.lax.stop_gradient(constants))(*args)['logits']
-    soft = (distill.squared_error(mine, theirs) if previous.is_regression else
-            distill.kl_soft_targets(mine, theirs, c.lwf_temperature))
-    sums['lwf_sum'] = (soft * w).sum()
-    return loss_sum + c.lwf_weight * sums['lwf_sum'], sums
+    return loss_sum + how.term(c, previous, model, out, args, w, sums, constants,
+                               deterministic, rngs), sums
 
   return Objective(loss=loss, evaluate=base.evaluate)
 
@@ -338,7 +371,7 @@ def train_stream(c: ContinualSettings, previous: Previous, tokenizer, train_arra
   """The training iterator: the plain loader, or for replay the mixed stream over this
   task's and the earlier task's training split (read from its saved data section)."""
   rows = {k: v for k, v in train_arrays.items() if k != 'word_ids'}
-  if c.method != 'replay':
+  if not c.method_spec.replays:
     return loader_lib.make_loader(rows, global_batch_size=batch_size, seed=seed)
   old, _ = finetuning.load_split(previous.data, tokenizer, 'train')
   return ReplayStream(rows, old, batch_size, c.replay_fraction, seed)
@@ -347,7 +380,7 @@ def train_stream(c: ContinualSettings, previous: Previous, tokenizer, train_arra
 def resolve_steps(c: ContinualSettings, train: loop.TrainSettings, n_train: int):
   """finetuning.resolve_steps with an epoch = one pass over the new task's rows (replay:
   `n_new` of them per batch)."""
-  if c.method != 'replay':
+  if not c.method_spec.replays:
     return finetuning.resolve_steps(train, n_train)
   n_new, _ = replay_rows(train.batch_size, c.replay_fraction)
   steps, per_epoch = finetuning.resolve_steps(dataclasses.replace(train, batch_size=n_new),
@@ -392,3 +425,107 @@ def save_previous_task(params, previous: Previous, workdir: str, tokenizer, step
   ckpt.close()
   return out
 
+
+
+# ----------------------------------------------------------------------------- the run's plan
+
+class FirstTask:
+  """A fine-tune with no earlier task (continual.previous unset): each step done the plain
+  way. `Sequel` does the same steps for a continual run; a stage calls one of them."""
+
+  def __init__(self, kind):
+    self.kind = kind
+
+  def resolve_steps(self, train: loop.TrainSettings, n_train: int):
+    return finetuning.resolve_steps(train, n_train)
+
+  def model_def(self, mcfg: ModelConfig, num_labels: int, seed: int) -> ModelDef:
+    return ModelDef.create(lambda: build_model(mcfg, self.kind.head, num_labels=num_labels,
+                                               seed=seed))
+
+  def start(self, model_def: ModelDef, init_from: str, freeze, pcfg, *, max_len: int,
+            num_layers: int):
+    """(model_def, init params, trainable mask, lr scale, init report)."""
+    return finetuning.init_trainable(model_def, init_from, freeze, pcfg, max_len=max_len,
+                                     num_layers=num_layers)
+
+  def objective(self, num_labels: int, is_regression: bool, label_smoothing: float):
+    return self.kind.objective(num_labels, is_regression, label_smoothing)
+
+  def train_iter(self, tokenizer, train_arrays: dict, batch_size: int, seed: int):
+    rows = {k: v for k, v in train_arrays.items() if k != 'word_ids'}
+    return loader_lib.make_loader(rows, global_batch_size=batch_size, seed=seed)
+
+  def hooks(self, model_def: ModelDef, tokenizer, batch_size: int) -> list[loop.Hook]:
+    return []
+
+  def constants(self, mesh_settings):
+    return None
+
+  def finish(self, results: dict, params, workdir: str, tokenizer):
+    """The parameters to export, after recording what the plan adds to results."""
+    return params
+
+  def export_def(self, model_def: ModelDef, mcfg: ModelConfig, num_labels: int) -> ModelDef:
+    return model_def
+
+  def export_trainable(self, trainable):
+    return trainable
+
+
+class Sequel(FirstTask):
+  """A fine-tune on a new task after `previous` (continual.previous): its encoder and head
+  beside the new one, the method's rows, loss term and constants."""
+
+  def __init__(self, kind, c: ContinualSettings, previous: Previous):
+    super().__init__(kind)
+    self.c, self.previous = c, previous
+
+  def resolve_steps(self, train, n_train):
+    return resolve_steps(self.c, train, n_train)
+
+  def model_def(self, mcfg, num_labels, seed):
+    return model_def(mcfg, num_labels, self.previous, seed)
+
+  def start(self, mdef, init_from, freeze, pcfg, *, max_len, num_layers):
+    del init_from, pcfg, max_len  # the previous model's weights; no PEFT (checked at parse)
+    params, report = init_params(self.previous, mdef)
+    mask = trainable(self.c.method_spec, optim.trainable_mask(freeze, mdef.abstract_params),
+                     mdef)
+    return (mdef, params, mask, optim.layerwise_lr_scale(freeze, mdef.abstract_params,
+                                                         num_layers), report)
+
+  def objective(self, num_labels, is_regression, label_smoothing):
+    return objective(self.c, self.previous, num_labels, is_regression, label_smoothing)
+
+  def train_iter(self, tokenizer, train_arrays, batch_size, seed):
+    return train_stream(self.c, self.previous, tokenizer, train_arrays, batch_size, seed)
+
+  def hooks(self, model_def, tokenizer, batch_size):
+    return previous_task_hook(self.previous, model_def, tokenizer, batch_size)
+
+  def constants(self, mesh_settings):
+    return constants(self.previous, self.c.method_spec, mesh_settings)
+
+  def finish(self, results, params, workdir, tokenizer):
+    results['continual'] = {**dataclasses.asdict(self.c),
+                            'previous_task_dev': results.pop(PREVIOUS_TASK, None)}
+    if not results['preempted']:
+      results['continual']['previous_task_workdir'] = save_previous_task(
+          params, self.previous, workdir, tokenizer, results['step'])
+    return without_previous_head(params)
+
+  def export_def(self, mdef, mcfg, num_labels):
+    # the export holds the new task's classifier alone (no previous_head)
+    return ModelDef.create(lambda: build_model(mcfg, self.kind.head, num_labels=num_labels))
+
+  def export_trainable(self, mask):
+    return mask and without_previous_head(mask)
+
+
+def plan(c: ContinualSettings, kind, mcfg: ModelConfig, max_len: int,
+         seed: int) -> FirstTask:
+  """The run's plan: `Sequel` when continual.previous names an earlier task."""
+  if not c.enabled:
+    return FirstTask(kind)
+  return Sequel(kind, c, load_previous(c, mcfg, max_len, seed))

@@ -17,7 +17,7 @@ LAYERS = (
     ('jaxft.models',),
     ('jaxft.train', 'jaxft.workdir'),
     ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.generation'),
-    ('jaxft.sources', 'jaxft.config'),
+    ('jaxft.sources', 'jaxft.config', 'jaxft.kinds'),
     ('jaxft.distill', 'jaxft.finetuning'),
     ('jaxft.continual',),
     ('jaxft.stages',),

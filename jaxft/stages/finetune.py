@@ -16,15 +16,13 @@ from jaxft import continual, kinds, sources
 from jaxft.data import classification, ner
 from jaxft.data import loader as loader_lib
 from jaxft.export import ExportSettings, OnnxMismatch, check_onnx
-from jaxft.finetuning import (export_trained, init_trainable, load_split, model_and_tokenizer,
-                              resolve_steps, test_hook, with_default_metric)
-from jaxft.models import build_model
+from jaxft.finetuning import (export_trained, load_split, model_and_tokenizer, test_hook,
+                              with_default_metric)
 from jaxft.models.config import ModelConfig
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
 from jaxft.train.metrics import write_results
 from jaxft.train.optimizer import FreezeSettings
-from jaxft.train.state import ModelDef
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClsSettings(loop.RunSettings):
@@ -87,9 +85,8 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   train_arrays, info = load_split(s.data, tokenizer, 'train')
   dev_arrays, dev_info = load_split(s.data, tokenizer, 'dev')
   test_arrays, test_info = load_split(s.data, tokenizer, 'test')
-  c = s.continual
-  train, per_epoch = (continual.resolve_steps(c, s.loop.train, len(train_arrays['input_ids']))
-                      if c.enabled else resolve_steps(s.loop.train, len(train_arrays['input_ids'])))
+  plan = continual.plan(s.continual, s.kind, mcfg, s.data.max_len, s.seed)
+  train, per_epoch = plan.resolve_steps(s.train, len(train_arrays['input_ids']))
   settings = dataclasses.replace(
       s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
@@ -97,53 +94,28 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   sources.record_model(workdir, mcfg)
 
   num_labels = info['num_labels']
-  previous = continual.load_previous(c, mcfg, s.data.max_len, s.loop.seed) if c.enabled else None
-  model_def = (continual.model_def(mcfg, num_labels, previous, s.loop.seed) if previous else
-               ModelDef.create(lambda: build_model(mcfg, s.kind.head, num_labels=num_labels,
-                                                   seed=s.loop.seed)))
-  model_def, init_params, trainable, lr_scale, report = init_trainable(
-      model_def, '' if previous else s.init_from, s.finetune, s.peft, max_len=s.data.max_len,
-      num_layers=mcfg.num_layers)
-  ls = float(s.finetune.label_smoothing or 0.0)
-  if previous:
-    init_params, report = continual.init_params(previous, model_def)
-    trainable = continual.trainable(c.method, trainable, model_def)
-    objective = continual.objective(c, previous, num_labels, info['is_regression'], ls)
-  else:
-    objective = s.kind.objective(num_labels, info.get('is_regression', False), ls)
-
+  model_def, init_params, trainable, lr_scale, report = plan.start(
+      plan.model_def(mcfg, num_labels, s.seed), s.init_from, s.finetune, s.peft,
+      max_len=s.data.max_len, num_layers=mcfg.num_layers)
+  objective = plan.objective(num_labels, info.get('is_regression', False),
+                             float(s.finetune.label_smoothing or 0.0))
   bs = settings.train.batch_size
   data = loop.Data(
-      train_iter=(continual.train_stream(c, previous, tokenizer, train_arrays, bs, s.loop.seed)
-                  if previous else loader_lib.make_loader(
-                      {k: v for k, v in train_arrays.items() if k != 'word_ids'},
-                      global_batch_size=bs, seed=s.loop.seed)),
+      train_iter=plan.train_iter(tokenizer, train_arrays, bs, s.seed),
       eval_batches=loader_lib.eval_batches(dev_arrays, bs),
       summarize=s.kind.summary(dev_info, dev_arrays) if dev_arrays is not None else None,
       steps_per_epoch=per_epoch)
-  hooks = test_hook(s.kind, test_arrays, test_info, bs)
-  constants = None
-  if previous:
-    hooks += continual.previous_task_hook(previous, model_def, tokenizer, bs)
-    constants = continual.constants(previous, c.method, s.mesh)
+  hooks = test_hook(s.kind, test_arrays, test_info, bs) + plan.hooks(model_def, tokenizer, bs)
   out = loop.train(settings, workdir, model_def, objective, data, init_params=init_params,
-                   trainable=trainable, lr_scale=lr_scale, constants=constants, hooks=hooks)
+                   trainable=trainable, lr_scale=lr_scale, constants=plan.constants(s.mesh),
+                   hooks=hooks)
   results = {**out.results, 'labels': info['label_names'], 'init_report': report,
              'steps_per_epoch': per_epoch}
-  params = out.params
-  if previous:
-    results['continual'] = _continual_record(c, results.pop(continual.PREVIOUS_TASK, None))
-    if not results['preempted']:
-      results['continual']['previous_task_workdir'] = continual.save_previous_task(
-          params, previous, workdir, tokenizer, results['step'])
-    params = continual.without_previous_head(params)
+  params = plan.finish(results, out.params, workdir, tokenizer)
   if not results['preempted']:
-    # the export holds the new task's classifier alone (no previous_head)
-    export_def = (ModelDef.create(lambda: build_model(mcfg, s.kind.head, num_labels=num_labels))
-                  if previous else model_def)
     try:
-      onnx = _export(s, params, trainable and continual.without_previous_head(trainable), mcfg,
-                     tokenizer, workdir, info['label_names'], export_def)
+      onnx = _export(s, params, plan.export_trainable(trainable), mcfg, tokenizer, workdir,
+                     info['label_names'], plan.export_def(model_def, mcfg, num_labels))
     except OnnxMismatch as e:  # the run's results still go to results.json, with the check
       results['onnx'] = e.check
       write_results(workdir, results)
@@ -152,10 +124,6 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
       results['onnx'] = onnx
   write_results(workdir, results)
   return loop.Outcome(results, out.state)
-
-
-def _continual_record(c: continual.ContinualSettings, previous_dev) -> dict:
-  return {**dataclasses.asdict(c), 'previous_task_dev': previous_dev}
 
 
 def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names,
