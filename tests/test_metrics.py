@@ -1,8 +1,10 @@
 """GLUE / seqeval metrics against the reference libraries, and the metrics writer."""
 import json
 import math
+import os
 import struct
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -171,6 +173,7 @@ def test_results_json_is_strict_json(tmp_path):
   def refuse(constant):
     raise AssertionError(f'{constant} in results.json')
   got = json.loads(open(path).read(), parse_constant=refuse)
+  assert got.pop('environment')['cpus'] >= 1
   assert got == {'loss': None, 'ppl': None, 'ok': 1.5, 'n': 3,
                  'scores': {'bleu': None, 'per': [1.0, None, 2.0]}, 'arr': [0.5, None],
                  'jax': None, 'name': 'x'}
@@ -178,3 +181,22 @@ def test_results_json_is_strict_json(tmp_path):
     w.write(1, {'eval/per_class': [0.5, float('nan')], 'eval/loss': float('inf')})
   assert metrics.read_metrics(tmp_path) == [{'step': 1, 'eval/per_class': [0.5, None],
                                              'eval/loss': None}]
+
+
+def test_results_json_records_the_environment_the_numbers_came_from(tmp_path, monkeypatch):
+  """results.json says what besides config and data decides a run's numbers (README, "Which
+  numbers to expect"): the cores this process may use, XLA_FLAGS, the devices, the CPU and
+  the library versions."""
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', '') + ' --xla_dump_to=/x')
+  if hasattr(os, 'sched_getaffinity'):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 3, 5})
+  got = json.loads(open(metrics.write_results(tmp_path, {'step': 3})).read())
+  env = got.pop('environment')
+  assert got == {'step': 3}
+  assert env['cpus'] == (3 if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+  assert env['xla_flags'].endswith(' --xla_dump_to=/x')
+  assert env['devices'] == f'{jax.device_count()} x cpu ({jax.devices()[0].device_kind})'
+  assert env['processes'] == 1 and env['versions']['jax'] == jax.__version__
+  assert env['versions']['numpy'] == np.__version__
+  if os.path.exists('/proc/cpuinfo') and 'model name' in open('/proc/cpuinfo').read():
+    assert env['cpu']

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -317,8 +318,37 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> str:
   """workdir/results.json, written atomically by process 0: a stage's last output, so its
   presence says the stage finished (host values; numpy scalars and arrays converted, a
-  non-finite number written as null: strict JSON)."""
+  non-finite number written as null: strict JSON), with the `environment` the numbers came
+  from (`run_environment`)."""
   path = os.path.join(workdir, 'results.json')
   if jax.process_index() == 0:
+    results = {**results, 'environment': run_environment()}
     files.atomic_write(path, files.json_text(results, indent=2), what='results')
   return path
+
+
+def run_environment() -> dict:
+  """What a run's numbers depend on besides its config and data, so two runs can be
+  compared: the CPU kind (its matmul kernels) and the cores this process may use (XLA:CPU
+  splits work by its thread count: a different count changes results in the last bits), the
+  devices, XLA_FLAGS, and the versions of the numerical libraries. Installed optional
+  packages (torch) do not change them (tests/test_same_numbers.py)."""
+  cpu = ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name')), '')
+  except OSError:
+    pass
+  devices = jax.devices()
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'numpy'):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return {'cpu': cpu, 'cpus': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+          else os.cpu_count(),
+          'devices': f'{len(devices)} x {devices[0].platform} ({devices[0].device_kind})',
+          'processes': jax.process_count(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'versions': versions}
