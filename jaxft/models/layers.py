@@ -9,6 +9,7 @@ names through `jaxft.partitioning.constrain`, which alone knows the mesh.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import Sequence
@@ -226,10 +227,27 @@ class Dropout(nnx.Dropout):
 
 
 def use_fused_attention(dtype) -> bool:
-  """Whether to use `jax.nn.dot_product_attention` (cuDNN flash on GPU). On CPU it lowers
-  to plain XLA math whose matmuls run in fp32 even for bf16 inputs, while `_explicit` keeps
-  the forward and backward matmuls bf16 (`einsum`): measured in bench/README.md."""
+  """Whether to use `jax.nn.dot_product_attention`. On CPU it lowers to plain XLA math whose
+  matmuls run in fp32 even for bf16 inputs, while `_explicit` keeps the forward and backward
+  matmuls bf16 (`einsum`): measured in bench/README.md. Its default implementation is XLA's
+  on every back end in jax 0.10 (`None` does not pick cuDNN's flash kernel yet); see
+  `attention_implementation`."""
   return jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu'
+
+
+_ATTENTION_IMPL = contextvars.ContextVar('jaxft_attention_implementation', default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: str | None):
+  """Within: `jax.nn.dot_product_attention(implementation=impl)` ('xla', 'cudnn'; None is
+  JAX's default) in what traces here. bench/accelerator.py times cuDNN's flash attention
+  against the default with it; not a setting until it is measured on a GPU."""
+  token = _ATTENTION_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _ATTENTION_IMPL.reset(token)
 
 
 class Attention(nnx.Module):
@@ -277,7 +295,7 @@ class Attention(nnx.Module):
       y, probs = self._explicit(q, k, v, mask, causal, deterministic, rngs)
     else:
       y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                       is_causal=causal)
+                                       is_causal=causal, implementation=_ATTENTION_IMPL.get())
       probs = None
     y = constrain(y, ('batch', 'length', 'heads', 'kv'))
     return self.out(y), probs, new_cache
