@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import measured
 from jaxft.partitioning import constrain
 
 Names = tuple[str | None, ...]
@@ -96,7 +98,7 @@ def _matmul_bwd(contract, dtype, transposed, res, g):
   k2 = kl if transposed else kl.reshape(n_in, -1)
   n_out = k2.shape[0] if transposed else k2.shape[1]
   g2 = g.astype(dtype).reshape(x2.shape[0], n_out)
-  if dtype == jnp.float32 and jax.default_backend() == 'cpu':
+  if dtype == jnp.float32 and jax.default_backend() == 'cpu' and _use_cotangent_barrier():
     # one materialised cotangent for both dots (see `matmul`); accelerators keep XLA's
     # fusion choices (not measured there)
     g2 = jax.lax.optimization_barrier(g2)
@@ -108,6 +110,39 @@ def _matmul_bwd(contract, dtype, transposed, res, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@dataclasses.dataclass
+class _Barrier:
+  on: bool
+  sites: int = 0  # fp32 CPU backward passes that asked, while traced
+
+
+_COTANGENT_BARRIER = contextvars.ContextVar('jaxft_cotangent_barrier', default=None)
+# The measured choice (jaxft/measured.py) for the barrier: on (the built-in rule, measured
+# helpful on AMD Zen 3, bench/README.md) or off; train/step.py times both on first use.
+COTANGENT_BARRIER = measured.Choice('fp32_cotangent_barrier', ('on', 'off'), 'on')
+
+
+@contextlib.contextmanager
+def cotangent_barrier(on: bool):
+  """Within (while tracing): whether `matmul`'s fp32 backward on CPU puts its cotangent
+  behind an optimization barrier (outside: always). Yields a record whose `sites` counts
+  the backward passes that asked: 0 means the choice does not apply to what was traced."""
+  record = _Barrier(on)
+  token = _COTANGENT_BARRIER.set(record)
+  try:
+    yield record
+  finally:
+    _COTANGENT_BARRIER.reset(token)
+
+
+def _use_cotangent_barrier() -> bool:
+  record = _COTANGENT_BARRIER.get()
+  if record is None:
+    return True
+  record.sites += 1
+  return record.on
 
 
 def einsum(spec: str, a, b, dtype):
