@@ -91,10 +91,24 @@ def shapes_key(*trees) -> str:
   return f'{len(leaves)} arrays, sha256 {digest[:16]}'
 
 
+def device_name() -> str:
+  """The first device's kind; for a CPU (whose kind is just 'cpu') its model name too: a
+  winner measured on one CPU kind says nothing about another sharing the cache directory."""
+  import jax
+  kind = jax.devices()[0].device_kind
+  if jax.devices()[0].platform != 'cpu':
+    return kind
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+  except OSError:
+    names = []
+  return f'{kind}: {names[0]}' if names else kind
+
+
 def key(choice: Choice, shapes: str) -> str:
   import jax
-  return (f'{choice.name} | {jax.devices()[0].device_kind} | jax {jax.__version__} | '
-          f'{shapes}')
+  return f'{choice.name} | {device_name()} | jax {jax.__version__} | {shapes}'
 
 
 def _read_store(path: str | None) -> dict:
@@ -171,8 +185,7 @@ def decide(choice: Choice, shapes: str,
   _write_store(path, entry_key, dict(
       winner=winner, timings_s=timings, measured_at=datetime.datetime.now(
           datetime.timezone.utc).isoformat(timespec='seconds')))
-  _log.info('measured choice %s on %s (%s): %s -> %s%s', choice.name,
-               jax.devices()[0].device_kind, shapes,
+  _log.info('measured choice %s on %s (%s): %s -> %s%s', choice.name, device_name(), shapes,
                ', '.join(f'{c} {medians[c] * 1e3:.1f} ms' for c in choice.candidates), winner,
                f' (stored in {path})' if path else '')
   return winner

@@ -61,8 +61,8 @@ def test_measures_once_then_reads_the_store(cache_dir, monkeypatch, caplog):
   assert len(lines) == 1 and 'a 2000.0 ms, b 1000.0 ms -> b' in lines[0]
   store = json.loads((cache_dir / measured.STORE_NAME).read_text())
   (key, entry), = store.items()
-  kind = jax.devices()[0].device_kind
-  assert key == f'demo | {kind} | jax {jax.__version__} | shapes-1'
+  assert key == f'demo | {measured.device_name()} | jax {jax.__version__} | shapes-1'
+  assert measured.device_name().startswith(jax.devices()[0].device_kind)
   assert entry['winner'] == 'b' and entry['timings_s'] == {'a': [2.0, 2.0], 'b': [1.0, 1.0]}
   # a new process (no memo) reads the stored winner: nothing built, nothing timed
   monkeypatch.setattr(measured, '_memo', {})
