@@ -98,9 +98,11 @@ CHECK = dict(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512, 
              max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0)
 CHECK_BATCH, CHECK_SEQ, CHECK_STEPS, CHECK_LR = 8, 64, 6, 0.5
 # Two bf16 runs of the same step on different back ends differ by their accumulation order
-# and by bf16 roundings that order flips (2^-8 relative each); over 6 steps the loss moves
-# by ~1e-3 relative. A broken kernel (a mask, a scale, a transpose) moves it by > 5%.
-LOSS_RTOL = 2e-2
+# and by the bf16 roundings that order flips. The whole bf16-vs-fp32 gap of these 6 steps on
+# CPU is <= 3e-4 relative (gpt2 2.8e-4, bert 5.5e-5: bf16 changes far more than a back end
+# does); 5e-3 leaves 15x that. Measured breakages of the gpt2 check: no causal mask 1.8e-2,
+# a 1.25x attention scale 1.1e-2 (a 2e-2 tolerance would have passed both).
+LOSS_RTOL = 5e-3
 
 
 def log(msg: str) -> None:
@@ -509,6 +511,8 @@ def _main(a, start: float) -> int:
   rows, check = [], {}
   log('\n' + HEADER)
   for name in [r for r in a.rows.split(',') if r]:
+    print(f'[{time.perf_counter() - start:.0f} s] {name}: compiling and timing ...',
+          file=sys.stderr, flush=True)
     rows.append(_one_row(name, a, start, platform))
     log(row_line(rows[-1]))
     _save(a, info, rows, check)

@@ -75,6 +75,15 @@ def test_measures_once_then_reads_the_store(cache_dir, monkeypatch, caplog):
   assert len(json.loads((cache_dir / measured.STORE_NAME).read_text())) == 2
 
 
+def test_the_default_stays_unless_another_is_clearly_faster(cache_dir, monkeypatch, caplog):
+  fake_clock(monkeypatch, {'a': 1.0, 'b': 0.97})  # 3% faster: noise, not evidence
+  with caplog.at_level(logging.INFO):
+    assert measured.decide(CHOICE, 's', runs_counting([])) == 'a'
+  assert 'b 970.0 ms -> a (the default: b is not 5% faster)' in caplog.text
+  fake_clock(monkeypatch, {'a': 1.0, 'b': 0.9})
+  assert measured.decide(CHOICE, 's2', runs_counting([])) == 'b'
+
+
 def test_setting_overrides_without_timing(cache_dir, monkeypatch):
   fake_clock(monkeypatch, {'a': 2.0, 'b': 1.0})
   called = []
