@@ -255,12 +255,18 @@ def setup_jax(a, mode: str, log) -> Row:
   else:
     task = clm(mask_boundaries=False)
   train_step = make_train_step(model_def, task, tx, shardings, mesh, rules, schedule=schedule)
-  jitted = train_step.jitted
+  local = make_batch(a)
+  batch = global_batch(local, mesh, rules)
+  jitted, barrier = train_step.jitted, 'on (built-in rule)'
+  if a.choices == 'measure':  # what a run's first step does (jaxft/measured.py)
+    t = time.perf_counter()
+    with partitioning.use_mesh(mesh, rules):
+      barrier = train_step.choose(state, batch)
+    jitted = train_step.variant(barrier)
+    barrier += f' (measured choice, {time.perf_counter() - t:.1f}s)'
   if not donate:  # the same step function, jitted without donating the state
     jitted = jax.jit(train_step.jitted.__wrapped__, in_shardings=(shardings, None),
                      out_shardings=(shardings, partitioning.replicated(mesh)))
-  local = make_batch(a)
-  batch = global_batch(local, mesh, rules)
 
   t0 = time.perf_counter()
   with partitioning.use_mesh(mesh, rules):
@@ -297,6 +303,8 @@ def setup_jax(a, mode: str, log) -> Row:
                     else 'attention=explicit softmax (bf16 on CPU)') + (
                         ' (attention dropout 0: NOT the same recipe)' if a.attn_dropout > 0 else ''))
   options.append('state donated' if donate else 'no donation')
+  if not bf16:
+    options.append(f'fp32_cotangent_barrier={barrier}')
   info = dict(trace_s=t1 - t0, compile_s=t2 - t1, first_step_s=first, warmup_loss=loss)
   log(f'  jaxft {mode}: trace {t1 - t0:.1f}s, compile {t2 - t1:.1f}s, first step {first:.1f}s, '
       f'loss {loss:.3f}')
@@ -413,6 +421,9 @@ def parse_args(argv=None):
   p.add_argument('--compile-cache', default='',
                  help="enable JAX's persistent compilation cache in this directory")
   p.add_argument('--json', default='', help='write the rows and run info here')
+  p.add_argument('--choices', choices=('default', 'measure'), default='default',
+                 help="hardware choices (jaxft/measured.py): the built-in rules, or measured "
+                      "on first use as a run does (JAXFT_CHOICES still overrides)")
   a = p.parse_args(argv)
   name = a.preset or ('gpt2-small' if a.model == 'gpt2' else 'bert-mini')
   for k, v in PRESETS[name].items():
@@ -449,6 +460,10 @@ def main(argv=None) -> list[dict]:
     jax.config.update('jax_compilation_cache_dir', a.compile_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if a.choices == 'measure':  # its one log line per choice
+    import logging
+    logging.getLogger('jaxft.measured').setLevel(logging.INFO)
+    logging.getLogger('jaxft.measured').addHandler(logging.StreamHandler(sys.stderr))
   import numpy as np
   import torch
   torch.set_num_threads(a.threads or n_cores)

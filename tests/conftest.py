@@ -19,6 +19,9 @@ os.environ.setdefault('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
 # elsewhere: the suite compares numbers across runs, so it runs fp32 on every CPU kind
 # (tests/test_engine.py checks the resolution itself with mocked CPU flags).
 os.environ.setdefault('JAXFT_AUTO_DTYPE', 'float32')
+# Hardware choices measured on first use (jaxft/measured.py) would compile every train step
+# twice and time it: the suite takes the built-in rules (tests/test_measured.py mocks them).
+os.environ.setdefault('JAXFT_CHOICES', '*=default')
 # Many tests compile the same tiny programs (in this process, in xdist workers and in the
 # `python -m jaxft.main` processes they start): one persistent compilation cache for the
 # whole run, inherited through the environment, compiles each once. Fresh per run, so a run

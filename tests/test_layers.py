@@ -13,7 +13,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / 'jaxft'
 # and the layers below; two packages of one layer never import each other.
 LAYERS = (
     ('jaxft.trees', 'jaxft.files', 'jaxft.compilation_cache', 'jaxft.partitioning'),
-    ('jaxft.checkpointing', 'jaxft.distributed', 'jaxft.data'),
+    ('jaxft.checkpointing', 'jaxft.distributed', 'jaxft.data', 'jaxft.measured'),
     ('jaxft.models',),
     ('jaxft.train', 'jaxft.workdir'),
     ('jaxft.objectives', 'jaxft.peft', 'jaxft.export', 'jaxft.generation'),

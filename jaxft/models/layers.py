@@ -9,6 +9,8 @@ names through `jaxft.partitioning.constrain`, which alone knows the mesh.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import measured
 from jaxft.partitioning import constrain
 
 Names = tuple[str | None, ...]
@@ -95,7 +98,7 @@ def _matmul_bwd(contract, dtype, transposed, res, g):
   k2 = kl if transposed else kl.reshape(n_in, -1)
   n_out = k2.shape[0] if transposed else k2.shape[1]
   g2 = g.astype(dtype).reshape(x2.shape[0], n_out)
-  if dtype == jnp.float32 and jax.default_backend() == 'cpu':
+  if dtype == jnp.float32 and jax.default_backend() == 'cpu' and _use_cotangent_barrier():
     # one materialised cotangent for both dots (see `matmul`); accelerators keep XLA's
     # fusion choices (not measured there)
     g2 = jax.lax.optimization_barrier(g2)
@@ -107,6 +110,39 @@ def _matmul_bwd(contract, dtype, transposed, res, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@dataclasses.dataclass
+class _Barrier:
+  on: bool
+  sites: int = 0  # fp32 CPU backward passes that asked, while traced
+
+
+_COTANGENT_BARRIER = contextvars.ContextVar('jaxft_cotangent_barrier', default=None)
+# The measured choice (jaxft/measured.py) for the barrier: on (the built-in rule, measured
+# helpful on AMD Zen 3, bench/README.md) or off; train/step.py times both on first use.
+COTANGENT_BARRIER = measured.Choice('fp32_cotangent_barrier', ('on', 'off'), 'on')
+
+
+@contextlib.contextmanager
+def cotangent_barrier(on: bool):
+  """Within (while tracing): whether `matmul`'s fp32 backward on CPU puts its cotangent
+  behind an optimization barrier (outside: always). Yields a record whose `sites` counts
+  the backward passes that asked: 0 means the choice does not apply to what was traced."""
+  record = _Barrier(on)
+  token = _COTANGENT_BARRIER.set(record)
+  try:
+    yield record
+  finally:
+    _COTANGENT_BARRIER.reset(token)
+
+
+def _use_cotangent_barrier() -> bool:
+  record = _COTANGENT_BARRIER.get()
+  if record is None:
+    return True
+  record.sites += 1
+  return record.on
 
 
 def einsum(spec: str, a, b, dtype):
@@ -226,10 +262,27 @@ class Dropout(nnx.Dropout):
 
 
 def use_fused_attention(dtype) -> bool:
-  """Whether to use `jax.nn.dot_product_attention` (cuDNN flash on GPU). On CPU it lowers
-  to plain XLA math whose matmuls run in fp32 even for bf16 inputs, while `_explicit` keeps
-  the forward and backward matmuls bf16 (`einsum`): measured in bench/README.md."""
+  """Whether to use `jax.nn.dot_product_attention`. On CPU it lowers to plain XLA math whose
+  matmuls run in fp32 even for bf16 inputs, while `_explicit` keeps the forward and backward
+  matmuls bf16 (`einsum`): measured in bench/README.md. Its default implementation is XLA's
+  on every back end in jax 0.10 (`None` does not pick cuDNN's flash kernel yet); see
+  `attention_implementation`."""
   return jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != 'cpu'
+
+
+_ATTENTION_IMPL = contextvars.ContextVar('jaxft_attention_implementation', default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: str | None):
+  """Within: `jax.nn.dot_product_attention(implementation=impl)` ('xla', 'cudnn'; None is
+  JAX's default) in what traces here. bench/accelerator.py times cuDNN's flash attention
+  against the default with it; not a setting until it is measured on a GPU."""
+  token = _ATTENTION_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _ATTENTION_IMPL.reset(token)
 
 
 class Attention(nnx.Module):
@@ -277,7 +330,7 @@ class Attention(nnx.Module):
       y, probs = self._explicit(q, k, v, mask, causal, deterministic, rngs)
     else:
       y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                       is_causal=causal)
+                                       is_causal=causal, implementation=_ATTENTION_IMPL.get())
       probs = None
     y = constrain(y, ('batch', 'length', 'heads', 'kv'))
     return self.out(y), probs, new_cache

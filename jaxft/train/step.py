@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft import partitioning
+from jaxft import measured, partitioning
+from jaxft.models import layers
 
 Batch = dict[str, Any]
 
@@ -157,15 +158,63 @@ def make_train_step(model_def, objective: Objective, tx, state_shardings, mesh, 
   repl = partitioning.replicated(mesh)
   in_shardings = (state_shardings, None) + (
       () if constants_shardings is None else (constants_shardings,))
-  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, repl),
-                   donate_argnums=(0,))
+  variants = _BarrierVariants(step, dict(
+      in_shardings=in_shardings, out_shardings=(state_shardings, repl), donate_argnums=(0,)))
+  chosen = []
 
   def run(state, batch, *constants):
     with partitioning.use_mesh(mesh, rules):
-      return jitted(state, batch, *constants)
+      if not chosen:  # the first call decides the hardware choice for these shapes
+        chosen.append(variants[variants.choose(state, batch, constants)])
+      return chosen[0](state, batch, *constants)
 
-  run.jitted = jitted
+  run.jitted = variants['on']  # the built-in rule, for callers that lower it themselves
+  # the first call's choice, for callers that time or lower the chosen program themselves
+  run.choose, run.variant = lambda s, b, *c: variants.choose(s, b, c), variants.__getitem__
   return run
+
+
+class _BarrierVariants:
+  """The step jitted per candidate of `layers.COTANGENT_BARRIER` (the fp32 backward's
+  cotangent barrier on CPU), and the measured choice between them (jaxft/measured.py)."""
+
+  def __init__(self, step, jit_kw):
+    self.step, self.jit_kw, self.jitted, self.sites = step, jit_kw, {}, {}
+
+  def __getitem__(self, candidate: str):
+    if candidate not in self.jitted:
+      def stepped(state, batch, constants=None):
+        with layers.cotangent_barrier(candidate == 'on') as record:
+          out = self.step(state, batch, constants)
+        self.sites[candidate] = record.sites
+        return out
+      self.jitted[candidate] = jax.jit(stepped, **self.jit_kw)
+    return self.jitted[candidate]
+
+  def choose(self, state, batch, constants):
+    """The candidate to run: the built-in rule off CPU (the barrier is CPU-only), else the
+    measured (or stored, or set) one."""
+    choice = layers.COTANGENT_BARRIER
+    if jax.default_backend() != 'cpu':
+      return choice.default
+    return measured.decide(choice, measured.shapes_key(state, batch, constants),
+                           lambda: self._timing_runs(state, batch, constants))
+
+  def _timing_runs(self, state, batch, constants):
+    """One blocking step per candidate on a copy of the state (the run's own state is
+    donated by nothing here), or None when no fp32 backward asked for the barrier."""
+    self['on'].lower(state, batch, *constants)  # traced once; the run's call reuses it
+    if not self.sites.get('on'):
+      return None
+    holder = [jax.tree.map(lambda x: x.copy(), state)]
+
+    def run(candidate):
+      def one_step():
+        holder[0], metrics = self[candidate](holder[0], batch, *constants)
+        jax.block_until_ready((holder[0], metrics))
+      return one_step
+
+    return {c: run(c) for c in layers.COTANGENT_BARRIER.candidates}
 
 
 def make_eval_step(model_def, objective: Objective, mesh, rules, param_shardings):
