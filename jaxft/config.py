@@ -18,7 +18,7 @@ import typing
 
 import ml_collections
 
-from jaxft import compilation_cache, files
+from jaxft import compilation_cache, files, measured
 from jaxft.data.masking import MaskingSettings
 from jaxft.export import ExportSettings
 from jaxft.models.config import ModelConfig
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 # Top-level keys that jaxft.main reads before any stage runs: every stage accepts them.
-ENTRY_KEYS = ('compilation_cache_dir',)
+ENTRY_KEYS = ('compilation_cache_dir', 'choices')
 
 
 def as_section(settings) -> ml_collections.ConfigDict:
@@ -47,6 +47,7 @@ def run_config(stage: str) -> ml_collections.ConfigDict:
   c.stage = stage
   c.overwrite = False  # reuse a workdir that holds a different run (its files are moved aside)
   c.compilation_cache_dir = compilation_cache.DEFAULT_DIR  # compiled programs on disk; '' = off
+  c.choices = ''  # measured choices: 'name=candidate|default|measure,...' ('*' = all; measured.py)
   return c
 
 
@@ -152,6 +153,7 @@ def parse_settings(cls, cfg):
   `accepted_keys` lists it (a section its config files carry that the stage does not read)."""
   for key in ENTRY_KEYS:
     scalar(cfg, key, '')
+  measured.parse(cfg.get('choices', ''), 'choices')
   skip = RUN_KEYS + tuple(getattr(cls, 'accepted_keys', ()))
   return section(cls, {k: v for k, v in cfg.items() if k not in skip}, '')
 

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxft import checkpointing, compilation_cache, distributed, files, stages
+from jaxft import checkpointing, compilation_cache, distributed, files, measured, stages
 from jaxft.config import ConfigError
 from jaxft.data.pretrain import DataSettingsError
 from jaxft.export import OnnxMismatch
@@ -73,6 +73,7 @@ def main(argv):
   quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   compilation_cache.setup(cfg)  # before anything compiles (off for multi-process CPU runs)
+  _exit_on_user_error(_configure_choices, cfg)  # the `choices` key (JAXFT_CHOICES wins)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   if jax.process_count() > 1:
@@ -84,6 +85,13 @@ def run_reporting_errors(cfg, workdir: str) -> dict:
   """run_stage, with the errors that are the user's to fix printed as one line and the
   process ended with their exit code (what the command line does)."""
   return _exit_on_user_error(run_stage, cfg, workdir)
+
+
+def _configure_choices(cfg):
+  try:
+    measured.configure(measured.configured(cfg))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _exit_on_user_error(fn, *args):

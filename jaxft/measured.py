@@ -56,19 +56,33 @@ def configure(overrides: Mapping[str, str] | None = None) -> None:
   _overrides.update(overrides or {})
 
 
-def _setting(choice: Choice) -> str:
-  """What the settings say for `choice`: a candidate, 'default' or 'measure'."""
-  values = dict(_overrides)
-  raw = os.environ.get(ENV, '').strip()
-  for item in filter(None, (s.strip() for s in raw.split(','))):
+def parse(text: str, where: str = ENV) -> dict[str, str]:
+  """{name: value} of a comma list 'name=value,...' (the `choices` config key, JAXFT_CHOICES);
+  a ValueError naming `where` for an item that is not name=value."""
+  values = {}
+  for item in filter(None, (s.strip() for s in (text or '').split(','))):
     name, sep, value = item.partition('=')
     if not sep:
-      raise ValueError(f'{ENV}={raw!r}: {item!r} is not name=value')
+      raise ValueError(f'{where}={text!r}: {item!r} is not name=value')
     values[name.strip()] = value.strip()
+  return values
+
+
+def configured(cfg) -> dict[str, str]:
+  """The config's `choices` key (a pipeline's: its first section's), parsed."""
+  if 'choices' not in cfg and cfg.get('stage') == 'pipeline' and cfg.pipeline:
+    cfg = cfg[cfg.pipeline[0]]
+  value = cfg.get('choices', '')
+  return parse(value if isinstance(value, str) else '', 'choices')
+
+
+def _setting(choice: Choice) -> str:
+  """What the settings say for `choice`: a candidate, 'default' or 'measure'."""
+  values = {**_overrides, **parse(os.environ.get(ENV, '').strip())}
   value = values.get(choice.name, values.get('*', 'measure'))
   allowed = choice.candidates + ('default', 'measure')
   if value not in allowed:
-    raise ValueError(f'{ENV} / measured.configure: {choice.name}={value!r}; allowed: '
+    raise ValueError(f'choices / {ENV}: {choice.name}={value!r}; allowed: '
                      f'{", ".join(allowed)}')
   return value
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import measured, partitioning
+from jaxft import measured, partitioning, stages
 from jaxft.models import ModelConfig, build_model, layers
 from jaxft.objectives.lm import clm
 from jaxft.partitioning import MeshSettings
@@ -176,3 +176,20 @@ def test_barrier_setting_reaches_the_program(cache_dir, monkeypatch):
     assert step.choose(state, batch) == 'off'
   assert _barriers(step.variant('off'), state, batch, mesh, rules) == 0
   assert not (cache_dir / measured.STORE_NAME).exists()
+
+
+def test_the_choices_config_key_sets_them_and_is_checked_at_parse():
+  """`--config.choices=name=value,...` reaches configure() (the environment still wins), and
+  a malformed value is a config error before anything runs."""
+  import ml_collections
+  from jaxft import config as config_lib
+  from jaxft.config import ConfigError
+  assert measured.configured(ml_collections.ConfigDict({'choices': 'demo=b, *=default'})) == {
+      'demo': 'b', '*': 'default'}
+  pipeline = ml_collections.ConfigDict({'stage': 'pipeline', 'pipeline': ('a',),
+                                        'a': {'choices': 'demo=a'}})
+  assert measured.configured(pipeline) == {'demo': 'a'}
+  cfg = config_lib.base_config()
+  cfg.choices = 'demo'
+  with pytest.raises(ConfigError, match=r"choices='demo': 'demo' is not name=value"):
+    stages.parse(cfg)
