@@ -152,10 +152,13 @@ def test_the_checker_sees_a_function_local_upward_import(tmp_path):
   assert all(_layer(t) == _layer('jaxft.stages') for _, t in found)
 
 
-@pytest.mark.parametrize('limit', [80])
-def test_no_function_over_80_lines(limit):
+@pytest.mark.parametrize('limit, where', [(80, 'jaxft'), (65, 'jaxft/stages')])
+def test_no_function_over_80_lines(limit, where):
+  """80 lines anywhere; a stage is a thin job, and its functions stay under 65."""
   long = []
   for path in _sources():
+    if not str(path).startswith(str(PKG.parent / where)):
+      continue
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         n = node.end_lineno - node.lineno + 1
