@@ -14,6 +14,7 @@ from flax import nnx
 from jaxft import sources
 from jaxft.data import loader as loader_lib
 from jaxft.models import build_model, flat_params
+from jaxft.models.config import ModelConfig
 from jaxft.models.layers import Dense
 from jaxft.objectives.distill import PROJ
 from jaxft.train.state import ModelDef
@@ -118,3 +119,52 @@ def examples_per_sec(eval_step, params, arrays, batch_size: int, mesh, rules,
   outs = [eval_step(params, b) for b in batches]
   jax.block_until_ready(outs)
   return len(batches) * batch_size / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- the student's start
+
+def student_config(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfig, tokenizer,
+                   mode: str) -> ModelConfig:
+  """Architecture from init_from (a pretrained student) or the teacher's with
+  distill.student.* overrides (`dc`: the distill settings); the runtime fields (dropout,
+  dtypes) from `runtime`, the run's model section."""
+  if mode == 'init_from':
+    base = sources.model_config_of(init_from)
+  else:
+    shape = dc.student
+    base = teacher.replace(
+        num_layers=shape.num_layers or max(teacher.num_layers // 2, 1),
+        hidden_size=shape.hidden_size or teacher.hidden_size,
+        num_heads=shape.num_heads or teacher.num_heads,
+        intermediate_size=shape.intermediate_size or teacher.intermediate_size)
+  mine = runtime if runtime.vocab_size else runtime.replace(vocab_size=len(tokenizer))
+  return base.with_runtime_of(mine)
+
+
+def resolve_mode(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfig,
+                 tokenizer) -> str:
+  """distill.student_init, with 'auto' decided: init_from when given, else every k-th
+  teacher layer when the widths allow, else random."""
+  mode = dc.student_init
+  if mode == 'auto':
+    if init_from:
+      return 'init_from'
+    diff = width_mismatch(student_config(dc, init_from, runtime, teacher, tokenizer,
+                                         'teacher_every_k'), teacher)
+    mode = 'random' if diff else 'teacher_every_k'
+    logging.info('distill.student_init=auto -> %s%s', mode, f' ({diff})' if diff else '')
+  return mode
+
+
+def initial_params(dc, init_from: str, mode: str, teacher, sdef, smcfg):
+  """(host params or None, report) of the student's starting point."""
+  if mode == 'teacher_every_k':
+    diff = width_mismatch(smcfg, teacher.mcfg)
+    if diff:
+      raise ValueError(f'distill.student_init=teacher_every_k needs the teacher\'s widths: {diff}')
+    layer_ids = teacher_layers(teacher.mcfg.num_layers, smcfg.num_layers, dc.student_layers)
+    return from_teacher(teacher.params, sdef, layer_ids)
+  if mode == 'init_from':
+    params, report = sources.load_init(init_from, sdef)
+    return params, dict(report, mode='init_from', path=init_from)
+  return None, {'mode': 'random'}
