@@ -34,6 +34,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 
@@ -48,6 +49,29 @@ def pytest_configure(config):
   # xdist reorders files by their number of tests unless told not to: keep the order below
   if hasattr(config.option, 'loadscopereorder'):
     config.option.loadscopereorder = False
+
+
+# Files that read workdirs another file trains (functools.cache helpers imported from it) run
+# on the worker that trains them: under `--dist loadfile` each file would otherwise train its
+# own copy in whichever worker it lands (tests/test_predict.py and tests/test_deploy.py
+# re-ran test_finetune.py's pretraining and its 200-step SST-2 and CoNLL fine-tunes).
+SHARED_WORKDIRS = {'tests/test_predict.py': 'tests/test_finetune.py',
+                   'tests/test_deploy.py': 'tests/test_finetune.py'}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile`, with the files of SHARED_WORKDIRS in one unit of work."""
+  if config.getvalue('dist') != 'loadfile':
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class SharedWorkdirScheduling(LoadFileScheduling):
+    def _split_scope(self, nodeid):
+      path = super()._split_scope(nodeid)
+      return SHARED_WORKDIRS.get(path, path)
+
+  return SharedWorkdirScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,12 @@
 """Pretraining learns: the quickstart's MLM pretraining (its own settings, pretraining part
 only, an end-to-end `python -m jaxft.main` run on the bundled corpus) learns more than token
 frequencies: its final eval accuracy is twice the most-frequent-token baseline's and its eval
-loss is below the unigram entropy (both printed with the results)."""
+loss is below the unigram entropy (both printed with the results).
+
+The training is the quickstart's, step for step; only what it does between steps is thinned:
+an eval every 200 steps instead of 50 and no checkpoint before the final one (neither changes
+the parameters, the data order or the masks: the same final eval to the last bit; 152 -> 143
+CPU-s measured side by side, Intel Xeon, shared machine)."""
 import json
 
 import pytest
@@ -13,7 +18,9 @@ def test_quickstart_mlm_learns_more_than_token_frequencies(tmp_path):
   qs = load_config('quickstart')
   pipeline = qs.get_config('pretrain').get('stage') == 'pipeline'
   args = [f'--config={REPO / "configs" / "quickstart.py"}' + (':pretrain' if pipeline else ''),
-          f'--config.{"pretrain." if pipeline else ""}export.hf=False']
+          f'--config.{"pretrain." if pipeline else ""}export.hf=False',
+          f'--config.{"pretrain." if pipeline else ""}train.eval_every=200',
+          f'--config.{"pretrain." if pipeline else ""}checkpoint.every=0']
   run_main(args, tmp_path)
   run_dir = tmp_path / 'pretrain' if pipeline else tmp_path
   evals = eval_losses(run_dir)
