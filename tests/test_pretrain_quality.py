@@ -15,16 +15,14 @@ from lm_runs import REPO, eval_losses, load_config, run_main
 
 @pytest.mark.slow
 def test_quickstart_mlm_learns_more_than_token_frequencies(tmp_path):
-  qs = load_config('quickstart')
-  pipeline = qs.get_config('pretrain').get('stage') == 'pipeline'
-  args = [f'--config={REPO / "configs" / "quickstart.py"}' + (':pretrain' if pipeline else ''),
-          f'--config.{"pretrain." if pipeline else ""}export.hf=False',
-          f'--config.{"pretrain." if pipeline else ""}train.eval_every=200',
-          f'--config.{"pretrain." if pipeline else ""}checkpoint.every=0']
+  qs = load_config('quickstart')  # a pipeline: its pretraining part, in tmp_path/pretrain
+  args = [f'--config={REPO / "configs" / "quickstart.py"}:pretrain',
+          '--config.pretrain.export.hf=False', '--config.pretrain.train.eval_every=200',
+          '--config.pretrain.checkpoint.every=0']
   run_main(args, tmp_path)
-  run_dir = tmp_path / 'pretrain' if pipeline else tmp_path
+  run_dir = tmp_path / 'pretrain'
   evals = eval_losses(run_dir)
-  cfg = qs.pretrain_config() if pipeline else qs.get_config('')
+  cfg = qs.pretrain_config()
   assert len(evals) >= 2 and evals[-1][0] == cfg.train.num_steps, evals
   (first_step, first), (_, last) = evals[0], evals[-1]
   assert first_step < cfg.train.num_steps // 2
