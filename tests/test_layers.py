@@ -72,8 +72,9 @@ def test_every_module_has_a_layer():
   assert not missing, f'modules without a layer in tests/test_layers.py: {missing}'
 
 
-def _bad_imports():
-  """'file:line: what' for every import up a layer or sideways within one."""
+def _edges():
+  """(path, line, module, (its layer, package), target, (the target's layer, package)) for
+  every import from one package of LAYERS to another."""
   for path in _sources():
     module = _module_name(path)
     mine = _package(module)
@@ -81,14 +82,18 @@ def _bad_imports():
       continue
     for line, target in _imports(ast.parse(path.read_text()), module):
       theirs = _package(target)
-      if theirs is None or theirs[1] == mine[1]:
-        continue
-      if theirs[0] > mine[0]:
-        yield (f'{path.relative_to(PKG.parent)}:{line}: {module} (layer {mine[0]}) imports '
-               f'{target} (layer {theirs[0]})')
-      elif theirs[0] == mine[0]:
-        yield (f'{path.relative_to(PKG.parent)}:{line}: {module} imports {target}, a package '
-               f'of its own layer {mine[0]} (move one of them a layer down or up)')
+      if theirs is not None and theirs[1] != mine[1]:
+        yield path.relative_to(PKG.parent), line, module, mine, target, theirs
+
+
+def _bad_imports():
+  """'file:line: what' for every import up a layer or sideways within one."""
+  for path, line, module, mine, target, theirs in _edges():
+    if theirs[0] > mine[0]:
+      yield f'{path}:{line}: {module} (layer {mine[0]}) imports {target} (layer {theirs[0]})'
+    elif theirs[0] == mine[0]:
+      yield (f'{path}:{line}: {module} imports {target}, a package of its own layer '
+             f'{mine[0]} (move one of them a layer down or up)')
 
 
 def test_no_import_goes_up_a_layer_or_sideways():
@@ -100,15 +105,8 @@ def test_the_layer_table_is_tight():
   """Every package sits on the lowest layer its imports allow: a table with room to spare
   lets a module chain sideways unnoticed."""
   needed = {}
-  for path in _sources():
-    module = _module_name(path)
-    mine = _package(module)
-    if mine is None:
-      continue
-    for _, target in _imports(ast.parse(path.read_text()), module):
-      theirs = _package(target)
-      if theirs is not None and theirs[1] != mine[1]:
-        needed[mine[1]] = max(needed.get(mine[1], 0), theirs[0] + 1)
+  for _, _, _, mine, _, theirs in _edges():
+    needed[mine[1]] = max(needed.get(mine[1], 0), theirs[0] + 1)
   loose = [f'{p} is on layer {i} but needs only {needed.get(p, 0)}'
            for i, prefixes in enumerate(LAYERS) for p in prefixes
            if needed.get(p, 0) < i and p not in ('jaxft.main',)]
