@@ -7,10 +7,14 @@
 Variants:
   e2e     E2E NLG (restaurant meaning representation -> description): a small GPT-2 from
           random init with the GPT-2 BPE. Reads ../shared/data/e2e/devset.csv when it is
-          there, else the bundled slice data/e2e/devset-slice.csv; 10% of the MRs (never
-          single rows) are held out; validation = greedy decoding of each held-out MR,
-          scored against all its references (BLEU, chrF, ROUGE-L); the best BLEU is kept.
-  tiny    the bundled slice and a tiny model: seconds, for tests and smoke runs.
+          there, else the bundled slice data/e2e/devset-slice.csv; 10% of the MRs are held
+          out by restaurant (data.dev_holdout_field='name': no validation restaurant is
+          trained on, as in the official test set); name and near values are placeholders
+          (data.delexicalize), put back after decoding; validation = greedy decoding of
+          each held-out MR, scored against all its references (BLEU, chrF, ROUGE-L) and by
+          the slot error rate; the best BLEU is kept.
+  tiny    the bundled slice and a tiny model (the same split and placeholders): seconds,
+          for tests and smoke runs.
   custom  your files: data.train_file (+ dev_file), data.prompt_column, completion_column,
           data.template; set init_from (a jaxft workdir or an HF GPT-2 directory).
 Decoding for validation is `generate.*` (docs/generation.md); generate.method='' validates
@@ -34,6 +38,7 @@ def e2e_data():
       train_file='devset.csv' if full else 'devset-slice.csv',
       prompt_column='mr', completion_column='ref', template='{prompt} ||',
       completion_prefix=' ', max_len=128, dev_fraction=0.1, split_seed=0,
+      dev_holdout_field='name', delexicalize=('name', 'near'),
       tokenizer=os.path.join(REPO, 'data', 'tokenizers', 'gpt2')))
 
 

@@ -18,6 +18,7 @@ from jaxft.data.splits import IGNORE_INDEX
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models import build_model, gpt2_defaults
 from jaxft.objectives.completion import completion_objective, target_positions
+from jaxft.train import slot_errors
 from jaxft.train.metrics import generation_metrics
 from jaxft.train.state import ModelDef
 
@@ -144,6 +145,138 @@ def test_dev_split_is_by_prompt_never_by_row():
     assert dev.prompts.count(p) == pairs.prompts.count(p)
   again = lm.split_by_prompt(pairs, 0.2, seed=0)[1]
   assert again.prompts == dev.prompts
+
+
+def test_hold_out_by_a_field_never_puts_a_value_on_both_sides():
+  pairs = lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref')
+  names = {lm.slot_value(p, 'name') for p in pairs.prompts}
+  for seed in range(5):
+    train, dev = lm.split_by_field(pairs, 'name', 0.2, seed)
+    train_names = {lm.slot_value(p, 'name') for p in train.prompts}
+    dev_names = {lm.slot_value(p, 'name') for p in dev.prompts}
+    assert dev_names and train_names and not train_names & dev_names
+    assert train_names | dev_names == names and len(train) + len(dev) == len(pairs)
+    assert len(set(dev.prompts)) >= round(0.2 * 46)  # whole names until the share is reached
+    for p in set(dev.prompts):  # every row of a held-out prompt is held out
+      assert dev.prompts.count(p) == pairs.prompts.count(p)
+  assert lm.split_by_field(pairs, 'name', 0.2, 4)[1].prompts == dev.prompts  # seeded
+  # a prompt without the field is a group of its own; a field no prompt has is an error
+  mixed = lm.Pairs(['name[A], x[1]', 'name[A], x[2]', 'name[B], x[1]', 'free text', 'x[3]'],
+                   list('abcde'), [f'f:{i}' for i in range(5)])
+  for seed in range(6):
+    train, dev = lm.split_by_field(mixed, 'name', 0.4, seed)
+    assert not {lm.slot_value(p, 'name') for p in train.prompts} & \
+        {lm.slot_value(p, 'name') for p in dev.prompts} - {None}
+  with pytest.raises(lm.InputError, match=r"f:0: data.dev_holdout_field='nmae': no prompt"):
+    lm.split_by_field(mixed, 'nmae', 0.4, 0)
+  data = lm.CompletionData(path=os.path.dirname(SLICE), train_file='devset-slice.csv',
+                           prompt_column='mr', completion_column='ref', dev_fraction=0.2,
+                           dev_holdout_field='name')
+  train, dev, info = lm.load_splits(data)
+  assert not {lm.slot_value(p, 'name') for p in train.prompts} & \
+      {lm.slot_value(p, 'name') for p in dev.prompts}
+  with pytest.raises(ValueError, match='needs data.dev_fraction'):
+    lm.CompletionData(dev_holdout_field='name')
+
+
+def test_slot_prompts_parse_and_free_text_does_not():
+  assert lm.parse_slots('name[The Eagle], customer rating[5 out of 5]') == [
+      ('name', 'The Eagle'), ('customer rating', '5 out of 5')]
+  assert lm.parse_slots('Summarize: a text [1] with brackets') is None
+  assert lm.parse_slots('name[A] and more') is None
+
+
+# Values with regex, format and template characters, a backslash group reference, a value
+# that holds another, and one equal to another slot's value.
+TRICKY = ['C++ & $1 (.*) [x]', r'A\1 {prompt} {0} %s', 'The Eagle', 'Eagle', '^$|?', 'X_name']
+
+
+@pytest.mark.parametrize('name,near', [(TRICKY[0], TRICKY[1]), (TRICKY[2], TRICKY[3]),
+                                       (TRICKY[3], TRICKY[2]), (TRICKY[4], TRICKY[4]),
+                                       (TRICKY[5], 'Burger King')])
+def test_delexicalisation_round_trips_every_value(name, near):
+  # ']' cannot be in a value of a `slot[value]` prompt: it ends the value
+  name, near = name.replace('[x]', '(x)'), near.replace('[x]', '(x)')
+  delex = lm.Delexicalizer(('name', 'near'))
+  prompt = f'name[{name}], food[French], near[{near}]'
+  text = f'{name} serves French food near {near}; {name}, again. Not {name[:2]}.'
+  dp, values = delex.prompt(prompt)
+  assert dp == 'name[X-name], food[French], near[X-near]' or name == near
+  assert name not in dp.replace('X-name', '').replace('X-near', '') or name in 'French'
+  dt = delex.completion(text, values)
+  assert 'X-name' in dt and name not in dt.replace('X-name', '').replace('X-near', '')
+  assert delex.put_back(dt, values) == text
+  assert delex.put_back(dp, values) == prompt
+  assert lm.format_prompt(dp, '{prompt} ||') == dp + ' ||'
+  # the pairs the model trains on, and the prompts it decodes, are delexicalised alike
+  pairs = lm.delexicalize_pairs(lm.Pairs([prompt], [text], ['f:2']), ('name', 'near'))
+  assert pairs.prompts == [dp] and pairs.completions == [dt]
+
+
+def test_delexicalisation_refuses_text_holding_a_placeholder_and_leaves_free_text():
+  delex = lm.Delexicalizer(('name',))
+  with pytest.raises(lm.InputError, match=r"f:7: the text holds 'X-name'"):
+    lm.delexicalize_pairs(lm.Pairs(['name[A]'], ['X-name is A.'], ['f:7']), ('name',))
+  assert delex.prompt('free text about name[A') == ('free text about name[A', {})
+  assert delex.prompt('name[A], near[B]') == ('name[X-name], near[B]', {'X-name': 'A'})
+  assert delex.put_back('X-near is X-name.', {'X-name': 'A'}) == 'X-near is A.'
+  assert lm.Delexicalizer(('customer rating',)).prompt('customer rating[high]')[0] == \
+      'customer rating[X-customer_rating]'
+  with pytest.raises(ValueError, match='data.delexicalize'):
+    lm.CompletionData(delexicalize=('name[',))
+
+
+HAND_COUNTED = [  # (prompt, output, errors counted by hand)
+    ('name[Blue Spice], eatType[coffee shop], area[city centre]',
+     'The Mill is a coffee shop located near the city centre near The Portland Arms. Its '
+     'customer rating is low.',
+     {'wrong name[Blue Spice]', 'added near[the portland arms]', 'added customer rating[low]'}),
+    ('name[The Eagle], eatType[pub], food[French], priceRange[cheap], customer rating[5 out of '
+     '5], familyFriendly[no], near[Burger King]',
+     'The Eagle is a cheap restaurant near Burger King serving French food. It is not '
+     'family-friendly and has a customer rating of 5 out of 5.', {'missing eatType[pub]'}),
+    ('name[Alimentum], area[city centre], familyFriendly[no]',
+     "Alimentum is a family-friendly Italian restaurant in the city centre.",
+     {'wrong familyFriendly[no]', 'added food[italian]'}),
+    ('name[Cotto], priceRange[less than £20], customer rating[average], area[riverside]',
+     'Cotto is a low-priced venue by the river with an average customer rating.', set()),
+    ('name[Zizzi], eatType[coffee shop], priceRange[more than £30]',
+     "Zizzi is a coffee shop that isn't expensive. Kids are not welcome.",
+     {'missing priceRange[more than £30]', 'added familyFriendly[no]'}),
+    ('Write about a cafe.', 'Zizzi is a pub.', set()),  # free text: not scored
+]
+
+
+def test_slot_error_rate_equals_a_hand_count():
+  prompts, texts, expected = zip(*HAND_COUNTED)
+  known = slot_errors.known_values(prompts + ('name[The Mill], near[The Portland Arms]',))
+  scores, failing = slot_errors.slot_error_rate(prompts, texts, known)
+  got = {i: {f'{e.kind} {e.slot}[{e.value}]' for e in errors} for i, errors in failing}
+  assert got == {i: e for i, e in enumerate(expected) if e}
+  # 20 slot values in the five structured prompts; 2 missing + 2 wrong + 4 added
+  assert scores == {'slot_error_rate': 100 * 8 / 20, 'slots': 20.0, 'slot_missing': 2.0,
+                    'slot_wrong': 2.0, 'slot_added': 4.0}
+  report = slot_errors.report_text(prompts, texts, failing, scores)
+  assert report.startswith('slot error rate 40.00% = (2 missing + 2 wrong + 4 added) / 20')
+  assert "- wrong name[Blue Spice] (the text says 'the mill')" in report
+  assert slot_errors.slot_error_rate(['free text'], ['x']) == ({}, [])
+
+
+def test_each_scale_value_is_matched_by_its_class_and_negation_flips_family():
+  cases = [('priceRange[£20-25]', 'It is moderately priced.', 0),
+           ('priceRange[moderate]', 'Prices are between £20-25.', 0),
+           ('priceRange[cheap]', 'It is expensive.', 1),
+           ('customer rating[1 out of 5]', 'It has a low customer rating.', 0),
+           ('customer rating[high]', 'Customers rate it 5 out of 5.', 0),
+           ('customer rating[high]', 'It is rated low but has high prices.', 2),  # + price
+           ('familyFriendly[yes]', 'It is child friendly.', 0),
+           ('familyFriendly[no]', 'It does not allow children.', 0),
+           ('familyFriendly[no]', 'It is a non family-friendly pub.', 1),  # pub added
+           ('eatType[restaurant]', 'It is a pub.', 1),
+           ('name[Café Sicilia]', 'Café Sicilia serves coffee.', 0),  # a name is no café
+           ('food[Thai]', 'It serves thai dishes.', 0)]  # no pattern: matched literally
+  for prompt, text, n in cases:
+    assert len(slot_errors.slot_errors(prompt, text)[1]) == n, (prompt, text)
 
 
 # ----------------------------------------------------------------------------------- rows

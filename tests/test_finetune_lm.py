@@ -85,12 +85,22 @@ def test_validation_decodes_every_dev_mr_and_scores_it(trained):
   wd, r, _ = trained
   assert [h['step'] for h in r['history']] == [3, 6]
   for h in r['history']:
-    assert {'eval/loss', 'eval/bleu', 'eval/chrf', 'eval/rouge_l'} <= set(h)
+    assert {'eval/loss', 'eval/bleu', 'eval/chrf', 'eval/rouge_l', 'eval/slot_error_rate',
+            'eval/slot_missing', 'eval/slot_wrong', 'eval/slot_added'} <= set(h)
     assert 0 < h['eval/gen_length'] <= 8
   assert r['best']['metric'] == 'bleu' and r['best']['restored_step'] in (3, 6)
   gens = _lines(wd / 'generations.jsonl')
-  assert len(gens) == r['data']['n_dev_prompts'] == 9  # one line per distinct dev MR
+  assert len(gens) == r['data']['n_dev_prompts'] == 11  # one line per distinct dev MR
   assert all(set(g) == {'input', 'text'} and g['input'].startswith('name[') for g in gens)
+  # held out by restaurant name (the recipe's data.dev_holdout_field): no name on both sides
+  train = lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref').prompts
+  dev_names = {lm.slot_value(g['input'], 'name') for g in gens}
+  assert not dev_names & {lm.slot_value(p, 'name') for p in train if p not in
+                          {g['input'] for g in gens}}
+  # delexicalised: the model writes X-name / X-near, the texts hold the MR's values instead
+  assert not any('X-name' in g['text'] or 'X-near' in g['text'] for g in gens)
+  report = (wd / 'slot_errors.txt').read_text()
+  assert report.startswith(f"slot error rate {r['dev_generation']['slot_error_rate']:.2f}% ")
   best = next(h for h in r['history'] if h['step'] == r['best']['restored_step'])
   assert r['dev_generation']['bleu'] == best['eval/bleu']  # the kept params, decoded again
   assert (wd / 'export' / 'model.safetensors').exists()
@@ -104,10 +114,13 @@ def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, 
   assert len(ga) == 46 == a['n_inputs']  # the slice's distinct MRs, in file order
   assert [g['input'] for g in ga] == lm.group_by_prompt(
       lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref'))[0]
-  assert a['scores'].keys() == {'bleu', 'chrf', 'rouge_l'}
+  assert a['scores'].keys() == {'bleu', 'chrf', 'rouge_l', 'slot_error_rate', 'slots',
+                                'slot_missing', 'slot_wrong', 'slot_added'}
+  assert (tmp_path / 'a' / 'slot_errors.txt').exists()
   # export/ holds the best parameters; an HF dir has no data config: give the template
   c = gen_config(wd / 'export')
-  c.data.update(template='{prompt} ||', prompt_column='mr', completion_column='ref')
+  c.data.update(template='{prompt} ||', prompt_column='mr', completion_column='ref',
+                delexicalize=('name', 'near'))
   run_stage(c, str(tmp_path / 'b'))
   assert _lines(tmp_path / 'b' / 'generations.jsonl') == ga
   monkeypatch.chdir(wd.parent)  # a relative init_from (Orbax wants absolute paths); the

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +40,10 @@ from jaxft.data.splits import (IGNORE_INDEX, SKIP_HINT, BadRows, MissingSplitErr
 from jaxft.files import InputError
 
 FORMATS = ('csv', 'tsv', 'jsonl', 'txt')
+# One `slot[value]` item of a structured prompt (E2E's meaning representations:
+# 'name[The Eagle], eatType[coffee shop], customer rating[5 out of 5]').
+SLOT_NAME = re.compile(r'[^\[\],]*[^\[\],\s][^\[\],]*')
+_SLOT_ITEM = re.compile(r'\s*([^\[\],]+?)\s*\[([^\[\]]*)\]\s*(?:,|$)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,8 @@ class CompletionData(TaskData):
   packing: bool = False           # several examples per row (segment_ids, position_ids)
   dev_fraction: float = 0.0       # no dev split: hold out this share of distinct prompts
   split_seed: int = 0             # of the dev_fraction hold-out and the packing order
+  dev_holdout_field: str = ''     # hold out whole values of this slot (E2E: 'name')
+  delexicalize: tuple = ()        # slots whose values become placeholders (X-name), put back
 
   def __post_init__(self):
     super().__post_init__()
@@ -67,6 +74,13 @@ class CompletionData(TaskData):
       raise ValueError(f'data.template={self.template!r} must contain {{prompt}}')
     if not 0 <= self.dev_fraction < 1:
       raise ValueError(f'data.dev_fraction={self.dev_fraction} must be in [0, 1)')
+    if self.dev_holdout_field and not self.dev_fraction:
+      raise ValueError(f'data.dev_holdout_field={self.dev_holdout_field!r} needs '
+                       'data.dev_fraction > 0 (the share of prompts to hold out)')
+    for field in self.delexicalize:
+      if not isinstance(field, str) or not SLOT_NAME.fullmatch(field):
+        raise ValueError(f'data.delexicalize={self.delexicalize!r}: each entry is a slot name '
+                         "of `slot[value]` prompts, like 'name'")
     if not self.prompt_column or not self.completion_column:
       raise ValueError('data.prompt_column and data.completion_column must be set')
     if self.source == 'hf' and not self.hf_path:
@@ -271,7 +285,11 @@ def load_splits(data: CompletionData) -> tuple[Pairs, Pairs | None, dict]:
     except MissingSplitError:
       dev = None
   if dev is None and data.dev_fraction > 0:
-    train, dev = split_by_prompt(train, data.dev_fraction, data.split_seed)
+    if data.dev_holdout_field:
+      train, dev = split_by_field(train, data.dev_holdout_field, data.dev_fraction,
+                                  data.split_seed)
+    else:
+      train, dev = split_by_prompt(train, data.dev_fraction, data.split_seed)
   info = {'n_train_rows': len(train), 'n_train_prompts': len(set(train.prompts)),
           'n_dev_rows': len(dev) if dev is not None else 0,
           'n_dev_prompts': len(set(dev.prompts)) if dev is not None else 0}
@@ -313,6 +331,150 @@ def split_by_prompt(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pa
           pairs.subset([i for i, d in enumerate(is_dev) if d]))
 
 
+def _slot_matches(prompt: str) -> list[re.Match] | None:
+  matches, at = [], 0
+  while at < len(prompt):
+    m = _SLOT_ITEM.match(prompt, at)
+    if m is None or m.end() == at:
+      return None
+    matches.append(m)
+    at = m.end()
+  return matches or None
+
+
+def parse_slots(prompt: str) -> list[tuple[str, str]] | None:
+  """'name[The Eagle], food[French]' -> [('name', 'The Eagle'), ('food', 'French')]: the
+  `slot[value]` items of a structured prompt in order, or None when the prompt is not
+  entirely such items (free text)."""
+  matches = _slot_matches(prompt)
+  return None if matches is None else [(m.group(1), m.group(2).strip()) for m in matches]
+
+
+def slot_value(prompt: str, field: str) -> str | None:
+  """The value of `field` in a `slot[value]` prompt (the first, if repeated), else None."""
+  for name, value in parse_slots(prompt) or ():
+    if name == field:
+      return value
+  return None
+
+
+def split_by_field(pairs: Pairs, field: str, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+  """(train, dev): whole values of the slot `field` go to dev, in a seeded order, until the
+  dev side holds `fraction` of the distinct prompts, so no value of `field` is on both
+  sides (E2E: restaurants never trained on, as the official test set has). A prompt
+  without the slot is a group of its own. InputError when no prompt has the slot, or
+  when it has a single value (nothing could be held out)."""
+  if not 0 < fraction < 1:
+    raise ValueError(f'data.dev_fraction={fraction} must be in (0, 1)')
+  distinct, _, where = group_by_prompt(pairs)
+  keys = [slot_value(p, field) for p in distinct]
+  if all(k is None for k in keys):
+    raise InputError(f'{where[0]}: data.dev_holdout_field={field!r}: no prompt has a '
+                     f'`{field}[...]` item (e.g. {distinct[0][:80]!r})')
+  groups: dict[tuple, list[str]] = {}
+  for p, k in zip(distinct, keys):
+    groups.setdefault(('value', k) if k is not None else ('prompt', p), []).append(p)
+  if len(groups) < 2:
+    raise InputError(f'{where[0]}: data.dev_holdout_field={field!r} has one value only '
+                     f'({keys[0]!r}): nothing to hold out')
+  order = list(groups)
+  target = max(1, int(round(fraction * len(distinct))))
+  dev_prompts: set[str] = set()
+  for i in np.random.RandomState(seed).permutation(len(order)).tolist():
+    if len(dev_prompts) >= target:
+      break
+    if len(dev_prompts) + len(groups[order[i]]) < len(distinct):  # keep a training side
+      dev_prompts.update(groups[order[i]])
+  is_dev = [p in dev_prompts for p in pairs.prompts]
+  logging.info('data.dev_holdout_field=%r: %d of %d values (%d of %d prompts) held out', field,
+               sum(order[i][0] == 'value' and groups[order[i]][0] in dev_prompts
+                   for i in range(len(order))), sum(k[0] == 'value' for k in order),
+               len(dev_prompts), len(distinct))
+  return (pairs.subset([i for i, d in enumerate(is_dev) if not d]),
+          pairs.subset([i for i, d in enumerate(is_dev) if d]))
+
+
+# ---------------------------------------------------------------------- delexicalisation
+
+@dataclasses.dataclass(frozen=True)
+class Delexicalizer:
+  """Values of chosen slots of `slot[value]` prompts replaced by placeholders (`X-name`) in
+  the prompt and in its completion, and put back into generated text: a model cannot copy
+  a restaurant it never saw, but it can copy `X-name`.
+
+  The completion's exact (case-sensitive) occurrences of the prompt's values are replaced,
+  longest value first, so put_back(completion(c, values), values) == c for every text that
+  holds no placeholder (data that does is refused: it could not be told apart)."""
+  fields: tuple = ()
+
+  def placeholder(self, field: str) -> str:
+    return 'X-' + re.sub(r'\s+', '_', field.strip())
+
+  def __bool__(self):
+    return bool(self.fields)
+
+  def check(self, text: str, where: str) -> None:
+    """InputError for raw text that already holds a placeholder."""
+    for f in self.fields:
+      if self.placeholder(f) in text:
+        raise InputError(f'{where}: the text holds {self.placeholder(f)!r}, the placeholder '
+                         f'of data.delexicalize={f!r}: it would be read back as a value')
+
+  def prompt(self, prompt: str) -> tuple[str, dict[str, str]]:
+    """(the prompt with the chosen slots' values replaced in place, {placeholder: value});
+    a slot given twice keeps its second, different value."""
+    matches = _slot_matches(prompt) if self.fields else None
+    if matches is None:
+      return prompt, {}
+    values, out, at = {}, [], 0
+    for m in matches:
+      value = m.group(2).strip()
+      if m.group(1) not in self.fields or not value:
+        continue
+      ph = self.placeholder(m.group(1))
+      if values.setdefault(ph, value) != value:
+        continue
+      start = m.start(2) + m.group(2).index(value)
+      out += [prompt[at:start], ph]
+      at = start + len(value)
+    return ''.join(out + [prompt[at:]]), values
+
+  def completion(self, text: str, values: dict[str, str]) -> str:
+    """`text` with each value of `values` replaced by its placeholder."""
+    return _replace_all(text, {v: k for k, v in reversed(values.items())})
+
+  def put_back(self, text: str, values: dict[str, str]) -> str:
+    """Generated text with each placeholder replaced by its value (a placeholder of a slot
+    the prompt lacks stays as it is)."""
+    return _replace_all(text, values)
+
+
+def _replace_all(text: str, mapping: dict[str, str]) -> str:
+  """Every occurrence of each key of `mapping` replaced by its value, in one pass, longest
+  key first; values are literal (no regex or template syntax is interpreted)."""
+  keys = sorted((k for k in mapping if k), key=len, reverse=True)
+  if not keys:
+    return text
+  pattern = re.compile('|'.join(re.escape(k) for k in keys))
+  return pattern.sub(lambda m: mapping[m.group(0)], text)
+
+
+def delexicalize_pairs(pairs: Pairs, fields: Sequence[str]) -> Pairs:
+  """Pairs as the model sees them with data.delexicalize (the same pairs without)."""
+  delex = Delexicalizer(tuple(fields))
+  if not delex:
+    return pairs
+  prompts, completions = [], None if pairs.completions is None else []
+  for i, p in enumerate(pairs.prompts):
+    delex.check(p, pairs.sources[i])
+    dp, values = delex.prompt(p)
+    prompts.append(dp)
+    if completions is not None:
+      delex.check(pairs.completions[i], pairs.sources[i])
+      completions.append(delex.completion(pairs.completions[i], values))
+  return Pairs(prompts, completions, list(pairs.sources))
+
+
 # ----------------------------------------------------------------------------- tokenize
 
 def format_prompt(prompt: str, template: str) -> str:
@@ -321,22 +483,30 @@ def format_prompt(prompt: str, template: str) -> str:
   return template.replace('{prompt}', prompt)
 
 
-def encode_prompts(prompts: Sequence[str], tokenizer, template: str) -> list[list[int]]:
+def encode_prompts(prompts: Sequence[str], tokenizer, template: str,
+                   delexicalize: Sequence[str] = ()) -> list[list[int]]:
+  """Token ids of each prompt in its template (with the data.delexicalize slots' values
+  replaced by placeholders)."""
   if not prompts:
     return []
+  delex = Delexicalizer(tuple(delexicalize))
+  prompts = [delex.prompt(p)[0] for p in prompts]
   texts = [format_prompt(p, template) for p in prompts]
   return [list(x) for x in tokenizer(texts, add_special_tokens=False)['input_ids']]
 
 
 def encode_pairs(pairs: Pairs, tokenizer, *, template: str = '{prompt}',
                  completion_prefix: str = ' ', append_eos: bool = True, max_len: int = 128,
-                 truncation: str = 'truncate') -> tuple[list[tuple[list[int], list[int]]], dict]:
+                 truncation: str = 'truncate', delexicalize: Sequence[str] = ()
+                 ) -> tuple[list[tuple[list[int], list[int]]], dict]:
   """[(prompt ids, completion ids (+ EOS))] and stats. A pair longer than max_len is cut at
   the end of its completion (truncate), dropped (skip) or refused (error); a pair whose
-  prompt alone fills max_len cannot be trained on and is dropped in any mode but error."""
+  prompt alone fills max_len cannot be trained on and is dropped in any mode but error.
+  `delexicalize`: the slots whose values become placeholders (Delexicalizer)."""
   check_truncation(truncation)
   if pairs.completions is None:
     raise ValueError('training needs completions: the data has prompts only')
+  pairs = delexicalize_pairs(pairs, delexicalize)
   eos = tokenizer.eos_token_id
   if append_eos and eos is None:
     raise ValueError('data.append_eos=True but the tokenizer has no EOS token')

@@ -82,7 +82,7 @@ def _rows(d: lm_data.CompletionData, tokenizer, pairs, packing: bool, seed: int 
   enc, stats = lm_data.encode_pairs(pairs, tokenizer, template=d.template,
                                     completion_prefix=d.completion_prefix,
                                     append_eos=d.append_eos, max_len=d.max_len,
-                                    truncation=d.truncation)
+                                    truncation=d.truncation, delexicalize=d.delexicalize)
   if packing and seed is not None:  # a seeded order, so packed rows mix prompts
     order = np.random.RandomState(seed).permutation(len(enc))
     enc = [enc[i] for i in order]
@@ -96,7 +96,7 @@ def _dev(d: lm_data.CompletionData, tokenizer, dev_pairs, decode, bs: int, mcfg)
   dev = _Dev(arrays=lm_data.pad_rows(_rows(d, tokenizer, dev_pairs, False)[0], bs))
   dev.prompts, dev.references, sources_ = lm_data.group_by_prompt(dev_pairs)
   if decode is not None:
-    prompt_ids = lm_data.encode_prompts(dev.prompts, tokenizer, d.template)
+    prompt_ids = lm_data.encode_prompts(dev.prompts, tokenizer, d.template, d.delexicalize)
     generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, sources_)
     dev.prompt_rows = lm_data.prompt_arrays(prompt_ids, pad_id_of(tokenizer), bs)
   return dev
@@ -124,7 +124,8 @@ def _eval_batches(dev: _Dev, bs: int):
   return batches
 
 
-def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str) -> list[loop.Hook]:
+def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str,
+                     score_kw: dict) -> list[loop.Hook]:
   """At the end, the kept (best) parameters decode every dev prompt once more ->
   WORKDIR/generations.jsonl; the scores are results['dev_generation']."""
   if dev.prompt_rows is None:
@@ -133,7 +134,8 @@ def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str) -> list[loop.H
   def generate(trained: loop.Trained) -> dict:
     keep = {}
     scores = trained.evaluate(_loader(dev.prompt_rows, bs),
-                              generation.summarizer(tokenizer, dev.references, keep))
+                              generation.summarizer(tokenizer, dev.references, keep, **score_kw))
+    generation.write_slot_errors(workdir, dev.prompts, keep['texts'], keep['failing'], scores)
     generation.write_generations(os.path.join(workdir, generation.GENERATIONS), dev.prompts,
                                  keep['texts'], scores)
     return scores
@@ -169,22 +171,25 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   model_def, init_params, trainable, lr_scale, report = _init(s, mcfg, workdir, tokenizer)
   objective = completion_objective(max_targets=n_targets, decode_settings=decode,
                                    label_smoothing=float(s.finetune.label_smoothing or 0.0))
+  score_kw = dict(prompts=dev.prompts, delexicalize=d.delexicalize,
+                  known_prompts=train_pairs.prompts)  # slot errors (jaxft.train.slot_errors)
   data = loop.Data(
       train_iter=loader_lib.make_loader(train_arrays, global_batch_size=bs, seed=s.loop.seed),
       eval_batches=_eval_batches(dev, bs) if dev.arrays is not None else None,
-      summarize=(generation.summarizer(tokenizer, dev.references)
+      summarize=(generation.summarizer(tokenizer, dev.references, **score_kw)
                  if dev.arrays is not None else None),
       steps_per_epoch=0)  # validation every train.eval_every steps (decoding is not free)
   out = loop.train(dataclasses.replace(s.loop, train=train), workdir, model_def, objective,
                    data, init_params=init_params, trainable=trainable, lr_scale=lr_scale,
-                   hooks=_generation_hook(dev, tokenizer, bs, workdir))
+                   hooks=_generation_hook(dev, tokenizer, bs, workdir, score_kw))
   results = {**out.results, 'init_report': report, 'steps_per_epoch': per_epoch,
              'data': data_info, 'train_encoding': train_stats, 'max_targets': n_targets}
   g = results.get('dev_generation')
   if g and loop.is_main():
     print(f"finetune_lm: dev BLEU {g['bleu']:.2f}, chrF {g['chrf']:.2f}, ROUGE-L "
-          f"{g['rouge_l']:.2f} on {len(dev.prompts)} prompts (step {results['step']}, kept "
-          f"step {results.get('best', {}).get('restored_step', results['step'])})")
+          f"{g['rouge_l']:.2f}{generation.ser_text(g)} on {len(dev.prompts)} prompts (step "
+          f"{results['step']}, kept step "
+          f"{results.get('best', {}).get('restored_step', results['step'])})")
   if not results['preempted']:
     export_trained(s.peft, s.export, out.params, trainable, mcfg, 'clm', workdir, tokenizer,
                    init_from=s.init_from)

@@ -32,7 +32,6 @@ from jaxft.generation import DecodingSection
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.train import loop
-from jaxft.train import metrics as metrics_lib
 from jaxft.train.metrics import write_results
 from jaxft.train.state import ModelDef
 
@@ -54,6 +53,7 @@ class GenerateData:
   template: str = ''           # must contain {prompt}
   completion_prefix: str = ''
   format: str = ''             # auto | csv | tsv | jsonl | txt
+  delexicalize: tuple = ()     # slots the model saw as placeholders (X-name), put back
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,13 +160,15 @@ def run(s: Settings, workdir: str) -> dict:
   # The settings, the input and the output are checked before the model is loaded and
   # anything decodes.
   _check_tokenizer(s.init_from, s.data.tokenizer)
-  ts = text_settings(s.data, *trained_data(s.init_from))
+  trained = trained_data(s.init_from)
+  ts = text_settings(s.data, *trained)
+  delex = tuple(s.data.delexicalize or trained[0].get('delexicalize') or ())
   prompts, refs, where = read_inputs(g.input, ts)
   out = g.output or os.path.join(workdir, generation.GENERATIONS)
   check_writable(out, 'generate.output')
   model_def, params, mcfg, tokenizer = load_lm(s)
   decode = generation.decode_settings(g, tokenizer)
-  prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'])
+  prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'], delex)
   generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)
   t1 = time.time()
   tokens, lengths = generation.generate_ids(model_def, params, prompt_ids, decode,
@@ -174,19 +176,22 @@ def run(s: Settings, workdir: str) -> dict:
                                             pad_id=pad_id_of(tokenizer), seed=s.seed)
   dt = time.time() - t1
   texts = generation.completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
+  texts = generation.put_back(texts, prompts, delex)
   results = {'stage': 'generate', 'init_from': s.init_from, 'input': g.input,
              'n_inputs': len(prompts), 'decoding': dataclasses.asdict(decode),
              'new_tokens': int(lengths.sum()), 'decode_sec': dt,
              'tokens_per_sec': float(lengths.sum() / max(dt, 1e-9)),
              'wall_time_sec': time.time() - t0}
-  if refs is not None:
-    results['scores'] = metrics_lib.generation_metrics(texts, refs)
+  scores, failing = generation.score(texts, refs, prompts)
+  if scores:
+    results['scores'] = scores
+    generation.write_slot_errors(workdir, prompts, texts, failing, scores)
   results['output'] = out
   generation.write_generations(out, prompts, texts, results.get('scores'))
   if loop.is_main():
     sc = results.get('scores')
     print(f'generate: {len(prompts)} inputs -> {out}'
           + (f"; BLEU {sc['bleu']:.2f}, chrF {sc['chrf']:.2f}, ROUGE-L {sc['rouge_l']:.2f}"
-             if sc else ''))
+             if sc and 'bleu' in sc else '') + generation.ser_text(sc or {}))
   write_results(workdir, results)
   return results
