@@ -60,7 +60,7 @@ class CompletionData(TaskData):
   packing: bool = False           # several examples per row (segment_ids, position_ids)
   dev_fraction: float = 0.0       # no dev split: hold out this share of distinct prompts
   split_seed: int = 0             # of the dev_fraction hold-out and the packing order
-  dev_holdout_field: str = ''     # hold out whole values of this slot (E2E: 'name')
+  dev_holdout_field: str = ''     # dev_fraction holds out whole values of this slot
   delexicalize: tuple = ()        # slots whose values become placeholders (X-name), put back
 
   def __post_init__(self):
@@ -74,9 +74,6 @@ class CompletionData(TaskData):
       raise ValueError(f'data.template={self.template!r} must contain {{prompt}}')
     if not 0 <= self.dev_fraction < 1:
       raise ValueError(f'data.dev_fraction={self.dev_fraction} must be in [0, 1)')
-    if self.dev_holdout_field and not self.dev_fraction:
-      raise ValueError(f'data.dev_holdout_field={self.dev_holdout_field!r} needs '
-                       'data.dev_fraction > 0 (the share of prompts to hold out)')
     for field in self.delexicalize:
       if not isinstance(field, str) or not SLOT_NAME.fullmatch(field):
         raise ValueError(f'data.delexicalize={self.delexicalize!r}: each entry is a slot name '
