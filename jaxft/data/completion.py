@@ -383,10 +383,10 @@ def split_by_field(pairs: Pairs, field: str, fraction: float, seed: int) -> tupl
     if len(dev_prompts) + len(groups[order[i]]) < len(distinct):  # keep a training side
       dev_prompts.update(groups[order[i]])
   is_dev = [p in dev_prompts for p in pairs.prompts]
-  logging.info('data.dev_holdout_field=%r: %d of %d values (%d of %d prompts) held out', field,
-               sum(order[i][0] == 'value' and groups[order[i]][0] in dev_prompts
-                   for i in range(len(order))), sum(k[0] == 'value' for k in order),
-               len(dev_prompts), len(distinct))
+  held = [k[1] for k in order if k[0] == 'value' and groups[k][0] in dev_prompts]
+  logging.info('data.dev_holdout_field=%r: %d of %d values held out (%d of %d prompts): %s',
+               field, len(held), sum(k[0] == 'value' for k in order), len(dev_prompts),
+               len(distinct), ', '.join(held[:10]) + (' ...' if len(held) > 10 else ''))
   return (pairs.subset([i for i, d in enumerate(is_dev) if not d]),
           pairs.subset([i for i, d in enumerate(is_dev) if d]))
 
