@@ -445,7 +445,7 @@ class FirstTask:
 
   def start(self, model_def: ModelDef, init_from: str, freeze, pcfg, *, max_len: int,
             num_layers: int):
-    """(model_def, init params, trainable mask, lr scale, init report)."""
+    """(the loop's Start, the init report)."""
     return finetuning.init_trainable(model_def, init_from, freeze, pcfg, max_len=max_len,
                                      num_layers=num_layers)
 
@@ -492,8 +492,8 @@ class Sequel(FirstTask):
     params, report = init_params(self.previous, mdef)
     mask = trainable(self.c.method_spec, optim.trainable_mask(freeze, mdef.abstract_params),
                      mdef)
-    return (mdef, params, mask, optim.layerwise_lr_scale(freeze, mdef.abstract_params,
-                                                         num_layers), report)
+    return loop.Start(mdef, params, mask, optim.layerwise_lr_scale(
+        freeze, mdef.abstract_params, num_layers)), report
 
   def objective(self, num_labels, is_regression, label_smoothing):
     return objective(self.c, self.previous, num_labels, is_regression, label_smoothing)

@@ -52,9 +52,9 @@ def load_split(data, tokenizer, split: str):
 
 def init_trainable(model_def: ModelDef, init_from: str, freeze: FreezeSettings, pcfg: PeftConfig,
                    *, max_len: int, num_layers: int):
-  """(model_def, init params, trainable mask, layer-wise lr scale, init report) of a
-  fine-tune: weights from `init_from` (logged), then freezing and PEFT (which may re-hang the
-  model, its parameters and the mask)."""
+  """(the loop's Start, the init report) of a fine-tune: weights from `init_from` (logged),
+  then freezing and PEFT (which may re-hang the model, its parameters and the mask) and the
+  layer-wise learning-rate scale."""
   init_params, report = (sources.load_init(init_from, model_def) if init_from else (None, None))
   if report:
     logging.info('init_from %s: %d tensors loaded; new (freshly initialised): %s; dropped: %s',
@@ -65,7 +65,7 @@ def init_trainable(model_def: ModelDef, init_from: str, freeze: FreezeSettings, 
   if peft_parts is not None:
     model_def, init_params, trainable = peft_parts
   lr_scale = optim.layerwise_lr_scale(freeze, model_def.abstract_params, num_layers)
-  return model_def, init_params, trainable, lr_scale, report
+  return loop.Start(model_def, init_params, trainable, lr_scale), report
 
 
 def resolve_steps(train: loop.TrainSettings, n_train: int) -> tuple[loop.TrainSettings, int]:

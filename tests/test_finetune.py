@@ -177,8 +177,8 @@ def stub_train(monkeypatch, calls: list):
   """Replace the loop (and the step builder) so a stage stops before compiling anything."""
   pretrained_workdir()  # made (for real) first
 
-  def fake_train(settings, workdir, model_def, objective, data, **kw):
-    calls.append({'settings': settings, 'data': data, 'model_def': model_def, **kw})
+  def fake_train(settings, workdir, start, objective, data, **kw):
+    calls.append({'settings': settings, 'data': data, 'start': start, **kw})
     return loop.Outcome({'final': {}, 'preempted': False, 'best': {}, 'history': []},
                         {'params': None})
 

@@ -130,7 +130,7 @@ def _few_shot(s: Settings, workdir, tokenizer, model_def, init_params, report, o
                    eval_batches=loader_lib.eval_batches(dev, bs),
                    summarize=_summary(metric_names, False))
   few_dir = os.path.join(workdir, 'few_shot')
-  out = loop.train(s.loop, few_dir, fdef, objective, data, init_params=finit, trainable=trainable)
+  out = loop.train(s.loop, few_dir, loop.Start(fdef, finit, trainable), objective, data)
   write_results(few_dir, out.results)
   fs = out.results
   if parts is not None:

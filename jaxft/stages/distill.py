@@ -170,7 +170,7 @@ def _train(s: Settings, what, workdir, data, teacher, student: _Student, spec,
   hooks = [loop.Hook('student', _student_hook(s, data, student, eval_batches, summarize, output,
                                               speed))] + what.hooks(data, bs)
   out = loop.train(dataclasses.replace(s.loop, train=data.train_settings), workdir,
-                   student.model_def, objective, loop_data, init_params=student.init_params,
+                   loop.Start(student.model_def, student.init_params), objective, loop_data,
                    constants=t_params, hooks=hooks)
   results = {**out.results, 'steps_per_epoch': data.steps_per_epoch, 'teacher': t_results,
              'distill': report.record(s.distill, spec, student.mode, cache_info),

@@ -94,7 +94,7 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   sources.record_model(workdir, mcfg)
 
   num_labels = info['num_labels']
-  model_def, init_params, trainable, lr_scale, report = plan.start(
+  start, report = plan.start(
       plan.model_def(mcfg, num_labels, s.seed), s.init_from, s.finetune, s.peft,
       max_len=s.data.max_len, num_layers=mcfg.num_layers)
   objective = plan.objective(num_labels, info.get('is_regression', False),
@@ -105,17 +105,18 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
       eval_batches=loader_lib.eval_batches(dev_arrays, bs),
       summarize=s.kind.summary(dev_info, dev_arrays) if dev_arrays is not None else None,
       steps_per_epoch=per_epoch)
-  hooks = test_hook(s.kind, test_arrays, test_info, bs) + plan.hooks(model_def, tokenizer, bs)
-  out = loop.train(settings, workdir, model_def, objective, data, init_params=init_params,
-                   trainable=trainable, lr_scale=lr_scale, constants=plan.constants(s.mesh),
+  hooks = test_hook(s.kind, test_arrays, test_info, bs) + plan.hooks(start.model_def,
+                                                                      tokenizer, bs)
+  out = loop.train(settings, workdir, start, objective, data, constants=plan.constants(s.mesh),
                    hooks=hooks)
   results = {**out.results, 'labels': info['label_names'], 'init_report': report,
              'steps_per_epoch': per_epoch}
   params = plan.finish(results, out.params, workdir, tokenizer)
   if not results['preempted']:
     try:
-      onnx = _export(s, params, plan.export_trainable(trainable), mcfg, tokenizer, workdir,
-                     info['label_names'], plan.export_def(model_def, mcfg, num_labels))
+      onnx = _export(s, params, plan.export_trainable(start.trainable), mcfg, tokenizer,
+                     workdir, info['label_names'],
+                     plan.export_def(start.model_def, mcfg, num_labels))
     except OnnxMismatch as e:  # the run's results still go to results.json, with the check
       results['onnx'] = e.check
       write_results(workdir, results)

@@ -144,7 +144,7 @@ def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str,
 
 
 def _init(s: Settings, mcfg, workdir: str, tokenizer):
-  """(model_def, init params, trainable mask, lr scale, init report), PEFT applied."""
+  """(the loop's Start, the init report), PEFT applied."""
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
   sources.record_model(workdir, mcfg)
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm', seed=s.loop.seed))
@@ -168,7 +168,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   bs = train.batch_size
   dev = _dev(d, tokenizer, dev_pairs, decode, bs, mcfg)
   n_targets = min(lm_data.max_targets(train_arrays, dev.arrays), d.max_len)
-  model_def, init_params, trainable, lr_scale, report = _init(s, mcfg, workdir, tokenizer)
+  start, report = _init(s, mcfg, workdir, tokenizer)
   objective = completion_objective(max_targets=n_targets, decode_settings=decode,
                                    label_smoothing=float(s.finetune.label_smoothing or 0.0))
   score_kw = dict(prompts=dev.prompts, delexicalize=d.delexicalize,
@@ -179,8 +179,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
       summarize=(generation.summarizer(tokenizer, dev.references, **score_kw)
                  if dev.arrays is not None else None),
       steps_per_epoch=0)  # validation every train.eval_every steps (decoding is not free)
-  out = loop.train(dataclasses.replace(s.loop, train=train), workdir, model_def, objective,
-                   data, init_params=init_params, trainable=trainable, lr_scale=lr_scale,
+  out = loop.train(dataclasses.replace(s.loop, train=train), workdir, start, objective, data,
                    hooks=_generation_hook(dev, tokenizer, bs, workdir, score_kw))
   results = {**out.results, 'init_report': report, 'steps_per_epoch': per_epoch,
              'data': data_info, 'train_encoding': train_stats, 'max_targets': n_targets}
@@ -191,7 +190,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
           f"{results['step']}, kept step "
           f"{results.get('best', {}).get('restored_step', results['step'])})")
   if not results['preempted']:
-    export_trained(s.peft, s.export, out.params, trainable, mcfg, 'clm', workdir, tokenizer,
+    export_trained(s.peft, s.export, out.params, start.trainable, mcfg, 'clm', workdir, tokenizer,
                    init_from=s.init_from)
   write_results(workdir, results)
   return loop.Outcome(results, out.state)

@@ -72,7 +72,7 @@ def run(s: Settings, workdir: str) -> dict:
       train_iter=loader_lib.make_loader(train_rows, global_batch_size=bs, seed=s.loop.seed),
       eval_batches=loader_lib.lm_eval_batches(eval_arrays, bs, s.loop.seed),
       summarize=lm.summarize)
-  out = loop.train(s.loop, workdir, model_def, objective, data, init_params=init_params)
+  out = loop.train(s.loop, workdir, loop.Start(model_def, init_params), objective, data)
   results = {**out.results, 'data': stats}
   if eval_arrays is not None and len(eval_arrays['input_ids']):
     # the bar the eval accuracy and loss must clear to show more than token frequencies

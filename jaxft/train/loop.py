@@ -129,6 +129,17 @@ class Data:
   steps_per_epoch: int = 0  # > 0: also evaluate at every epoch end
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Where a run starts: the model, its initial params (host arrays; None = fresh init from
+  the seed), which leaves train (a bool tree; None = all) and their learning-rate multipliers
+  (None = 1)."""
+  model_def: state_lib.ModelDef
+  params: Any = None
+  trainable: Any = None
+  lr_scale: Any = None
+
+
 @dataclasses.dataclass
 class Trained:
   """What a hook sees: the parameters after `step` and the loop's mesh to run them on."""
@@ -327,28 +338,25 @@ class _Run:
     return Trained(self.step, self.state['params'], self.mesh, self.rules, self.eval_step)
 
 
-def train(settings: LoopSettings, workdir: str, model_def: state_lib.ModelDef,
-          objective: step_lib.Objective, data: Data, *, init_params=None, trainable=None,
-          lr_scale=None, constants=None, hooks: Iterable[Hook] = ()) -> Outcome:
-  """Train until `train.num_steps` (or early stop / preemption).
+def train(settings: LoopSettings, workdir: str, start: Start, objective: step_lib.Objective,
+          data: Data, *, constants=None, hooks: Iterable[Hook] = ()) -> Outcome:
+  """Train `start` until `train.num_steps` (or early stop / preemption).
 
-  `init_params`: host params to start from (else fresh init); `trainable`: bool tree of
-  trained leaves; `lr_scale`: per-leaf learning-rate multipliers. `constants`: a pytree of
+  `constants`: a pytree of
   jax.Arrays sharded on this run's mesh (e.g. a frozen teacher's params), handed to every
   step and to the objective's loss as `constants=`; never trained, donated or checkpointed.
   """
   hooks = tuple(hooks)
-  run = _setup(settings, workdir, model_def, objective, data, init_params, trainable, lr_scale,
-               constants)
+  run = _setup(settings, workdir, start, objective, data, constants)
   _restore(run)
   if not run.finished:
     _steps(run, hooks)
   return _finish(run, hooks)
 
 
-def _setup(settings, workdir, model_def, objective, data, init_params, trainable, lr_scale,
-           constants) -> _Run:
+def _setup(settings, workdir, start: Start, objective, data, constants) -> _Run:
   tc, cc = settings.train, settings.checkpoint
+  model_def, trainable = start.model_def, start.trainable
   mesh, rules = settings.mesh.build()
   dp = partitioning.data_parallel_size(mesh, rules)
   if tc.batch_size % (dp * tc.grad_accum):
@@ -356,9 +364,9 @@ def _setup(settings, workdir, model_def, objective, data, init_params, trainable
                      f'({dp}) x train.grad_accum ({tc.grad_accum})')
   tx, schedule = optim.make_optimizer(settings.optimizer, tc.num_steps,
                                       model_def.abstract_params, trainable=trainable,
-                                      lr_scale=lr_scale)
+                                      lr_scale=start.lr_scale)
   state, shardings = state_lib.create_train_state(model_def, tx, mesh, rules, settings.seed,
-                                                  params=init_params)
+                                                  params=start.params)
   sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(state['params'])]
   n_params = sum(sizes)
   n_train = n_params if trainable is None else sum(

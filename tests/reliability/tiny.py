@@ -133,7 +133,7 @@ def train(workdir: str, cfg=None, poison=None, n_batches: int = 64, hook=None,
   it = loader_lib.make_loader(data, global_batch_size=BATCH, seed=0, shuffle=False)
   if hook is not None:
     it = _Hooked(it, hook)
-  out = loop.train(stages.validate(cfg).loop, workdir, model_def(), task(),
+  out = loop.train(stages.validate(cfg).loop, workdir, loop.Start(model_def()), task(),
                    loop.Data(train_iter=it))
   return {**out.results, 'state': to_host(out.state)}
 
