@@ -85,7 +85,7 @@ class SequenceClassification(Kind):
     return os.path.splitext(path)[1].lower() in self.SUFFIXES
 
   def inputs(self, data, tokenizer, split):
-    arrays, info = classification.load_cls_split(data, tokenizer, split)
+    arrays, info = self.load_split(data, tokenizer, split)
     return arrays, {'texts': info['texts'], 'pairs': info['pairs'], 'gold': arrays.get('labels'),
                     'sources': info['sources']}
 
@@ -150,7 +150,7 @@ class TokenClassification(Kind):
     return path.endswith('.txt') and not ner.looks_like_conll(path)
 
   def inputs(self, data, tokenizer, split):
-    arrays, info = ner.load_ner_split(data, tokenizer, split)
+    arrays, info = self.load_split(data, tokenizer, split)
     return arrays, {'words': info['words'], 'num_words': info['num_words'], 'gold': info['tags'],
                     'sources': info['sources']}
 
