@@ -269,6 +269,10 @@ def test_bad_rows_named_by_file_and_id_or_skipped(tmp_path):
                      r'byte 0xe9'):
     qa.read_qa_file(latin)
   assert qa.read_qa_file(latin, on_bad_row='skip')[1]['skipped'] == {'bad_encoding': 1}
+  squad = _squad(tmp_path / 'latin.json', [_q('a'), _q('b', question='caf@')])
+  squad.write_bytes(squad.read_bytes().replace(b'@', b'\xe9'))  # latin-1 'é' in a JSON file
+  with pytest.raises(InputError, match=r"latin\.json \(question id 'b'\): invalid UTF-8 byte"):
+    qa.read_qa_file(squad)
 
 
 # ---------------------------------------------------------------------------- the splits

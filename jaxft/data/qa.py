@@ -8,6 +8,12 @@ answers` (+ optional `title`; `answers` as HF `squad` holds it, `{"text": [...],
 "answer_start": [...]}`, or a list of `{"text", "answer_start"}`; JSON text in CSV), and HF
 `datasets` with that flat schema (`data.source='hf'`, `data.hf_path='squad'`, a json/csv
 builder with `data.hf_data_files`, or a save_to_disk folder).
+
+Bad rows (an answer not at its answer_start, an empty question or context, a duplicate id,
+bytes that are not UTF-8) raise `InputError` naming file (and line) and question id, or are
+skipped and counted with data.on_bad_row='skip'. Unanswerable questions (empty answers) are an
+error naming data.version_2_with_negative unless it is set; then they are kept, labelled
+[CLS], and the null-score rule of `best_answers` may answer ''.
 """
 from __future__ import annotations
 
