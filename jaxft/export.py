@@ -19,6 +19,15 @@ from jaxft.train.state import ModelDef, to_host
 ONNX_OPSET = 17  # LayerNormalization is one op from 17 on; onnxruntime >= 1.12 runs it
 ONNX_INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 DEPLOY_EXTRA = "pip install 'jaxft[deploy]' (torch, onnx, onnxruntime)"
+# head -> (transformers Auto class, ONNX output names, their dynamic axes). The QA file has
+# the two outputs transformers' and optimum's question-answering models name, each [B, L];
+# jaxft's `logits` [B, L, 2] is them stacked on the last axis (start, end).
+ONNX_HEADS = {
+    'cls': ('AutoModelForSequenceClassification', ('logits',), {0: 'batch'}),
+    'token_cls': ('AutoModelForTokenClassification', ('logits',), {0: 'batch', 1: 'sequence'}),
+    'qa': ('AutoModelForQuestionAnswering', ('start_logits', 'end_logits'),
+           {0: 'batch', 1: 'sequence'}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +120,9 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
                 max_len: int, rtol: float = 1e-4) -> dict:
   """hf_dir/model.onnx from the Hugging Face export (torch.onnx, dynamic batch and
   sequence axes), then checked with onnxruntime against `reference` (the jaxft logits) on
-  `sample_inputs`: max |onnx - jaxft| must be <= rtol * max(1, max |jaxft|). Both are fp32
+  `sample_inputs`: max |onnx - jaxft| must be <= rtol * max(1, max |jaxft|). Outputs: those
+  of `ONNX_HEADS[head]` (`logits`; for 'qa' `start_logits` and `end_logits`, compared
+  stacked as jaxft's [B, L, 2] `logits`). Both are fp32
   forwards of the same weights in different op orders (`reference`: jax_logits); their gap
   is a few fp32 roundings per layer (~1e-6 relative to the largest logit), so 1e-4 catches
   any real mismatch (a wrong weight, mask or axis) and never a CPU's rounding. The file is
@@ -125,9 +136,11 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
   if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
     raise FileNotFoundError(f'export.onnx: {hf_dir} holds no Hugging Face model (config.json); '
                             'a PEFT method that cannot be merged has no single model to export')
-  auto = (transformers.AutoModelForSequenceClassification if head == 'cls' else
-          transformers.AutoModelForTokenClassification)
-  model = auto.from_pretrained(hf_dir, attn_implementation='eager').eval()
+  if head not in ONNX_HEADS:
+    raise ValueError(f'export.onnx: no ONNX export for head {head!r}; heads with one: '
+                     f'{sorted(ONNX_HEADS)}')
+  auto, outputs, out_axes = ONNX_HEADS[head]
+  model = getattr(transformers, auto).from_pretrained(hf_dir, attn_implementation='eager').eval()
   inputs = sample_inputs(model.config.vocab_size, max_len)
   path = os.path.join(hf_dir, 'model.onnx')
   unchecked = path + '.rejected'  # its name until the check passes
@@ -135,19 +148,25 @@ def export_onnx(hf_dir: str, head: str, reference: Callable[[dict], np.ndarray],
     if os.path.exists(stale):
       os.remove(stale)
   axes = {name: {0: 'batch', 1: 'sequence'} for name in ONNX_INPUTS}
-  axes['logits'] = {0: 'batch'} if head == 'cls' else {0: 'batch', 1: 'sequence'}
+  axes.update({name: out_axes for name in outputs})
   with torch.no_grad():
     # The TorchScript exporter: 5x faster than dynamo=True here (3.6 s against 19 s for a
     # tiny BERT) and it needs no onnxscript.
     torch.onnx.export(model, (), unchecked, kwargs={k: torch.from_numpy(v) for k, v in
                                                inputs[0].items()},
-                      input_names=list(ONNX_INPUTS), output_names=['logits'],
+                      input_names=list(ONNX_INPUTS), output_names=list(outputs),
                       dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
   session = ort.InferenceSession(unchecked, providers=['CPUExecutionProvider'])
   diff, scale = 0.0, 1.0
   for batch in inputs:
-    got = session.run(['logits'], batch)[0]
+    got = session.run(list(outputs), batch)
+    got = got[0] if len(got) == 1 else np.stack(got, axis=-1)  # qa: jaxft's [B, L, 2]
     want = reference(batch)
+    if got.shape != want.shape:  # never broadcast one against the other
+      raise OnnxMismatch(f'export.onnx: {unchecked} gives outputs of shape {got.shape} but '
+                         f'jaxft\'s logits have {want.shape}; not kept as model.onnx',
+                         {'path': unchecked, 'max_abs_diff': None, 'tol': None,
+                          'passed': False})
     diff = max(diff, float(np.max(np.abs(got - want))))
     scale = max(scale, float(np.max(np.abs(want))))
   tol = rtol * scale

@@ -7,8 +7,9 @@ from collections import defaultdict
 import numpy as np
 from flax import nnx
 
-from jaxft.models.bert import (BertForMaskedLM, BertForSequenceClassification,
-                               BertForTokenClassification, BertModel)
+from jaxft.models.bert import (BertForMaskedLM, BertForQuestionAnswering,
+                               BertForSequenceClassification, BertForTokenClassification,
+                               BertModel)
 from jaxft.models.config import ModelConfig, gpt2_defaults
 from jaxft.models.decoding import DecodeSettings, decode, generate
 from jaxft.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
@@ -16,14 +17,15 @@ from jaxft.trees import flat_params
 
 HEADS = {
     'bert': {'none': BertModel, 'mlm': BertForMaskedLM, 'cls': BertForSequenceClassification,
-             'token_cls': BertForTokenClassification},
+             'token_cls': BertForTokenClassification, 'qa': BertForQuestionAnswering},
     'gpt2': {'none': GPT2Model, 'clm': GPT2LMHeadModel, 'cls': GPT2ForSequenceClassification},
 }
 
 
 def build_model(cfg: ModelConfig, head: str, *, num_labels: int | None = None, seed: int = 0,
                 rngs: nnx.Rngs | None = None):
-  """A freshly initialised model of `cfg.model_type` with the given head."""
+  """A freshly initialised model of `cfg.model_type` with the given head (`num_labels` for
+  'cls' / 'token_cls' only; 'qa' always scores 2: span start and end)."""
   heads = HEADS[cfg.model_type]
   if head not in heads:
     raise ValueError(f'head {head!r} is not available for {cfg.model_type}; '
@@ -34,6 +36,9 @@ def build_model(cfg: ModelConfig, head: str, *, num_labels: int | None = None, s
     if not num_labels:
       raise ValueError(f'head {head!r} needs num_labels')
     return cls(cfg, num_labels, rngs=rngs)
+  if head == 'qa' and num_labels not in (None, 2):
+    raise ValueError(f"head 'qa' scores 2 labels per token (span start, end), not "
+                     f'num_labels={num_labels}')
   return cls(cfg, rngs=rngs)
 
 

@@ -1,4 +1,5 @@
-"""BERT encoder (post-LN) with masked-LM, sequence- and token-classification heads.
+"""BERT encoder (post-LN) with masked-LM, sequence- and token-classification and extractive
+question-answering (span) heads.
 
 Matches Hugging Face `BertModel` numerically (exact GELU, LayerNorm eps from config).
 There is deliberately no next-sentence-prediction head: jaxft pretrains RoBERTa style.
@@ -170,3 +171,22 @@ class BertForSequenceClassification(_BertClassifier):
 class BertForTokenClassification(_BertClassifier):
   """Encoder + dropout + a classifier at every position."""
   FEATURE = 'last_hidden_state'
+
+
+class BertForQuestionAnswering(nnx.Module):
+  """Encoder (no pooler) + `qa_outputs`, hidden -> 2 at every position, as Hugging Face's
+  BertForQuestionAnswering (which has no dropout before it). `logits` [B, L, 2] fp32: [..., 0]
+  the span start's score, [..., 1] its end's; one key, so the paths that gather `logits`
+  (eval, predict, export checks) take the head as they take the token classifier."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.bert = BertModel(cfg, rngs=rngs)
+    self.qa_outputs = classifier_head(cfg, 2, rngs)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
+               rngs=None, **kw):
+    out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                    rngs=rngs, **kw)
+    out['logits'] = self.qa_outputs(out['last_hidden_state']).astype(jnp.float32)
+    return out

@@ -36,6 +36,7 @@ ARCHITECTURES = {
     'BertForPreTraining': ('bert', 'mlm'),
     'BertForSequenceClassification': ('bert', 'cls'),
     'BertForTokenClassification': ('bert', 'token_cls'),
+    'BertForQuestionAnswering': ('bert', 'qa'),
     'GPT2Model': ('gpt2', 'none'),
     'GPT2LMHeadModel': ('gpt2', 'clm'),
     'GPT2ForSequenceClassification': ('gpt2', 'cls'),
@@ -44,6 +45,7 @@ EXPORT_ARCHITECTURES = {
     ('bert', 'none'): 'BertModel', ('bert', 'mlm'): 'BertForMaskedLM',
     ('bert', 'cls'): 'BertForSequenceClassification',
     ('bert', 'token_cls'): 'BertForTokenClassification',
+    ('bert', 'qa'): 'BertForQuestionAnswering',
     ('gpt2', 'none'): 'GPT2Model', ('gpt2', 'clm'): 'GPT2LMHeadModel',
     ('gpt2', 'cls'): 'GPT2ForSequenceClassification',
 }
@@ -107,6 +109,7 @@ def bert_table(num_layers: int, prefix: str) -> list[Entry]:
   t += _ln('cls.predictions.transform.LayerNorm', 'mlm_ln', root=True)
   t += [Entry('cls.predictions.bias', ('mlm_bias',), VEC, root=True)]
   t += _dense('classifier', 'classifier', root=True)
+  t += _dense('qa_outputs', 'qa_outputs', root=True)  # start / end scores, [2, hidden] in HF
   return t
 
 
@@ -451,6 +454,8 @@ def _describe(flat: Mapping[str, Any]) -> tuple[str, str, int, str]:
         head = 'mlm'
       elif 'classifier.kernel' in flat:
         head = 'cls' if prefix + 'pooler.kernel' in flat else 'token_cls'
+      elif 'qa_outputs.kernel' in flat:
+        head = 'qa'
       else:
         head = 'none'
     else:

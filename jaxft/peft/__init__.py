@@ -33,7 +33,7 @@ from jaxft.peft.modules import PeftDense, PeftModel, inject, layernorm_paths
 from jaxft.trees import dotted, flat_params
 
 # Task heads created fresh for fine-tuning: trained alongside the PEFT params by default.
-HEAD_RE = re.compile(r'^(classifier|score)\.')
+HEAD_RE = re.compile(r'^(classifier|score|qa_outputs)\.')
 _BIAS_RE = re.compile(r'(^|[._])bias$')
 _WORD_EMBEDDINGS = ('bert.embeddings.word.embedding', 'embeddings.word.embedding',
                     'transformer.wte.embedding', 'wte.embedding')

@@ -112,7 +112,7 @@ class PeftConfig:
         adapter=dict(size=d.adapter_size, act=d.adapter_act, targets='houlsby',
                      train_layernorm=d.adapter_train_layernorm),
         prompt=dict(length=d.prompt_length, init=d.prompt_init),  # vocab | random
-        train_head=d.train_head,    # also train the task head (classifier / score)
+        train_head=d.train_head,    # also train the task head (classifier / score / qa_outputs)
         train_fresh=d.train_fresh,  # also train tensors init_from did not provide
         train_patterns=(),          # regexes of further base tensors to train
     )

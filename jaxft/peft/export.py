@@ -41,7 +41,8 @@ EXPORT_MANIFEST = 'export.json'
 FORMAT = 'jaxft-export'
 AUTO_CLASSES = {'cls': 'AutoModelForSequenceClassification',
                 'token_cls': 'AutoModelForTokenClassification', 'clm': 'AutoModelForCausalLM',
-                'mlm': 'AutoModelForMaskedLM', 'none': 'AutoModel'}
+                'mlm': 'AutoModelForMaskedLM', 'none': 'AutoModel',
+                'qa': 'AutoModelForQuestionAnswering'}
 
 
 def trained_def(pcfg: PeftConfig, base_def: ModelDef) -> ModelDef:

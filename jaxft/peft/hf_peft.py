@@ -11,6 +11,8 @@ What peft can hold, and what it cannot (`NotRepresentable` says which and why):
   no LoRA go to `modules_to_save`). GPT-2's q, k, v are one fused `c_attn` Conv1D in HF:
   LoRA on n of them becomes one LoRA of rank n*r on c_attn, A = [A_q; A_v] and a block
   B with zero rows for the untouched part, alpha n*alpha (the same alpha/r scale).
+- LoRA on BERT question answering (head 'qa') with task_type null, not QUESTION_ANS: peft's
+  QA model drops token_type_ids (QA_NOTE).
 - Prompt tuning alone on GPT-2 (prompt before every token in jaxft and in peft). BERT
   prompts are not: jaxft inserts them after [CLS] so the pooler still reads [CLS]; peft
   prepends them, which would pool a virtual token instead.
@@ -32,7 +34,16 @@ from jaxft.peft.config import PeftConfig
 
 CONFIG = 'adapter_config.json'
 WEIGHTS = 'adapter_model.safetensors'
+# No 'qa': QUESTION_ANS (peft 0.22) makes PeftModelForQuestionAnswering, whose forward does
+# not pass token_type_ids (nor position_ids) to the model, so a BERT question + context pair
+# would run with every token in segment 0: other logits, silently. task_type None gives the
+# plain PeftModel, which passes every input (QA_NOTE; tests/test_qa_model.py).
 TASK_TYPES = {'cls': 'SEQ_CLS', 'token_cls': 'TOKEN_CLS', 'clm': 'CAUSAL_LM'}
+QA_NOTE = ('the adapter\'s task_type is null, not QUESTION_ANS: peft\'s '
+           'PeftModelForQuestionAnswering drops token_type_ids (the question / context segments), '
+           'so it would compute other start / end logits; PeftModel.from_pretrained on an '
+           'AutoModelForQuestionAnswering gives the plain PeftModel, which passes every input '
+           '(its output has start_logits and end_logits)')
 HEAD_MODULES = ('classifier', 'score')  # peft adds these to modules_to_save for SEQ/TOKEN_CLS
 
 
@@ -156,7 +167,8 @@ def adapter(pcfg: PeftConfig, params, trainable, mcfg, head: str, *,
                 revision=None, inference_mode=True)
   if pcfg.methods == ('prompt',):
     return _prompt(flat, sd, trained, mcfg, head, common)
-  return _lora(pcfg, flat, sd, slots, trained, mcfg, common)
+  config, tensors, notes = _lora(pcfg, flat, sd, slots, trained, mcfg, common)
+  return config, tensors, notes + ([QA_NOTE] if head == 'qa' else [])
 
 
 def _saved(sd: dict, modules, prefix: str) -> dict:
