@@ -43,12 +43,13 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 
 def dev_split(workdir: str, dev_file: str = ''):
   import dataclasses
-  from jaxft import finetuning, sources
+  from jaxft import finetuning, kinds, sources
   from jaxft.stages.predict import trained_data
-  data = trained_data(workdir, 'cls')
+  src = sources.resolve(workdir)
+  data = trained_data(src, kinds.CLS)
   if dev_file:
     data = dataclasses.replace(data, dev_file=os.path.abspath(dev_file))
-  dev, _ = finetuning.load_split(data, sources.tokenizer_of(workdir), 'dev')
+  dev, _ = finetuning.load_split(kinds.CLS, data, src.tokenizer(), 'dev')
   return dev
 
 
@@ -78,11 +79,10 @@ def jaxft_forms(workdir: str):
   from jaxft.models import build_model
   from jaxft.models.config import ModelConfig
   from jaxft.train.state import ModelDef
-  with open(os.path.join(workdir, 'labels.json')) as f:
-    labels = json.load(f)
-  mcfg = ModelConfig.from_config_dict(labels['model'])
-  base = ModelDef.create(lambda: build_model(mcfg, 'cls', num_labels=len(labels['label_names'])))
-  md, params = sources.trained_model(workdir, base, which='best')
+  src = sources.resolve(workdir)
+  mcfg = ModelConfig.from_config_dict(src.task.model)
+  base = ModelDef.create(lambda: build_model(mcfg, 'cls', num_labels=src.task.num_labels))
+  md, params = src.trained_model(base, which='best')
   forms = {}
   for name, (mdef, p) in (('jaxft fp32', (md, params)),
                           ('jaxft int8', int8_model(md, params))):

@@ -68,7 +68,7 @@ def make_student_init(teacher_wd: str, out: str, layers: int):
   from jaxft.train.state import ModelDef
   with open(os.path.join(teacher_wd, 'labels.json')) as f:
     labels = json.load(f)
-  tok = sources.tokenizer_of(teacher_wd)
+  tok = sources.resolve(teacher_wd).tokenizer()
   n = len(labels['label_names'])
   t = teacher_lib.load_teacher(teacher_wd, 'cls', vocab_size=len(tok), num_labels=n,
                                label_values=labels['label_values'])
@@ -87,7 +87,7 @@ def measure(workdir: str, data_cfg, batch_size: int, speed_batches: int):
   import jax
   import numpy as np
   from jaxft import config as config_lib
-  from jaxft import finetuning, sources
+  from jaxft import finetuning, kinds, sources
   from jaxft.data import loader as loader_lib
   from jaxft.data.classification import ClsData
   from jaxft.distill import student as student_lib
@@ -105,8 +105,9 @@ def measure(workdir: str, data_cfg, batch_size: int, speed_batches: int):
   n = len(labels['label_names'])
   md = ModelDef.create(lambda: build_model(mcfg, 'cls', num_labels=n))
   params = teacher_lib.read_params(workdir, md, 'cls')
-  tok = sources.tokenizer_of(workdir)
-  dev, _ = finetuning.load_split(config_lib.section(ClsData, data_cfg, 'data'), tok, 'dev')
+  tok = sources.resolve(workdir).tokenizer()
+  dev, _ = finetuning.load_split(kinds.CLS, config_lib.section(ClsData, data_cfg, 'data'), tok,
+                                 'dev')
   mesh, rules = MeshSettings().build()
   sh = md.param_shardings(mesh, rules)
   dparams = jax.device_put(params, sh)

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft import checkpointing, finetuning, sources
+from jaxft import checkpointing, finetuning, kinds, sources
 from jaxft.data import classification as cls_data
 from jaxft.data import loader as loader_lib
+from jaxft.data.tokenizer import load_tokenizer
 from jaxft.distill import teacher as teacher_lib
 from jaxft.models import build_model
 from jaxft.models.bert import classifier_head
@@ -123,36 +124,36 @@ class ContinualSettings:
 
 # ----------------------------------------------------------------------------- checks
 
-def check_previous(c: ContinualSettings, init_from: str, data_tokenizer: str) -> dict:
-  """The previous workdir's labels.json, after every check that needs no data or devices;
-  a ValueError naming the key otherwise."""
+def check_previous(c: ContinualSettings, init_from: str, data_tokenizer: str
+                   ) -> sources.Source:
+  """The previous workdir, resolved, after every check that needs no data or devices; a
+  ValueError naming the key otherwise."""
   path = c.previous
   where = f'continual.previous={path!r}'
   if not sources.is_jaxft_workdir(path):
     raise ValueError(f'{where} is not a jaxft workdir (config.json + checkpoints/): give the '
                      'finetune_cls workdir of the earlier task')
-  labels = sources.labels_of(path)
-  stage = sources.workdir_config(path).get('stage')
-  if labels is None or labels.get('kind') != 'cls' or stage != 'finetune_cls':
-    raise ValueError(f'{where} is not a finetune_cls workdir (stage {stage!r}, labels.json '
-                     f'{"kind " + repr(labels.get("kind")) if labels else "absent"})')
-  if sources.peft_of(path).enabled:
+  previous = sources.resolve(path, 'continual.previous')
+  task = previous.task
+  if task is None or task.kind != 'cls' or previous.stage != 'finetune_cls':
+    raise ValueError(f'{where} is not a finetune_cls workdir (stage {previous.stage!r}, '
+                     f'labels.json {"kind " + repr(task.kind) if task else "absent"})')
+  if previous.peft.enabled:
     raise ValueError(f'{where} was trained with peft.*: continual learning needs a fully '
                      'fine-tuned previous model')
-  model_type = labels['model'].get('model_type', labels['model'].get('type'))
-  if model_type != 'bert':
-    raise ValueError(f'{where} is a {model_type} model: continual.* supports BERT')
+  if task.model_type != 'bert':
+    raise ValueError(f'{where} is a {task.model_type} model: continual.* supports BERT')
   if init_from and os.path.abspath(init_from) != os.path.abspath(path):
     raise ValueError(f'init_from={init_from!r} and {where} differ: a continual fine-tune '
                      'starts from the previous model; leave init_from unset')
   if data_tokenizer:
-    mine, theirs = sources.tokenizer_of('', data_tokenizer), sources.tokenizer_of(path)
+    mine, theirs = load_tokenizer(data_tokenizer), previous.tokenizer()
     if mine.get_vocab() != theirs.get_vocab():
       raise ValueError(f'data.tokenizer={data_tokenizer!r} is a different tokenizer from '
                        f'{where}/tokenizer: the new task, the replayed data and the previous '
                        'model must read the same token ids (set data.tokenizer to '
                        f'{os.path.join(path, "tokenizer")!r} or \'\')')
-  return labels
+  return previous
 
 
 # ----------------------------------------------------------------------------- the earlier task
@@ -162,7 +163,7 @@ class Previous:
   """The earlier task: its workdir, labels, data section (at this run's max_len), and its
   model (architecture, definition, host params: encoder + head)."""
   path: str
-  labels: dict
+  task: sources.TaskInfo
   data: cls_data.ClsData
   mcfg: ModelConfig
   model_def: ModelDef
@@ -170,27 +171,27 @@ class Previous:
 
   @property
   def is_regression(self) -> bool:
-    return bool(self.labels.get('is_regression'))
+    return self.task.is_regression
 
   @property
   def num_labels(self) -> int:
-    return 1 if self.is_regression else len(self.labels['label_names'])
+    return self.task.num_labels
 
 
 def load_previous(c: ContinualSettings, mcfg: ModelConfig, max_len: int,
                   seed: int = 0) -> Previous:
   """The previous workdir's model (forward only: no dropout) and its data section."""
-  labels = check_previous(c, '', '')
-  saved = sources.workdir_config(c.previous).get('data', {})
+  source = check_previous(c, '', '')
+  saved = source.trained_data
   known = {f.name for f in dataclasses.fields(cls_data.ClsData)}
   data = cls_data.ClsData(**{k: v for k, v in saved.items() if k in known})
   data = dataclasses.replace(data, max_len=max_len, class_balance='none')
-  pmcfg = sources.model_config_of(c.previous, mcfg.vocab_size).with_runtime_of(mcfg).replace(
+  pmcfg = source.model_config(mcfg.vocab_size).with_runtime_of(mcfg).replace(
       hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, remat=False)
-  n = 1 if labels.get('is_regression') else len(labels['label_names'])
+  n = source.task.num_labels
   model_def = ModelDef.create(lambda: build_model(pmcfg, 'cls', num_labels=n, seed=seed))
-  params = teacher_lib.read_params(c.previous, model_def, 'cls')
-  return Previous(c.previous, labels, data, pmcfg, model_def, params)
+  params = teacher_lib.read_params(source, model_def, 'cls')
+  return Previous(c.previous, source.task, data, pmcfg, model_def, params)
 
 
 def model_def(mcfg: ModelConfig, num_labels: int, previous: Previous, seed: int) -> ModelDef:
@@ -373,7 +374,7 @@ def train_stream(c: ContinualSettings, previous: Previous, tokenizer, train_arra
   rows = {k: v for k, v in train_arrays.items() if k != 'word_ids'}
   if not c.method_spec.replays:
     return loader_lib.make_loader(rows, global_batch_size=batch_size, seed=seed)
-  old, _ = finetuning.load_split(previous.data, tokenizer, 'train')
+  old, _ = finetuning.load_split(kinds.CLS, previous.data, tokenizer, 'train')
   return ReplayStream(rows, old, batch_size, c.replay_fraction, seed)
 
 
@@ -393,7 +394,7 @@ def resolve_steps(c: ContinualSettings, train: loop.TrainSettings, n_train: int)
 def previous_task_hook(previous: Previous, mdef: ModelDef, tokenizer,
                        batch_size: int) -> list[loop.Hook]:
   """At the end: the earlier task's dev metrics with the final encoder and previous head."""
-  dev, info = finetuning.load_split(previous.data, tokenizer, 'dev')
+  dev, info = finetuning.load_split(kinds.CLS, previous.data, tokenizer, 'dev')
   if dev is None:
     return []
   base = classification.cls(previous.num_labels, previous.is_regression)
@@ -443,10 +444,10 @@ class FirstTask:
     return ModelDef.create(lambda: build_model(mcfg, self.kind.head, num_labels=num_labels,
                                                seed=seed))
 
-  def start(self, model_def: ModelDef, init_from: str, freeze, pcfg, *, max_len: int,
+  def start(self, model_def: ModelDef, source, freeze, pcfg, *, max_len: int,
             num_layers: int):
-    """(the loop's Start, the init report)."""
-    return finetuning.init_trainable(model_def, init_from, freeze, pcfg, max_len=max_len,
+    """(the loop's Start, the init report) from `source` (init_from resolved, or None)."""
+    return finetuning.init_trainable(model_def, source, freeze, pcfg, max_len=max_len,
                                      num_layers=num_layers)
 
   def objective(self, num_labels: int, is_regression: bool, label_smoothing: float):
@@ -487,8 +488,8 @@ class Sequel(FirstTask):
   def model_def(self, mcfg, num_labels, seed):
     return model_def(mcfg, num_labels, self.previous, seed)
 
-  def start(self, mdef, init_from, freeze, pcfg, *, max_len, num_layers):
-    del init_from, pcfg, max_len  # the previous model's weights; no PEFT (checked at parse)
+  def start(self, mdef, source, freeze, pcfg, *, max_len, num_layers):
+    del source, pcfg, max_len  # the previous model's weights; no PEFT (checked at parse)
     params, report = init_params(self.previous, mdef)
     mask = trainable(self.c.method_spec, optim.trainable_mask(freeze, mdef.abstract_params),
                      mdef)

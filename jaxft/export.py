@@ -34,7 +34,7 @@ ONNX_HEADS = {
 class ExportSettings:
   """The `export` config section."""
   hf: bool = True  # write workdir/export at the end of a training stage
-  onnx: bool = False  # also export/model.onnx (needs hf; finetune_cls / finetune_ner)
+  onnx: bool = False  # also export/model.onnx (needs hf; finetune_cls / _ner / _qa)
 
 
 def export_hf(params, mcfg, head: str, workdir: str, tokenizer, id2label=None) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 from absl import logging
 
 from jaxft import peft as peft_lib
 from jaxft import kinds, sources
-from jaxft.data import classification
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import MissingSplitError
 from jaxft.export import ExportSettings, export_hf, export_onnx, jax_logits
@@ -23,13 +23,12 @@ from jaxft.train.optimizer import FreezeSettings
 from jaxft.train.state import ModelDef
 
 
-def model_and_tokenizer(init_from: str, model: ModelConfig, tokenizer_path: str,
+def model_and_tokenizer(source: sources.Source | None, model: ModelConfig, tokenizer_path: str,
                         max_len: int):
-  """(ModelConfig, tokenizer): init_from's architecture and tokenizer when given (with this
-  config's runtime fields), else the config's model and data.tokenizer; checked together."""
-  tokenizer = sources.tokenizer_of(init_from, tokenizer_path)
-  mine = model if model.vocab_size else model.replace(vocab_size=len(tokenizer))
-  mcfg = sources.model_config_of(init_from).with_runtime_of(mine) if init_from else mine
+  """(ModelConfig, tokenizer): the init_from source's architecture and tokenizer when given
+  (with this config's runtime fields), else the config's model and data.tokenizer; checked
+  together."""
+  tokenizer, mcfg = sources.tokenizer_and_config(source, tokenizer_path, model)
   if max_len > mcfg.max_position_embeddings:
     raise ValueError(f"data.max_len={max_len} exceeds the model's max_position_embeddings="
                      f'{mcfg.max_position_embeddings}')
@@ -39,9 +38,9 @@ def model_and_tokenizer(init_from: str, model: ModelConfig, tokenizer_path: str,
   return mcfg, tokenizer
 
 
-def load_split(data, tokenizer, split: str):
-  """(arrays, info) of one split, or (None, None) when a dev/test split is absent."""
-  kind = kinds.CLS if isinstance(data, classification.ClsData) else kinds.NER
+def load_split(kind: kinds.Kind, data, tokenizer, split: str):
+  """(arrays, info) of one split of `kind`'s data, or (None, None) when a dev/test split is
+  absent."""
   try:
     return kind.load_split(data, tokenizer, split)
   except MissingSplitError:
@@ -50,15 +49,15 @@ def load_split(data, tokenizer, split: str):
     return None, None
 
 
-def init_trainable(model_def: ModelDef, init_from: str, freeze: FreezeSettings, pcfg: PeftConfig,
-                   *, max_len: int, num_layers: int):
-  """(the loop's Start, the init report) of a fine-tune: weights from `init_from` (logged),
+def init_trainable(model_def: ModelDef, source: sources.Source | None, freeze: FreezeSettings,
+                   pcfg: PeftConfig, *, max_len: int, num_layers: int):
+  """(the loop's Start, the init report) of a fine-tune: weights from `source` (logged),
   then freezing and PEFT (which may re-hang the model, its parameters and the mask) and the
   layer-wise learning-rate scale."""
-  init_params, report = (sources.load_init(init_from, model_def) if init_from else (None, None))
+  init_params, report = source.load_init(model_def) if source else (None, None)
   if report:
     logging.info('init_from %s: %d tensors loaded; new (freshly initialised): %s; dropped: %s',
-                 init_from, report['loaded'], report['missing'], report['unused'])
+                 source.path, report['loaded'], report['missing'], report['unused'])
   trainable = optim.trainable_mask(freeze, model_def.abstract_params)
   peft_parts = peft_lib.setup(pcfg, model_def, init_params, trainable,
                               fresh=report['missing'] if report else (), max_len=max_len)
@@ -115,15 +114,35 @@ def test_hook(kind: kinds.Kind, test_arrays, test_info, batch_size: int) -> list
   return [loop.Hook('test', test)]
 
 
-def export_trained(pcfg: PeftConfig, export: ExportSettings, params, trainable, mcfg, head: str,
-                   workdir: str, tokenizer, *, init_from: str = '', id2label=None,
-                   extra: dict | None = None, model_def: ModelDef | None = None,
-                   max_len: int = 0) -> dict | None:
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+  """What a fine-tune exports and how: the run's PEFT and export settings, and what the
+  exported model is (architecture, head, tokenizer, class names, input length)."""
+  peft: PeftConfig
+  export: ExportSettings
+  mcfg: ModelConfig
+  head: str
+  tokenizer: Any
+  init_from: str = ''
+  label_names: list | None = None  # a fine-tune's classes (recorded in the export)
+  max_len: int = 0    # the ONNX check's longest input
+
+  @property
+  def id2label(self) -> dict | None:
+    return dict(enumerate(self.label_names)) if self.label_names else None
+
+
+def export_trained(plan: ExportPlan, params, trainable, model_def: ModelDef | None,
+                   workdir: str) -> dict | None:
   """The PEFT tensors alone (workdir/<method>/, a PEFT run) and workdir/export: a Hugging
   Face directory, and for a PEFT run every form its method allows (jaxft.peft.export);
   with `export.onnx`, export/model.onnx checked against `model_def`'s logits on inputs of
   up to `max_len` tokens (returns that check's {path, max_abs_diff, tol})."""
-  extra = {'init_from': init_from, **(extra or {})}
+  pcfg, export, mcfg, head = plan.peft, plan.export, plan.mcfg, plan.head
+  tokenizer, id2label = plan.tokenizer, plan.id2label
+  extra = {'init_from': plan.init_from}
+  if plan.label_names is not None:
+    extra['labels'] = plan.label_names
   if pcfg.enabled:
     out = peft_lib.save_checkpoint(pcfg, params, trainable, workdir,
                                    extra={**extra, 'head': head, 'model': mcfg.to_dict()})
@@ -140,4 +159,4 @@ def export_trained(pcfg: PeftConfig, export: ExportSettings, params, trainable, 
   reference = jax_logits(model_def, params)  # every process gathers; process 0 exports
   if jax.process_index() != 0:
     return None
-  return export_onnx(os.path.join(workdir, 'export'), head, reference, max_len=max_len)
+  return export_onnx(os.path.join(workdir, 'export'), head, reference, max_len=plan.max_len)

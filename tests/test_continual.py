@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxft import config as config_lib
-from jaxft import continual, sources, stages
+from jaxft import continual, kinds, sources, stages
 from jaxft.finetuning import load_split
 from jaxft.main import run_stage
 from jaxft.stages import finetune
@@ -156,12 +156,12 @@ def test_lwf_weight_zero_is_plain_fine_tuning(tmp, previous):
   cfg.model.update(hidden_dropout=0.1, classifier_dropout=0.1)
   cfg.continual.update(previous=previous, method='lwf')
   s = stages.validate(cfg)
-  tok = sources.tokenizer_of(previous)
-  mcfg = sources.model_config_of(previous).with_runtime_of(s.model)
+  tok = sources.resolve(previous).tokenizer()
+  mcfg = sources.resolve(previous).model_config().with_runtime_of(s.model)
   prev = continual.load_previous(s.continual, mcfg, 32)
   mdef = continual.model_def(mcfg, 3, prev, 0)
   params, _ = continual.init_params(prev, mdef)
-  arrays, _ = load_split(s.data, tok, 'train')
+  arrays, _ = load_split(kinds.CLS, s.data, tok, 'train')
   batch = {k: jnp.asarray(v[:8]) for k, v in arrays.items() if k != 'word_ids'}
   key = jax.random.PRNGKey(3)
 

@@ -146,10 +146,10 @@ def test_generate_into_its_source_workdir_keeps_the_training_records(trained):
 def test_a_workdir_and_its_export_hold_the_same_parameters(trained):
   """init_from either one gives the same model: every tensor of a GPT-2 LM, none fresh."""
   wd, _, _ = trained
-  mcfg = sources.model_config_of(str(wd))
+  mcfg = sources.resolve(str(wd)).model_config()
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
-  a, ra = sources.read_params(str(wd), model_def)
-  b, rb = sources.read_params(str(wd / 'export'), model_def)
+  a, ra = sources.resolve(str(wd)).read_params(model_def)
+  b, rb = sources.resolve(str(wd / 'export')).read_params(model_def)
   assert ra['missing'] == rb['missing'] == [] and a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -72,7 +72,7 @@ def test_tiny_gpt2_beats_unigram_perplexity(tmp_path):
   assert model_ppl > unigram_ppl / 10, f'perplexity {model_ppl:.1f}: implausibly low'
   # Nor through attention: the trained model's logits at a position do not move when later
   # tokens change (a non-causal run still passes the bounds above: perplexity 337, measured).
-  mcfg = sources.model_config_of(str(run_dir))
+  mcfg = sources.resolve(str(run_dir)).model_config()
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
   params = unflatten_like(model_def.abstract_params,
                           sources.read_workdir_params(str(run_dir), 'latest'))

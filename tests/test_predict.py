@@ -19,7 +19,7 @@ import pytest
 from seqeval.metrics import f1_score
 from seqeval.metrics.sequence_labeling import get_entities
 
-from jaxft import kinds
+from jaxft import kinds, sources
 from jaxft.config import ConfigError
 from jaxft.data.classification import GLUE_TASKS
 from jaxft.data.tokenizer import load_tokenizer
@@ -174,8 +174,8 @@ def test_split_input_ignores_train_class_balance(tmp_path):
   (tmp_path / 'train.tsv').write_text(
       'sentence\tlabel\n' + ''.join(f'{t}\t{y}\n' for t, y in rows), encoding='utf-8')
   tok = load_tokenizer(Path(__file__).resolve().parents[1] / 'data/tokenizers/bert-base-uncased')
-  labels = {'label_values': ['0', '1'], 'label_names': ['negative', 'positive'],
-            'is_regression': False}
+  labels = sources.TaskInfo.from_json({'kind': 'cls', 'label_values': ['0', '1'],
+                                       'label_names': ['negative', 'positive']})
   data_cfg = ClsData(task='sst2', path=str(tmp_path), max_len=16, class_balance='resample')
   arrays, ex = predict_lib.load_inputs('train', kinds.CLS, data_cfg, tok, labels)
   assert arrays['labels'].tolist() == [int(y) for _, y in rows]

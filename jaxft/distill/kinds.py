@@ -72,7 +72,7 @@ class Classifier:
                                   teacher_def, cached=cached)
 
   def record(self, data: Data, workdir: str, mcfg) -> None:
-    sources.save_labels(workdir, 'cls', data.info, mcfg)
+    sources.save_labels(workdir, sources.TaskInfo.of_data('cls', data.info, mcfg))
 
   def hooks(self, data: Data, batch_size: int) -> list[loop.Hook]:
     return finetuning.test_hook(kinds.CLS, data.test, data.test_info, batch_size)

@@ -123,13 +123,13 @@ def examples_per_sec(eval_step, params, arrays, batch_size: int, mesh, rules,
 
 # ----------------------------------------------------------------------------- the student's start
 
-def student_config(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfig, tokenizer,
-                   mode: str) -> ModelConfig:
-  """Architecture from init_from (a pretrained student) or the teacher's with
+def student_config(dc, init_from: sources.Source | None, runtime: ModelConfig,
+                   teacher: ModelConfig, tokenizer, mode: str) -> ModelConfig:
+  """Architecture from init_from (a pretrained student, resolved) or the teacher's with
   distill.student.* overrides (`dc`: the distill settings); the runtime fields (dropout,
   dtypes) from `runtime`, the run's model section."""
   if mode == 'init_from':
-    base = sources.model_config_of(init_from)
+    base = init_from.model_config()
   else:
     shape = dc.student
     base = teacher.replace(
@@ -141,13 +141,13 @@ def student_config(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfi
   return base.with_runtime_of(mine)
 
 
-def resolve_mode(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfig,
-                 tokenizer) -> str:
+def resolve_mode(dc, init_from: sources.Source | None, runtime: ModelConfig,
+                 teacher: ModelConfig, tokenizer) -> str:
   """distill.student_init, with 'auto' decided: init_from when given, else every k-th
   teacher layer when the widths allow, else random."""
   mode = dc.student_init
   if mode == 'auto':
-    if init_from:
+    if init_from is not None:
       return 'init_from'
     diff = width_mismatch(student_config(dc, init_from, runtime, teacher, tokenizer,
                                          'teacher_every_k'), teacher)
@@ -156,7 +156,7 @@ def resolve_mode(dc, init_from: str, runtime: ModelConfig, teacher: ModelConfig,
   return mode
 
 
-def initial_params(dc, init_from: str, mode: str, teacher, sdef, smcfg):
+def initial_params(dc, init_from: sources.Source | None, mode: str, teacher, sdef, smcfg):
   """(host params or None, report) of the student's starting point."""
   if mode == 'teacher_every_k':
     diff = width_mismatch(smcfg, teacher.mcfg)
@@ -165,6 +165,6 @@ def initial_params(dc, init_from: str, mode: str, teacher, sdef, smcfg):
     layer_ids = teacher_layers(teacher.mcfg.num_layers, smcfg.num_layers, dc.student_layers)
     return from_teacher(teacher.params, sdef, layer_ids)
   if mode == 'init_from':
-    params, report = sources.load_init(init_from, sdef)
-    return params, dict(report, mode='init_from', path=init_from)
+    params, report = init_from.load_init(sdef)
+    return params, dict(report, mode='init_from', path=init_from.path)
   return None, {'mode': 'random'}

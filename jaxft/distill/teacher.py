@@ -36,22 +36,22 @@ class Teacher:
     return count_params(self.params)
 
 
-def _check_labels(path: str, num_labels: int | None, label_values: list | None,
+def _check_labels(source: sources.Source, num_labels: int | None, label_values: list | None,
                   label_names: list | None) -> list | None:
   """The teacher's class order must be the task's: a permuted head would teach wrong labels."""
   if num_labels is None:
     return None
-  labels = sources.labels_of(path)
-  if labels is not None:
-    theirs = [str(x) for x in labels.get('label_values') or labels.get('label_names') or []]
-    n = 1 if labels.get('is_regression') else len(theirs)
+  path, task = source.path, source.task
+  if task is not None:
+    theirs = [str(x) for x in task.label_values or task.label_names]
+    n = 1 if task.is_regression else len(theirs)
     if n != num_labels:
       raise ValueError(f'teacher {path}: {n} labels {theirs} but the task has {num_labels}')
     if label_values is not None and theirs and theirs != [str(x) for x in label_values]:
       raise ValueError(f'teacher {path}/labels.json: label order {theirs} differs from the '
                        f'task\'s {list(label_values)}')
     return theirs
-  if sources.is_hf_dir(path):
+  if not source.is_workdir:
     id2label = hf.load_hf_labels(path) or {}
     names = [str(id2label[i]) for i in sorted(id2label)]
     if names and len(names) != num_labels:
@@ -79,34 +79,33 @@ def fingerprint(mcfg: ModelConfig, head: str, params) -> str:
   return h.hexdigest()
 
 
-def read_params(path: str, model_def: ModelDef, head: str):
+def read_params(source: sources.Source, model_def: ModelDef, head: str):
   """Every parameter from the checkpoint, cast to the model's param dtype. Unlike
-  `sources.load_init` nothing is freshly initialised, so no throwaway copy is built."""
-  values, report = sources.read_params(path, model_def)
+  `Source.load_init` nothing is freshly initialised, so no throwaway copy is built."""
+  values, report = source.read_params(model_def)
   missing = report['missing']
   if missing:
-    raise ValueError(f'teacher {path} lacks {len(missing)} parameter(s) of a '
+    raise ValueError(f'teacher {source.path} lacks {len(missing)} parameter(s) of a '
                      f'{head!r} model, e.g. {missing[:4]}: a teacher needs a '
                      f'trained head')
   params = unflatten_like(model_def.abstract_params, values)
   return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, model_def.abstract_params)
 
 
-def load_teacher(path: str, head: str, *, vocab_size: int, num_labels: int | None = None,
-                 label_values: list | None = None, label_names: list | None = None,
-                 dtype: str = '', seed: int = 0) -> Teacher:
+def load_teacher(source: sources.Source, head: str, *, vocab_size: int,
+                 num_labels: int | None = None, label_values: list | None = None,
+                 label_names: list | None = None, dtype: str = '', seed: int = 0) -> Teacher:
   """The teacher's host params; every parameter must come from the checkpoint."""
-  if not path:
-    raise ValueError('teacher is not set: --config.teacher=A_JAXFT_WORKDIR_OR_HF_DIR')
-  mcfg = sources.model_config_of(path, vocab_size)
+  path = source.path
+  mcfg = source.model_config(vocab_size)
   # Forward only and deterministic: no dropout; `dtype` (e.g. bf16) for matmuls and storage.
   over = dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, remat=False)
   if dtype:
     over.update(dtype=to_dtype(dtype), param_dtype=to_dtype(dtype))
   mcfg = mcfg.replace(**over)
-  theirs = _check_labels(path, num_labels, label_values, label_names)
+  theirs = _check_labels(source, num_labels, label_values, label_names)
   model_def = ModelDef.create(lambda: build_model(mcfg, head, num_labels=num_labels, seed=seed))
-  params = read_params(path, model_def, head)
+  params = read_params(source, model_def, head)
   logging.info('teacher %s: %s %s, %d layers, hidden %d, %s params', path, mcfg.model_type, head,
                mcfg.num_layers, mcfg.hidden_size, f'{count_params(params):,}')
   return Teacher(path, mcfg, head, num_labels, model_def, params, theirs,

@@ -6,7 +6,9 @@ run jitted and sharded like any prediction. What is explained (`f`, a scalar per
   the argmax; the score itself for regression, one output);
 - `kind='ner'`: the sum, over the first sub-token of every word (`target_mask`, where the
   predicted tags are read), of the log-probability of the tag predicted there: one
-  attribution per token for the whole predicted tagging.
+  attribution per token for the whole predicted tagging;
+- `kind='qa'`: log p(start) + log p(end) of the chosen answer span (`target` [B, 2]: its
+  first and last token in the window it was read from; softmax over positions).
 
 Integrated gradients (Sundararajan et al. 2017) go through the input embeddings (the
 models' `inputs_embeds`, the hook prompt tuning uses): attribution of token t is
@@ -55,6 +57,10 @@ def target_value(logits, target, target_mask, kind: str):
   """f per example ([B]) of the module docstring; `target` is the predicted class [B] or
   tags [B, L]; regression (one output) explains the score itself."""
   logits = logits.astype(jnp.float32)
+  if kind == 'qa':  # logits [B, L, 2]: start / end scores per position; target [B, 2]
+    logp = jax.nn.log_softmax(logits, axis=1)
+    rows = jnp.arange(logits.shape[0])
+    return logp[rows, target[:, 0], 0] + logp[rows, target[:, 1], 1]
   if kind == 'cls' and logits.shape[-1] == 1:
     return logits[:, 0]
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -102,7 +108,8 @@ def path_integral(model, batch, x, x0, *, kind: str, steps: int = 64) -> dict:
   grows with steps * B: callers size B to steps)."""
   _, mask, tt = inputs(batch)
   target_mask = batch.get('target_mask', mask)
-  target = jnp.argmax(model(None, mask, tt, inputs_embeds=x)['logits'], axis=-1)
+  target = batch['target'] if 'target' in batch else jnp.argmax(  # a QA span comes chosen
+      model(None, mask, tt, inputs_embeds=x)['logits'], axis=-1)
   alphas, weights = trapezoid(steps)
   b, length, hidden = x.shape
   rows = lambda a: None if a is None else jnp.tile(a, (steps,) + (1,) * (a.ndim - 1))
@@ -165,8 +172,9 @@ def attention_rollout(model, batch, *, query: str) -> dict:
 
 def query_for(kind: str, model_type: str) -> str:
   """The rollout row(s) a prediction is read from: BERT's classifier reads [CLS] (first),
-  GPT-2's the last real token, a token classifier every tagged position (targets)."""
-  return 'targets' if kind == 'ner' else 'last' if model_type == 'gpt2' else 'first'
+  GPT-2's the last real token, a token classifier every tagged position, a span head the
+  answer's first and last token (targets)."""
+  return 'targets' if kind in ('ner', 'qa') else 'last' if model_type == 'gpt2' else 'first'
 
 
 def explainer(method: str, *, kind: str, query: str = 'first', steps: int = 64,
@@ -200,8 +208,10 @@ def special_ids(tokenizer) -> list[int]:
 
 def explain_arrays(arrays: dict, special_ids: Sequence[int]) -> dict:
   """The model inputs of encoded examples + `special_tokens_mask` (ids among the tokenizer's
-  special ids) and, with `word_ids` (NER), `target_mask` (first sub-token of each word)."""
-  out = {k: arrays[k] for k in ('input_ids', 'attention_mask', 'token_type_ids') if k in arrays}
+  special ids) and, with `word_ids` (NER), `target_mask` (first sub-token of each word); a
+  `target` / `target_mask` already given (a QA span) is kept."""
+  out = {k: arrays[k] for k in ('input_ids', 'attention_mask', 'token_type_ids', 'target',
+                                'target_mask') if k in arrays}
   ids = np.asarray(arrays['input_ids'])
   out['special_tokens_mask'] = np.isin(ids, np.asarray(list(special_ids))).astype(np.int32)
   if 'word_ids' in arrays:
@@ -248,6 +258,11 @@ def _color(score: float, scale: float) -> str:
 
 
 def _caption(rec: dict) -> str:
+  if 'answer' in rec:  # a QA span
+    cap = f"answer {rec['answer']!r}"
+    if rec.get('gold'):
+      cap += f"; gold {' | '.join(rec['gold'])}"
+    return cap
   if 'label' in rec:
     p = rec.get('probs', {}).get(rec['label'])
     cap = f"predicted {rec['label']}" + ('' if p is None else f' (p={p:.3f})')

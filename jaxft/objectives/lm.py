@@ -84,6 +84,34 @@ def clm(mask_boundaries: bool) -> Objective:
   return Objective(loss=loss, evaluate=evaluate, prepare=prepare)
 
 
+class Style:
+  """Masked (BERT) or causal (GPT-2) language modelling: what differs between pretrain_mlm
+  and pretrain_clm, chosen once from the stage name."""
+  name: str        # the model head, and the rows the data packs: mlm | clm
+  model_type: str  # the architecture it trains
+
+  def objective(self, tokenizer, masking_settings: MaskingSettings,
+                mask_boundaries: bool) -> Objective:
+    raise NotImplementedError
+
+
+class Masked(Style):
+  name, model_type = 'mlm', 'bert'
+
+  def objective(self, tokenizer, masking_settings, mask_boundaries):
+    return mlm(tokenizer, masking_settings)
+
+
+class Causal(Style):
+  name, model_type = 'clm', 'gpt2'
+
+  def objective(self, tokenizer, masking_settings, mask_boundaries):
+    return clm(mask_boundaries)
+
+
+STYLES = {'pretrain_mlm': Masked(), 'pretrain_clm': Causal()}
+
+
 def summarize(sums, per_example):
   """Eval metrics of either LM: token loss, accuracy, perplexity, tokens scored."""
   del per_example

@@ -73,6 +73,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage('pretrain_clm', pretrain, 'GPT-2 causal LM'),
     Stage('finetune_cls', finetune, 'sequence classification / regression, GLUE metrics'),
     Stage('finetune_ner', finetune, 'token classification on CoNLL files, entity-level F1'),
+    Stage('finetune_qa', finetune, 'extractive question answering (SQuAD), EM / F1'),
     Stage('predict', predict, 'a fine-tuned workdir on a split or a file -> predictions.jsonl'),
     Stage('finetune_lm', finetune_lm,
           'GPT-2 causal-LM fine-tuning on (prompt, completion) pairs, validated by decoding'),
@@ -87,7 +88,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
-ONNX_STAGES = ('finetune_cls', 'finetune_ner')  # the stages whose export reads export.onnx
+ONNX_STAGES = ('finetune_cls', 'finetune_ner', 'finetune_qa')  # the stages whose export reads export.onnx
 
 
 def section_types(cfg) -> dict[str, type]:

@@ -68,7 +68,8 @@ def _summary(metric_names, with_predictions: bool):
 
 def run(s: Settings, workdir: str) -> dict:
   c = s.cloze
-  mcfg, tokenizer = finetuning.model_and_tokenizer(s.init_from, s.model, s.data.tokenizer,
+  source = sources.resolve_optional(s.init_from)
+  mcfg, tokenizer = finetuning.model_and_tokenizer(source, s.model, s.data.tokenizer,
                                                    s.data.max_len)
   if mcfg.model_type != 'bert':
     raise ValueError(f'cloze needs a BERT masked LM, got model type {mcfg.model_type!r}')
@@ -83,7 +84,7 @@ def run(s: Settings, workdir: str) -> dict:
   metric_names = ['accuracy', 'f1'] if len(names) == 2 else ['accuracy', 'f1_macro']
 
   model_def = ModelDef.create(lambda: build_model(mcfg, 'mlm', seed=s.loop.seed))
-  init_params, report = sources.load_init(s.init_from, model_def)
+  init_params, report = source.load_init(model_def)
   head_missing = [n for n in report['missing'] if n.startswith(cloze_lib.MLM_HEAD)]
   if head_missing:
     raise ValueError(f'init_from={s.init_from!r} has no pretrained MLM head (missing '

@@ -83,16 +83,20 @@ def run(s: Settings, workdir: str) -> dict:
 
 def distill(s: Settings, workdir: str) -> Distilled:
   dc, what = s.distill, distill_kinds.KINDS[s.distill.kind]
-  tokenizer = sources.tokenizer_of(s.teacher, s.data.tokenizer)
+  if not s.teacher:
+    raise ValueError('teacher is not set: --config.teacher=A_JAXFT_WORKDIR_OR_HF_DIR')
+  teacher_source = sources.resolve(s.teacher, 'teacher')
+  init_source = sources.resolve_optional(s.init_from)
+  tokenizer = teacher_source.tokenizer(s.data.tokenizer)
   data = what.load(s.data, tokenizer, workdir, s.train)
   labels = what.teacher_labels(data)
-  teacher = teacher_lib.load_teacher(s.teacher, what.head, vocab_size=len(tokenizer),
+  teacher = teacher_lib.load_teacher(teacher_source, what.head, vocab_size=len(tokenizer),
                                      dtype=dc.teacher_dtype, seed=s.seed, **labels)
   if s.data.max_len > teacher.mcfg.max_position_embeddings:
     raise ValueError(f'data.max_len={s.data.max_len} exceeds the teacher\'s '
                      f'max_position_embeddings={teacher.mcfg.max_position_embeddings}')
-  mode = student_lib.resolve_mode(dc, s.init_from, s.model, teacher.mcfg, tokenizer)
-  smcfg = student_lib.student_config(dc, s.init_from, s.model, teacher.mcfg, tokenizer, mode)
+  mode = student_lib.resolve_mode(dc, init_source, s.model, teacher.mcfg, tokenizer)
+  smcfg = student_lib.student_config(dc, init_source, s.model, teacher.mcfg, tokenizer, mode)
   if smcfg.vocab_size != teacher.mcfg.vocab_size:
     raise ValueError(f'student vocabulary {smcfg.vocab_size} != teacher {teacher.mcfg.vocab_size}:'
                      ' both read the same token ids (the teacher\'s tokenizer)')
@@ -104,7 +108,7 @@ def distill(s: Settings, workdir: str) -> Distilled:
       smcfg.hidden_size != teacher.mcfg.hidden_size
   sdef = student_lib.student_def(smcfg, what.head, labels['num_labels'], s.seed,
                                  teacher.mcfg.hidden_size if needs_proj else None)
-  init_params, init_report = student_lib.initial_params(dc, s.init_from, mode, teacher, sdef,
+  init_params, init_report = student_lib.initial_params(dc, init_source, mode, teacher, sdef,
                                                         smcfg)
   sources.save_tokenizer(tokenizer, workdir, smcfg.max_position_embeddings)
   what.record(data, workdir, smcfg)

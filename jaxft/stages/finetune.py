@@ -1,4 +1,6 @@
-"""Stages `finetune_cls` (GLUE-style sequence classification / regression) and `finetune_ner`.
+"""Stages `finetune_cls` (GLUE-style sequence classification / regression), `finetune_ner`
+and `finetune_qa` (extractive question answering, SQuAD): one flow, the kind (jaxft.kinds)
+says what differs.
 
 Init from a jaxft workdir (its best, else latest checkpoint) or a Hugging Face directory:
 architecture and tokenizer come from there, training-time settings (dropout, dtypes) from
@@ -14,10 +16,11 @@ import dataclasses
 from jaxft import config as config_lib
 from jaxft import continual, kinds, sources
 from jaxft.data import classification, ner
+from jaxft.data import qa as qa_data
 from jaxft.data import loader as loader_lib
 from jaxft.export import ExportSettings, OnnxMismatch, check_onnx
-from jaxft.finetuning import (export_trained, load_split, model_and_tokenizer, test_hook,
-                              with_default_metric)
+from jaxft.finetuning import (ExportPlan, export_trained, load_split, model_and_tokenizer,
+                              test_hook, with_default_metric)
 from jaxft.models.config import ModelConfig
 from jaxft.peft import PeftConfig
 from jaxft.train import loop
@@ -58,7 +61,16 @@ class NerSettings(ClsSettings):
   kind = kinds.NER
 
 
-Settings = ClsSettings | NerSettings
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QaSettings(ClsSettings):
+  """finetune_qa: the config's keys."""
+  data: qa_data.QaData
+
+  kind = kinds.QA
+
+
+Settings = ClsSettings | NerSettings | QaSettings
+_BY_STAGE = {'finetune_ner': NerSettings, 'finetune_qa': QaSettings}
 
 
 def _continual_checks(s: Settings) -> None:
@@ -79,23 +91,25 @@ def run(s: Settings, workdir: str) -> dict:
 
 def finetune(s: Settings, workdir: str) -> loop.Outcome:
   """The stage, returning the state it ends with (on device) beside the results."""
-  mcfg, tokenizer = model_and_tokenizer(s.init_from, s.model, s.data.tokenizer, s.data.max_len)
-  if s.kind is kinds.NER and mcfg.model_type != 'bert':
-    raise ValueError('finetune_ner supports model.type=bert')
-  train_arrays, info = load_split(s.data, tokenizer, 'train')
-  dev_arrays, dev_info = load_split(s.data, tokenizer, 'dev')
-  test_arrays, test_info = load_split(s.data, tokenizer, 'test')
+  source = sources.resolve_optional(s.init_from)
+  mcfg, tokenizer = model_and_tokenizer(source, s.model, s.data.tokenizer, s.data.max_len)
+  if mcfg.model_type not in s.kind.model_types:
+    raise ValueError(f'{s.stage} supports model.type={"|".join(s.kind.model_types)}, got '
+                     f'{mcfg.model_type!r}')
+  train_arrays, info = load_split(s.kind, s.data, tokenizer, 'train')
+  dev_arrays, dev_info = load_split(s.kind, s.data, tokenizer, 'dev')
+  test_arrays, test_info = load_split(s.kind, s.data, tokenizer, 'test')
   plan = continual.plan(s.continual, s.kind, mcfg, s.data.max_len, s.seed)
   train, per_epoch = plan.resolve_steps(s.train, len(train_arrays['input_ids']))
   settings = dataclasses.replace(
       s.loop, train=with_default_metric(train, info if dev_arrays is not None else None))
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
-  sources.save_labels(workdir, s.kind.name, info, mcfg)
+  sources.save_labels(workdir, sources.TaskInfo.of_data(s.kind.name, info, mcfg))
   sources.record_model(workdir, mcfg)
 
   num_labels = info['num_labels']
   start, report = plan.start(
-      plan.model_def(mcfg, num_labels, s.seed), s.init_from, s.finetune, s.peft,
+      plan.model_def(mcfg, num_labels, s.seed), source, s.finetune, s.peft,
       max_len=s.data.max_len, num_layers=mcfg.num_layers)
   objective = plan.objective(num_labels, info.get('is_regression', False),
                              float(s.finetune.label_smoothing or 0.0))
@@ -114,9 +128,11 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   params = plan.finish(results, out.params, workdir, tokenizer)
   if not results['preempted']:
     try:
-      onnx = _export(s, params, plan.export_trainable(start.trainable), mcfg, tokenizer,
-                     workdir, info['label_names'],
-                     plan.export_def(start.model_def, mcfg, num_labels))
+      exported = ExportPlan(s.peft, s.export, mcfg, s.kind.head, tokenizer,
+                            init_from=s.init_from, label_names=info['label_names'],
+                            max_len=s.data.max_len)
+      onnx = export_trained(exported, params, plan.export_trainable(start.trainable),
+                            plan.export_def(start.model_def, mcfg, num_labels), workdir)
     except OnnxMismatch as e:  # the run's results still go to results.json, with the check
       results['onnx'] = e.check
       write_results(workdir, results)
@@ -127,13 +143,5 @@ def finetune(s: Settings, workdir: str) -> loop.Outcome:
   return loop.Outcome(results, out.state)
 
 
-def _export(s: Settings, params, trainable, mcfg, tokenizer, workdir, label_names,
-            model_def) -> dict | None:
-  id2label = dict(enumerate(label_names)) if label_names else None
-  return export_trained(s.peft, s.export, params, trainable, mcfg, s.kind.head, workdir, tokenizer,
-                        init_from=s.init_from, id2label=id2label, extra={'labels': label_names},
-                        model_def=model_def, max_len=s.data.max_len)
-
-
 def settings_class(cfg) -> type[Settings]:
-  return NerSettings if cfg.get('stage') == 'finetune_ner' else ClsSettings
+  return _BY_STAGE.get(cfg.get('stage'), ClsSettings)

@@ -23,7 +23,8 @@ from jaxft.data import completion as lm_data
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import pad_id as pad_id_of
 from jaxft.export import ExportSettings
-from jaxft.finetuning import export_trained, init_trainable, model_and_tokenizer, resolve_steps
+from jaxft.finetuning import (ExportPlan, export_trained, init_trainable, model_and_tokenizer,
+                              resolve_steps)
 from jaxft.generation import DecodingSection
 from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
@@ -143,19 +144,20 @@ def _generation_hook(dev: _Dev, tokenizer, bs: int, workdir: str,
   return [loop.Hook('dev_generation', generate)]
 
 
-def _init(s: Settings, mcfg, workdir: str, tokenizer):
+def _init(s: Settings, source, mcfg, workdir: str, tokenizer):
   """(the loop's Start, the init report), PEFT applied."""
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
   sources.record_model(workdir, mcfg)
   model_def = ModelDef.create(lambda: build_model(mcfg, 'clm', seed=s.loop.seed))
-  return init_trainable(model_def, s.init_from, s.finetune, s.peft, max_len=s.data.max_len,
+  return init_trainable(model_def, source, s.finetune, s.peft, max_len=s.data.max_len,
                         num_layers=mcfg.num_layers)
 
 
 def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   """The stage, returning the state it ends with (on device) beside the results."""
   d = s.data
-  mcfg, tokenizer = model_and_tokenizer(s.init_from, s.model, d.tokenizer, d.max_len)
+  source = sources.resolve_optional(s.init_from)
+  mcfg, tokenizer = model_and_tokenizer(source, s.model, d.tokenizer, d.max_len)
   if mcfg.model_type != 'gpt2':
     raise ValueError(f'finetune_lm needs a GPT-2 model; {s.init_from} holds '
                      f'{mcfg.model_type!r}')
@@ -168,7 +170,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   bs = train.batch_size
   dev = _dev(d, tokenizer, dev_pairs, decode, bs, mcfg)
   n_targets = min(lm_data.max_targets(train_arrays, dev.arrays), d.max_len)
-  start, report = _init(s, mcfg, workdir, tokenizer)
+  start, report = _init(s, source, mcfg, workdir, tokenizer)
   objective = completion_objective(max_targets=n_targets, decode_settings=decode,
                                    label_smoothing=float(s.finetune.label_smoothing or 0.0))
   score_kw = dict(prompts=dev.prompts, delexicalize=d.delexicalize,
@@ -190,8 +192,8 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
           f"{results['step']}, kept step "
           f"{results.get('best', {}).get('restored_step', results['step'])})")
   if not results['preempted']:
-    export_trained(s.peft, s.export, out.params, start.trainable, mcfg, 'clm', workdir, tokenizer,
-                   init_from=s.init_from)
+    plan = ExportPlan(s.peft, s.export, mcfg, 'clm', tokenizer, init_from=s.init_from)
+    export_trained(plan, out.params, start.trainable, None, workdir)
   write_results(workdir, results)
   return loop.Outcome(results, out.state)
 

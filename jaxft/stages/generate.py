@@ -84,22 +84,21 @@ class Settings:
                                    'GPT-2 directory')
 
 
-def load_lm(s: Settings):
+def load_lm(s: Settings, src: sources.Source):
   """(model_def, host params, mcfg, tokenizer): a workdir exactly as trained (PEFT modules
   included); an HF directory must hold every tensor of a GPT-2 LM (generating from freshly
   initialised weights would be a silent wrong result)."""
-  src = s.init_from
-  tokenizer = sources.tokenizer_of(src, s.data.tokenizer)
-  mcfg = sources.model_config_of(src, len(tokenizer)).with_runtime_of(s.model)
+  tokenizer = src.tokenizer(s.data.tokenizer)
+  mcfg = src.model_config(len(tokenizer)).with_runtime_of(s.model)
   if mcfg.model_type != 'gpt2':
-    raise ValueError(f'generate needs a GPT-2 model; {src} holds {mcfg.model_type!r}')
+    raise ValueError(f'generate needs a GPT-2 model; {src.path} holds {mcfg.model_type!r}')
   base_def = ModelDef.create(lambda: build_model(mcfg, 'clm'))
-  if sources.is_jaxft_workdir(src):
-    model_def, params = sources.trained_model(src, base_def, which=s.generate.checkpoint)
+  if src.is_workdir:
+    model_def, params = src.trained_model(base_def, which=s.generate.checkpoint)
     return model_def, params, mcfg, tokenizer
-  params, report = sources.load_init(src, base_def)
+  params, report = src.load_init(base_def)
   if report['missing']:
-    raise ValueError(f'{src} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
+    raise ValueError(f'{src.path} lacks {len(report["missing"])} tensors of a GPT-2 LM (e.g. '
                      f'{report["missing"][:3]}): not a causal-LM checkpoint')
   return base_def, params, mcfg, tokenizer
 
@@ -116,12 +115,12 @@ def _check_tokenizer(src: str, asked: str) -> None:
         'a tokenizer)')
 
 
-def trained_data(src: str) -> tuple[dict, str]:
+def trained_data(src: sources.Source) -> tuple[dict, str]:
   """(the data section a finetune_lm workdir was trained with, where it comes from); ({}, '')
   for an HF directory."""
-  if not sources.is_jaxft_workdir(src):
+  if not src.is_workdir:
     return {}, ''
-  return (sources.workdir_config(src).get('data') or {}), os.path.join(src, 'config.json')
+  return src.trained_data, src.config_file
 
 
 def text_settings(data: GenerateData, trained: dict, trained_from: str = '') -> dict:
@@ -160,13 +159,14 @@ def run(s: Settings, workdir: str) -> dict:
   # The settings, the input and the output are checked before the model is loaded and
   # anything decodes.
   _check_tokenizer(s.init_from, s.data.tokenizer)
-  trained = trained_data(s.init_from)
+  src = sources.resolve(s.init_from)
+  trained = trained_data(src)
   ts = text_settings(s.data, *trained)
   delex = tuple(s.data.delexicalize or trained[0].get('delexicalize') or ())
   prompts, refs, where = read_inputs(g.input, ts)
   out = g.output or os.path.join(workdir, generation.GENERATIONS)
   check_writable(out, 'generate.output')
-  model_def, params, mcfg, tokenizer = load_lm(s)
+  model_def, params, mcfg, tokenizer = load_lm(s, src)
   decode = generation.decode_settings(g, tokenizer)
   prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'], delex)
   generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)

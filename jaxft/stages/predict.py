@@ -102,33 +102,32 @@ def _check_explain(p: PredictSettings) -> None:
                                  'set predict.explain=integrated_gradients|attention_rollout')
 
 
-def _trained(src: str) -> dict:
-  labels = sources.labels_of(src)
-  if labels is None:
-    raise FileNotFoundError(f'{src} is not a fine-tuned jaxft workdir (no labels.json); '
-                            'set init_from to a finetune_cls / finetune_ner workdir')
-  return labels
+def _trained(path: str) -> sources.Source:
+  src = sources.resolve(path)
+  if src.task is None:
+    raise FileNotFoundError(f'{path} is not a fine-tuned jaxft workdir (no labels.json); '
+                            'set init_from to a finetune_cls / finetune_ner / finetune_qa '
+                            'workdir')
+  return src
 
 
-def trained_data(src: str, kind: kinds.Kind):
+def trained_data(src: sources.Source, kind: kinds.Kind):
   """The data section the workdir was trained with (keys of older versions ignored)."""
-  saved = sources.workdir_config(src).get('data', {})
+  saved = src.trained_data
   known = {f.name for f in dataclasses.fields(kind.data_class)}
   return config_lib.section(kind.data_class, {k: v for k, v in saved.items() if k in known},
                             'data')
 
 
-def load_inputs(spec: str, kind: kinds.Kind, data, tokenizer, labels: dict,
+def load_inputs(spec: str, kind: kinds.Kind, data, tokenizer, task: sources.TaskInfo,
                 settings_from: str = ''):
   """(arrays, examples-info) for a split name or a file. A split name reads the file the
   data settings name for it; from `settings_from` (a stored config.json) only a data file
   under its data.path (`_check_split_file`)."""
-  # Every row once, in file order (resampling would reorder the rows under their sources).
-  data = dataclasses.replace(data, class_balance='none', labels=() if labels.get(
-      'is_regression') else tuple(labels[kind.label_key]))
+  data = kind.prediction_data(data, task)
   is_file = os.path.isfile(spec)
   if is_file and kind.reads_lines(spec):
-    arrays, info = kind.line_inputs(spec, data, tokenizer, labels)
+    arrays, info = kind.line_inputs(spec, data, tokenizer, task)
   else:
     arrays, info = _file_or_split_inputs(spec, is_file, kind, data, tokenizer, settings_from)
   if not len(arrays['input_ids']):  # a wrong path or a failed export, not an empty answer
@@ -179,29 +178,29 @@ def _check_split_file(split: str, kind: kinds.Kind, data, settings_from: str) ->
 
 
 def run(s: Settings, workdir: str) -> dict:
-  src = s.init_from or workdir
-  labels = _trained(src)
-  kind = kinds.of(labels['kind'])
-  tokenizer = sources.tokenizer_of(src)
+  src = _trained(s.init_from or workdir)
+  task = src.task
+  kind = kinds.of(task.kind)
+  tokenizer = src.tokenizer()
   # The input and the output are checked before the model is loaded and anything runs.
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, labels,
-                           settings_from=os.path.join(src, 'config.json'))
+  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, task,
+                           settings_from=src.config_file)
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   check_writable(out_path, 'predict.output')
   if s.predict.explain_html:
     check_writable(s.predict.explain_html, 'predict.explain_html')
   dtype = s.predict.dtype  # inference precision: fp32 unless asked, whatever trained
-  mcfg = ModelConfig.from_config_dict(labels['model']).replace(dtype=dtype, param_dtype=dtype)
-  num_labels = 1 if labels.get('is_regression') else len(labels['label_names'])
-  base_def = ModelDef.create(lambda: build_model(mcfg, kind.head, num_labels=num_labels))
-  model_def, params = sources.trained_model(src, base_def, which=s.predict.checkpoint)
+  mcfg = ModelConfig.from_config_dict(task.model).replace(dtype=dtype, param_dtype=dtype)
+  base_def = ModelDef.create(lambda: build_model(mcfg, kind.head,
+                                                     num_labels=kind.num_labels(task)))
+  model_def, params = src.trained_model(base_def, which=s.predict.checkpoint)
   if s.predict.quantize == 'int8':
     model_def, params = int8_model(model_def, params)
-  scores = _scores(model_def, params, arrays, kind.probabilities(labels), s)
-  attributions = (_explain(model_def, params, arrays, kind, mcfg.model_type, tokenizer, s)
-                  if s.predict.explain else None)
+  scores = _scores(model_def, params, arrays, kind.probabilities(task), s)
+  attributions = (_explain(model_def, params, kind.explained_rows(arrays, ex, scores), kind,
+                           mcfg.model_type, tokenizer, s) if s.predict.explain else None)
   if loop.is_main():
-    records = kind.records(ex, scores, arrays, labels)
+    records = kind.records(ex, scores, arrays, task)
     for rec, attr in zip(records, attributions or ()):
       rec['attributions'] = attr
     with files.atomic_open(out_path, 'predictions') as f:  # replaced whole, never in place
@@ -210,10 +209,11 @@ def run(s: Settings, workdir: str) -> dict:
     logging.info('wrote %d predictions to %s', len(records), out_path)
     if s.predict.explain_html:
       files.atomic_write(s.predict.explain_html,
-                         explain.html_page(records, f'{s.predict.explain}: {src}'), 'explain_html')
+                         explain.html_page(records, f'{s.predict.explain}: {src.path}'),
+                         'explain_html')
       logging.info('wrote %s', s.predict.explain_html)
   has_gold = ex.get('gold') is not None and len(scores)
-  metrics = kind.metrics(scores, arrays, ex, labels) if has_gold else {}
+  metrics = kind.metrics(scores, arrays, ex, task) if has_gold else {}
   result = {'n': len(arrays['input_ids']), 'output': out_path, 'input': s.predict.input,
             'quantize': s.predict.quantize, 'param_bytes': param_bytes(params), **metrics}
   if loop.is_main() and metrics:

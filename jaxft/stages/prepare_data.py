@@ -43,7 +43,7 @@ class Settings:
     return self.model.model_type
 
   @property
-  def tokenizer_source(self) -> str:
+  def tokenizer_source(self) -> str:  # the directory whose tokenizer the rows are read with
     return ''
 
 
@@ -73,7 +73,8 @@ def settings_class(cfg) -> type[Settings]:
 
 
 def run(s: Settings, workdir: str) -> dict:
-  tokenizer = sources.tokenizer_of(s.tokenizer_source, s.data.tokenizer)
+  tokenizer = sources.tokenizer_for(sources.resolve_optional(s.tokenizer_source, 'teacher'),
+                                    s.data.tokenizer)
   stats = lm_data.prepare(s.data, tokenizer, workdir, s.model_type)
   root = os.path.dirname(stats['store_path'])
   logging.info('data prepared: %s; train with --config.data.store_dir=%s', stats, root)

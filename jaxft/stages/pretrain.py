@@ -31,11 +31,11 @@ class Settings(loop.RunSettings):
   export: ExportSettings
 
   @property
-  def kind(self) -> str:
-    return 'mlm' if self.stage == 'pretrain_mlm' else 'clm'
+  def style(self) -> lm.Style:
+    return lm.STYLES[self.stage]
 
   def __post_init__(self):
-    want = 'bert' if self.kind == 'mlm' else 'gpt2'
+    want = self.style.model_type
     if self.model.model_type != want:
       raise config_lib.ConfigError(f'{self.stage} needs model.type={want}, got '
                                    f'{self.model.model_type!r}')
@@ -63,11 +63,10 @@ def run(s: Settings, workdir: str) -> dict:
                      f'train.batch_size={bs}: add data or lower the batch size')
   sources.save_tokenizer(tokenizer, workdir, mcfg.max_position_embeddings)
 
-  head = s.kind
+  head = s.style.name
   model_def = ModelDef.create(lambda: build_model(mcfg, head, seed=s.loop.seed))
-  init_params = sources.load_init(s.init_from, model_def)[0] if s.init_from else None
-  objective = (lm.mlm(tokenizer, s.mlm) if s.kind == 'mlm' else
-               lm.clm(s.data.clm_mask_boundaries))
+  init_params = sources.resolve(s.init_from).load_init(model_def)[0] if s.init_from else None
+  objective = s.style.objective(tokenizer, s.mlm, s.data.clm_mask_boundaries)
   data = loop.Data(
       train_iter=loader_lib.make_loader(train_rows, global_batch_size=bs, seed=s.loop.seed),
       eval_batches=loader_lib.lm_eval_batches(eval_arrays, bs, s.loop.seed),

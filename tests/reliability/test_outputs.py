@@ -44,7 +44,7 @@ def test_labels_and_the_recorded_model_replace_a_symlink(tmp_path, victim):
                      num_heads=2, intermediate_size=32, max_position_embeddings=16)
   (tmp_path / 'labels.json').symlink_to(victim)
   info = {'label_names': ['a', 'b'], 'metric_names': ['accuracy'], 'main_metric': 'accuracy'}
-  sources.save_labels(str(tmp_path), 'cls', info, mcfg)
+  sources.save_labels(str(tmp_path), sources.TaskInfo.of_data('cls', info, mcfg))
   assert json.loads((tmp_path / 'labels.json').read_text())['label_names'] == ['a', 'b']
   (tmp_path / 'config.json').write_text('{"stage": "finetune_cls"}')
   (tmp_path / 'config.json.tmp').symlink_to(victim)  # the name the old rewrite went through
@@ -64,5 +64,5 @@ def test_the_tokenizer_directory_replaces_a_symlink(tmp_path):
   (tmp_path / 'w' / 'tokenizer').symlink_to(elsewhere)
   sources.save_tokenizer(tok, str(tmp_path / 'w'), 64)
   assert os.listdir(elsewhere) == [] and not (tmp_path / 'w' / 'tokenizer').is_symlink()
-  assert len(sources.tokenizer_of(str(tmp_path / 'w'))) == len(tok)
+  assert len(load_tokenizer(sources.tokenizer_dir(str(tmp_path / 'w')))) == len(tok)
   _no_temporaries(tmp_path / 'w')

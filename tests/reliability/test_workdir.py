@@ -23,11 +23,8 @@ def stub_stages(monkeypatch):
   from jaxft.stages import finetune, predict, pretrain
   calls = []
 
-  stage_of = {'mlm': 'pretrain_mlm', 'clm': 'pretrain_clm', 'cls': 'finetune_cls',
-              'ner': 'finetune_ner'}
-
   def fake(settings, workdir):
-    name = stage_of.get(getattr(settings, 'kind', None), 'predict')
+    name = settings.stage
     calls.append((name, workdir))
     return {'stage': name}
 
