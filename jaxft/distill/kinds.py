@@ -1,6 +1,7 @@
-"""What differs between the two kinds of distillation (`distill.kind`): a GLUE-style
-classifier (`cls`: the task's splits, labels, a test split) and DistilBERT-style MLM
-pretraining (`mlm`: packed rows of the token store, masking inside the step). The stage
+"""What differs between the kinds of distillation (`distill.kind`): a GLUE-style classifier
+(`cls`: the task's splits, labels, a test split), DistilBERT-style MLM pretraining (`mlm`:
+packed rows of the token store, masking inside the step) and extractive QA (`qa`: SQuAD
+windows, start / end distributions). The stage
 picks one once and calls it; nothing compares the kind's name along the way.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from jaxft.data import pretrain as lm_data
 from jaxft.objectives import classification as cls_objectives
 from jaxft.objectives import distill as distill_objectives
 from jaxft.objectives import lm
+from jaxft.objectives import qa as qa_objectives
 from jaxft.train import loop
 
 
@@ -40,12 +42,14 @@ class Data:
 class Classifier:
   """distill.kind=cls: a fine-tuned teacher's soft targets on a task's splits."""
   head = 'cls'
+  task_kind = kinds.CLS  # the fine-tuning kind whose splits, summary and test split it uses
 
   def load(self, data_settings, tokenizer, workdir: str, train: loop.TrainSettings) -> Data:
     del workdir
-    arrays, info = finetuning.load_split(data_settings, tokenizer, 'train')
-    dev, dev_info = finetuning.load_split(data_settings, tokenizer, 'dev')
-    test, test_info = finetuning.load_split(data_settings, tokenizer, 'test')
+    kind = self.task_kind
+    arrays, info = finetuning.load_split(kind, data_settings, tokenizer, 'train')
+    dev, dev_info = finetuning.load_split(kind, data_settings, tokenizer, 'dev')
+    test, test_info = finetuning.load_split(kind, data_settings, tokenizer, 'test')
     train, per_epoch = finetuning.resolve_steps(train, len(arrays['input_ids']))
     train = finetuning.with_default_metric(train, info if dev is not None else None)
     return Data(arrays, dev, train, info, dev_info, test, test_info, None, per_epoch)
@@ -72,10 +76,10 @@ class Classifier:
                                   teacher_def, cached=cached)
 
   def record(self, data: Data, workdir: str, mcfg) -> None:
-    sources.save_labels(workdir, sources.TaskInfo.of_data('cls', data.info, mcfg))
+    sources.save_labels(workdir, sources.TaskInfo.of_data(self.task_kind.name, data.info, mcfg))
 
   def hooks(self, data: Data, batch_size: int) -> list[loop.Hook]:
-    return finetuning.test_hook(kinds.CLS, data.test, data.test_info, batch_size)
+    return finetuning.test_hook(self.task_kind, data.test, data.test_info, batch_size)
 
   def results(self, data: Data) -> dict:
     return {'labels': data.info['label_names']}
@@ -117,4 +121,30 @@ class MaskedLM:
     return None
 
 
-KINDS = {'cls': Classifier(), 'mlm': MaskedLM()}
+class QuestionAnswering(Classifier):
+  """distill.kind=qa: a QA teacher's start / end distributions on a SQuAD-style task's
+  windows (the splits, dev EM / F1 and test split as finetune_qa reads them)."""
+  head = 'qa'
+  task_kind = kinds.QA
+
+  def teacher_labels(self, data):
+    return {'num_labels': None, 'label_values': None, 'label_names': None}
+
+  def eval_parts(self, data, tokenizer, masking, batch_size, seed):
+    del tokenizer, masking, seed
+    return (qa_objectives.span(), loader_lib.eval_batches(data.dev, batch_size),
+            kinds.QA.summary(data.dev_info, data.dev) if data.dev is not None else None,
+            'logits')
+
+  def objective(self, data, tokenizer, masking, spec, teacher_def, cached):
+    del data, tokenizer, masking, cached  # cache_teacher is classification's (settings check)
+    return distill_objectives.span(spec, teacher_def)
+
+  def results(self, data):
+    return {}
+
+  def id2label(self, data):
+    return None
+
+
+KINDS = {'cls': Classifier(), 'mlm': MaskedLM(), 'qa': QuestionAnswering()}

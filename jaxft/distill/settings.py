@@ -7,7 +7,7 @@ from jaxft.distill import student as student_lib
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import distill as distill_objectives
 
-KINDS = ('cls', 'mlm')
+KINDS = ('cls', 'mlm', 'qa')
 SECTIONS = ('stage', 'seed', 'init_from', 'overwrite', 'teacher', 'model', 'data', 'mesh',
             'optimizer', 'train', 'checkpoint', 'export', 'peft', 'distill', 'mlm')
 
@@ -25,7 +25,7 @@ class StudentShape:
 class DistillSettings:
   """The `distill` config section: loss = alpha*T^2*KL(teacher||student) + (1-alpha)*hard
   loss + weighted feature terms."""
-  kind: str = 'cls'              # cls (GLUE-style) | mlm (DistilBERT pretraining)
+  kind: str = 'cls'              # cls (GLUE-style) | mlm (DistilBERT pretraining) | qa (SQuAD)
   alpha: float = 0.5
   temperature: float = 2.0
   cosine_weight: float = 0.0     # 1 - cos(last hidden states), via projection if widths differ

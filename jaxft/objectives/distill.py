@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.data.masking import MaskingSettings
-from jaxft.objectives import classification, lm
+from jaxft.objectives import classification, lm, qa
 from jaxft.train.step import Objective, cross_entropy_sums
 
 
@@ -169,6 +169,35 @@ def cls(num_labels: int, is_regression: bool, spec: Spec, teacher_def=None, *,
     soft_sum = (soft * w).sum()
     loss_sum = spec.alpha * soft_sum + (1.0 - spec.alpha) * hard_sum
     sums.update(kd_sum=soft_sum, ce_sum=hard_sum)
+    if spec.features:
+      extra_sum, extra_sums = feature_terms(model, s_out, t_out, batch['attention_mask'], w, spec)
+      loss_sum = loss_sum + extra_sum
+      sums.update(extra_sums)
+    return loss_sum, sums
+
+  return Objective(loss=loss, evaluate=base.evaluate)
+
+
+def span(spec: Spec, teacher_def) -> Objective:
+  """Extractive QA: alpha * T^2 * KL(teacher || student) of the start and of the end
+  distribution over a window's positions (padding masked on both sides; the two averaged) +
+  (1 - alpha) * the span cross-entropy, + feature terms. Evaluation is QA's (EM / F1)."""
+  base = qa.span()
+
+  def loss(model, batch, rng, deterministic, constants=None):
+    args = classification.inputs(batch)
+    s_out = model(*args, deterministic=deterministic, rngs=_rngs(rng, deterministic),
+                  output_hidden_states=spec.hidden_states, output_attentions=spec.attentions)
+    logits = qa.without_padding(s_out['logits'], batch['attention_mask'])
+    w = classification.example_weights(batch, logits)
+    hard_sum, wsum, hits = qa.span_sums(logits, batch, w)
+    t_out = _teacher_out(teacher_def, constants, args, spec)
+    t_logits = qa.without_padding(t_out['logits'], batch['attention_mask'])
+    soft = 0.5 * sum(kl_soft_targets(logits[..., i], t_logits[..., i], spec.temperature)
+                     for i in (0, 1))
+    soft_sum = (soft * w).sum()
+    loss_sum = spec.alpha * soft_sum + (1.0 - spec.alpha) * hard_sum
+    sums = {'weight': wsum, 'accuracy_sum': hits, 'kd_sum': soft_sum, 'ce_sum': hard_sum}
     if spec.features:
       extra_sum, extra_sums = feature_terms(model, s_out, t_out, batch['attention_mask'], w, spec)
       loss_sum = loss_sum + extra_sum

@@ -16,15 +16,21 @@ from jaxft.train.step import Objective, cross_entropy_sums
 _NOT_A_POSITION = -1e9
 
 
+def without_padding(logits, attention_mask):
+  """[B, S, 2] float32 start / end logits with padding positions masked out."""
+  real = attention_mask[..., None] > 0
+  return jnp.where(real, logits.astype(jnp.float32), _NOT_A_POSITION)
+
+
 def span_logits(model, batch, rng=None, deterministic: bool = True):
-  """[B, S, 2] float32 start / end logits with padding masked out."""
   out = model(*inputs(batch), deterministic=deterministic,
               rngs=None if deterministic else nnx.Rngs(dropout=rng))['logits']
-  real = batch['attention_mask'][..., None] > 0
-  return jnp.where(real, out.astype(jnp.float32), _NOT_A_POSITION)
+  return without_padding(out, batch['attention_mask'])
 
 
-def _span_sums(logits, batch, w):
+def span_sums(logits, batch, w):
+  """(loss sum, weight sum, hits): the mean of the start and end cross-entropies per window,
+  summed with weights `w`; hits = the share of start and end positions predicted."""
   s_sum, wsum, s_hit = cross_entropy_sums(logits[..., 0], batch['start_positions'], w)
   e_sum, _, e_hit = cross_entropy_sums(logits[..., 1], batch['end_positions'], w)
   return 0.5 * (s_sum + e_sum), wsum, 0.5 * (s_hit + e_hit)
@@ -35,7 +41,7 @@ def span() -> Objective:
   positions predicted exactly (a training signal; EM / F1 come from the summary)."""
   def loss(model, batch, rng, deterministic):
     logits = span_logits(model, batch, rng, deterministic)
-    loss_sum, wsum, hits = _span_sums(logits, batch, example_weights(batch, logits))
+    loss_sum, wsum, hits = span_sums(logits, batch, example_weights(batch, logits))
     return loss_sum, {'weight': wsum, 'accuracy_sum': hits}
 
   def evaluate(model, batch):
@@ -44,7 +50,7 @@ def span() -> Objective:
     out = {'per_example': {'start_logits': logits[..., 0], 'end_logits': logits[..., 1],
                            'index': batch['index'], 'valid': batch['valid']}}
     if 'start_positions' in batch:
-      out['loss_sum'], out['weight'], _ = _span_sums(logits, batch, valid)
+      out['loss_sum'], out['weight'], _ = span_sums(logits, batch, valid)
     return out
 
   return Objective(loss=loss, evaluate=evaluate)

@@ -22,6 +22,7 @@ from absl import logging
 from jaxft import config as config_lib
 from jaxft import sources
 from jaxft.data import classification
+from jaxft.data import qa as qa_data
 from jaxft.data import loader as loader_lib
 from jaxft.data import pretrain as lm_data
 from jaxft.data.masking import MaskingSettings
@@ -60,10 +61,16 @@ class MlmSettings(Settings):
   data: lm_data.LmDataSettings
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QaSettings(Settings):
+  """distill (kind qa, extractive question answering): the config's keys."""
+  data: qa_data.QaData
+
+
 def settings_class(cfg) -> type[Settings]:
-  """The kind decides what `data` holds: a GLUE-style task or pretraining text."""
+  """The kind decides what `data` holds: a GLUE-style task, pretraining text or QA."""
   kind = (cfg.get('distill') or {}).get('kind', 'cls')
-  return MlmSettings if kind == 'mlm' else Settings
+  return {'mlm': MlmSettings, 'qa': QaSettings}.get(kind, Settings)
 
 
 # ----------------------------------------------------------------------------- the stage

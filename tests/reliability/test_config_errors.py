@@ -111,6 +111,7 @@ def test_every_bundled_config_validates():
   for name, variants in {'quickstart': ['', 'pretrain', 'smoke'], 'bert_mlm': ['tiny', 'base'],
                          'gpt2_clm': [''], 'finetune_cls': [''], 'finetune_ner': [''],
                          'predict': [''], 'finetune_lm': ['e2e', 'tiny', 'custom'],
+                         'finetune_qa': ['squad', 'tiny', 'custom'], 'distill': ['squad'],
                          'generate': ['']}.items():
     spec = importlib.util.spec_from_file_location(name, f'{REPO}/configs/{name}.py')
     mod = importlib.util.module_from_spec(spec)
