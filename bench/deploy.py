@@ -44,9 +44,8 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 def dev_split(workdir: str, dev_file: str = ''):
   import dataclasses
   from jaxft import finetuning, kinds, sources
-  from jaxft.stages.predict import trained_data
   src = sources.resolve(workdir)
-  data = trained_data(src, kinds.CLS)
+  data = kinds.CLS.trained_data(src)
   if dev_file:
     data = dataclasses.replace(data, dev_file=os.path.abspath(dev_file))
   dev, _ = finetuning.load_split(kinds.CLS, data, src.tokenizer(), 'dev')

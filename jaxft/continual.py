@@ -182,10 +182,8 @@ def load_previous(c: ContinualSettings, mcfg: ModelConfig, max_len: int,
                   seed: int = 0) -> Previous:
   """The previous workdir's model (forward only: no dropout) and its data section."""
   source = check_previous(c, '', '')
-  saved = source.trained_data
-  known = {f.name for f in dataclasses.fields(cls_data.ClsData)}
-  data = cls_data.ClsData(**{k: v for k, v in saved.items() if k in known})
-  data = dataclasses.replace(data, max_len=max_len, class_balance='none')
+  data = dataclasses.replace(kinds.CLS.trained_data(source), max_len=max_len,
+                             class_balance='none')
   pmcfg = source.model_config(mcfg.vocab_size).with_runtime_of(mcfg).replace(
       hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0, remat=False)
   n = source.task.num_labels

@@ -10,10 +10,11 @@ import os
 
 import numpy as np
 
+from jaxft import config as config_lib
 from jaxft.data import classification, ner
 from jaxft.data import qa as qa_data
 from jaxft.data.splits import read_text_lines, split_file
-from jaxft.sources import TaskInfo
+from jaxft.sources import Source, TaskInfo
 from jaxft.objectives import classification as objectives
 from jaxft.objectives import qa as qa_objectives
 from jaxft.train import metrics as metrics_lib
@@ -45,6 +46,13 @@ class Kind:
 
   def is_data_file(self, path: str) -> bool:
     raise NotImplementedError
+
+  def trained_data(self, src: Source):
+    """The `data` section `src` (a workdir) was trained with, as this kind's settings (keys
+    of older versions ignored)."""
+    known = {f.name for f in dataclasses.fields(self.data_class)}
+    return config_lib.section(self.data_class, {k: v for k, v in src.trained_data.items()
+                                                if k in known}, 'data')
 
   def num_labels(self, task: TaskInfo) -> int | None:
     """The head's width for `build_model` (None: the head has its own)."""

@@ -111,14 +111,6 @@ def _trained(path: str) -> sources.Source:
   return src
 
 
-def trained_data(src: sources.Source, kind: kinds.Kind):
-  """The data section the workdir was trained with (keys of older versions ignored)."""
-  saved = src.trained_data
-  known = {f.name for f in dataclasses.fields(kind.data_class)}
-  return config_lib.section(kind.data_class, {k: v for k, v in saved.items() if k in known},
-                            'data')
-
-
 def load_inputs(spec: str, kind: kinds.Kind, data, tokenizer, task: sources.TaskInfo,
                 settings_from: str = ''):
   """(arrays, examples-info) for a split name or a file. A split name reads the file the
@@ -183,7 +175,7 @@ def run(s: Settings, workdir: str) -> dict:
   kind = kinds.of(task.kind)
   tokenizer = src.tokenizer()
   # The input and the output are checked before the model is loaded and anything runs.
-  arrays, ex = load_inputs(s.predict.input, kind, trained_data(src, kind), tokenizer, task,
+  arrays, ex = load_inputs(s.predict.input, kind, kind.trained_data(src), tokenizer, task,
                            settings_from=src.config_file)
   out_path = s.predict.output or os.path.join(workdir, 'predictions.jsonl')
   check_writable(out_path, 'predict.output')
