@@ -241,9 +241,9 @@ def cls_workdir(tmp_path_factory) -> str:
   c.data = config_lib.as_section(ClsData(task='sst2', max_len=32))
   config_lib.save_config(c, wd)
   sources.save_tokenizer(tok, wd, 32)
-  sources.save_labels(wd, 'cls', {'label_names': ['negative', 'positive'],
-                                  'label_values': ['0', '1'], 'metric_names': ['accuracy'],
-                                  'main_metric': 'accuracy'}, mcfg)
+  sources.save_labels(wd, sources.TaskInfo.of_data(
+      'cls', {'label_names': ['negative', 'positive'], 'label_values': ['0', '1'],
+              'metric_names': ['accuracy'], 'main_metric': 'accuracy'}, mcfg))
   ckpt = checkpointing.Checkpointer(os.path.join(wd, 'checkpoints'), async_save=False)
   ckpt.save(1, {'params': random_params(md)})
   ckpt.close()
