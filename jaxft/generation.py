@@ -19,12 +19,13 @@ from jaxft import files
 from jaxft.data import completion as lm_data
 from jaxft.data import loader as loader_lib
 from jaxft.data.splits import pad_id as pad_id_of
-from jaxft.models.decoding import DecodeSettings, decode, strip
+from jaxft.models.decoding import CANDIDATE_KEYS, DecodeSettings, decode, strip
 from jaxft.train import metrics as metrics_lib
 from jaxft.train import slot_errors
 
 GENERATIONS = 'generations.jsonl'
 SLOT_ERRORS = 'slot_errors.txt'  # the outputs with slot errors, for a person to read
+RERANKERS = ('', 'slot_errors')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +39,17 @@ class DecodingSection:
   temperature: float = 1.0    # sample: logits / temperature
   top_k: int = 0              # sample: keep the k most likely tokens (0 = off)
   top_p: float = 1.0          # sample: nucleus, the smallest set with this mass (1.0 = off)
+  rerank: str = ''            # beam: '' | 'slot_errors' (the fewest slot errors, then score)
 
   def __post_init__(self):
     if self.early_stopping not in ('false', 'true', 'never'):
       raise ValueError(f'generate.early_stopping={self.early_stopping!r}; allowed: '
                        "'false', 'true', 'never'")
+    if self.rerank not in RERANKERS:
+      raise ValueError(f'generate.rerank={self.rerank!r}; allowed: {RERANKERS}')
+    if self.rerank and self.method != 'beam':
+      raise ValueError(f'generate.rerank={self.rerank!r} chooses among the hypotheses of beam '
+                       f"search: set generate.method='beam' (it is {self.method!r})")
     if self.method:
       try:
         self.decode_settings()
@@ -54,7 +61,8 @@ class DecodingSection:
     """DecodeSettings (None when method is '')."""
     if not self.method:
       return None
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingSection)}
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(DecodingSection)
+         if f.name != 'rerank'}  # chosen on the host, after decoding
     return DecodeSettings.from_dict(d, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
@@ -72,6 +80,34 @@ def completion_texts(tokenizer, tokens, length, eos_id) -> list[str]:
       ids = ids[:-1]
     out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
   return out
+
+
+def output_texts(tokenizer, out: dict, prompts=None, delexicalize=(), rerank: str = '',
+                 known: dict | None = None) -> list[str]:
+  """The completion text of each prompt from decoded arrays (`tokens`, `length` and, from
+  beam search, its n-best `candidates`), placeholders put back. rerank='slot_errors': of each
+  prompt's finished hypotheses the first (best-scored) with the fewest slot errors against
+  its `slot[value]` prompt, as TGen reranks its beam (Dusek & Jurcicek 2016); a free-text
+  prompt keeps the best-scored one. `known`: open-class values (slot_errors.known_values;
+  default: those of `prompts`)."""
+  eos = tokenizer.eos_token_id
+  texts = completion_texts(tokenizer, out['tokens'], out['length'], eos)
+  if prompts is not None:
+    texts = put_back(texts, prompts, delexicalize)
+  if not rerank or 'candidates' not in out:
+    return texts
+  if prompts is None:
+    raise ValueError(f'generate.rerank={rerank!r} needs the prompts')
+  known = known if known is not None else slot_errors.known_values(prompts)
+  cands, lens, scores = out['candidates'], out['candidate_length'], out['candidate_score']
+  b, k = lens.shape
+  flat = completion_texts(tokenizer, cands.reshape(b * k, -1), lens.reshape(-1), eos)
+  flat = put_back(flat, [p for p in prompts for _ in range(k)], delexicalize)
+  chosen = []
+  for i, p in enumerate(prompts):
+    options = [flat[i * k + j] for j in range(k) if np.isfinite(scores[i, j])]
+    chosen.append(options[slot_errors.fewest_errors(p, options, known)] if options else texts[i])
+  return chosen
 
 
 def put_back(texts, prompts, delexicalize=()) -> list[str]:
@@ -96,13 +132,14 @@ def score(texts, references, prompts=None, known_prompts=()) -> tuple[dict, list
 
 
 def summarizer(tokenizer, references, keep: dict | None = None, *, prompts=None,
-               delexicalize=(), known_prompts=()):
+               delexicalize=(), known_prompts=(), rerank: str = ''):
   """(sums, per_example) -> eval metrics: loss, perplexity, accuracy on loss rows, and for
   decoded prompt rows BLEU, chrF, ROUGE-L against `references` (one list per distinct
   prompt, in prompt order), the slot error rate when `prompts` (the raw distinct prompts)
   are `slot[value]` items, and the mean generated length. Placeholders of `delexicalize`
-  are put back first. `keep`: the texts and the failing outputs (`texts`, `failing`)."""
-  eos_id = tokenizer.eos_token_id
+  are put back first; `rerank` chooses among beam hypotheses (output_texts). `keep`: the
+  texts and the failing outputs (`texts`, `failing`)."""
+  known = slot_errors.known_values(list(prompts or ()) + list(known_prompts)) if rerank else None
 
   def summarize(sums, per):
     w = max(sums.get('weight', 0.0), 1e-9)
@@ -112,9 +149,7 @@ def summarizer(tokenizer, references, keep: dict | None = None, *, prompts=None,
                  accuracy=sums['correct'] / w)
     if per:
       per = loader_lib.ordered(per)
-      texts = completion_texts(tokenizer, per['tokens'], per['length'], eos_id)
-      if prompts is not None:
-        texts = put_back(texts, prompts, delexicalize)
+      texts = output_texts(tokenizer, per, prompts, delexicalize, rerank, known)
       scores, failing = score(texts, references, prompts, known_prompts)
       out.update(scores)
       out['gen_length'] = float(np.mean(per['length']))
@@ -162,23 +197,24 @@ def check_room(prompt_ids, settings: DecodeSettings, max_positions: int, sources
 
 def generate_ids(model_def, params, prompt_ids, settings: DecodeSettings, *, batch_size: int,
                  pad_id: int, seed: int):
-  """Decode `prompt_ids` (token lists) in fixed-shape batches (one compile): (tokens,
-  lengths) per prompt. Sampling draws prompt i from fold_in(key(seed), i), whatever its
-  batch."""
+  """Decode `prompt_ids` (token lists) in fixed-shape batches (one compile): {tokens,
+  length} per prompt, and beam search's n-best list (decoding.CANDIDATE_KEYS). Sampling
+  draws prompt i from fold_in(key(seed), i), whatever its batch."""
   length = max(len(p) for p in prompt_ids)
   fn = jax.jit(lambda p, ids, mask, keys: decode(model_def.merge(p), ids, mask, settings, keys))
   params = jax.device_put(params)  # once, not with every batch
   base = jax.random.key(seed)
-  tokens, lengths = [], []
+  parts: dict[str, list] = {}
   for start in tqdm(range(0, len(prompt_ids), batch_size), desc='generate', unit='batch',
                     disable=jax.process_index() != 0):
     arr = lm_data.prompt_arrays(prompt_ids[start:start + batch_size], pad_id, batch_size, length)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(arr['index'] + start)
     out = jax.device_get(fn(params, arr['prompt_ids'], arr['prompt_mask'], keys))
     n = int(arr['valid'].sum())
-    tokens.append(np.asarray(out['tokens'])[:n])
-    lengths.append(np.asarray(out['length'])[:n])
-  return np.concatenate(tokens), np.concatenate(lengths)
+    for k in ('tokens', 'length') + CANDIDATE_KEYS:
+      if k in out:
+        parts.setdefault(k, []).append(np.asarray(out[k])[:n])
+  return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def ser_text(scores: dict) -> str:

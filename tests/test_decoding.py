@@ -114,6 +114,30 @@ def test_beam_matches_transformers(models, eos, beams, lp, early):
   assert got == want
 
 
+def test_beam_n_best_list_is_transformers_num_return_sequences(models, eos):
+  """The finished hypotheses a reranker chooses from (generate.rerank) are HF's
+  num_return_sequences=num_beams, best first, with its sequence scores."""
+  ref, ours = models
+  ids, mask = left_pad(PROMPTS, PAD)
+  with torch.no_grad():
+    hf_out = ref.generate(torch.from_numpy(ids.astype(np.int64)),
+                          attention_mask=torch.from_numpy(mask.astype(np.int64)), pad_token_id=PAD,
+                          max_new_tokens=NEW, do_sample=False, num_beams=3, eos_token_id=eos,
+                          num_return_sequences=3, return_dict_in_generate=True,
+                          output_scores=True)
+  want = [_until_eos(r[ids.shape[1]:].tolist(), eos) for r in hf_out.sequences.numpy()]
+  s = DecodeSettings(max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=eos, **BEAM)
+  out = decoding._decode_jit(*_split(ours), ids, mask, s, _keys(3))
+  b, k = len(PROMPTS), 3
+  got = decoding.strip(np.asarray(out['candidates']).reshape(b * k, NEW),
+                       np.asarray(out['candidate_length']).reshape(-1))
+  assert got == want
+  assert len({tuple(r) for r in got}) == b * k  # distinct hypotheses, not copies of the best
+  np.testing.assert_allclose(np.asarray(out['candidate_score']).reshape(-1),
+                             hf_out.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+  assert decoding.strip(out['tokens'], out['length']) == got[::k]  # candidate 0 is the output
+
+
 @pytest.mark.parametrize('kw', [GREEDY, BEAM, SAMPLE])
 def test_cache_equals_no_cache(models, eos, kw):
   _, ours = models

@@ -23,6 +23,7 @@ from jaxft import checkpointing, sources
 from jaxft.data import completion as lm
 from jaxft.main import run_stage
 from jaxft.models import build_model
+from jaxft.train import slot_errors
 from jaxft.train.state import ModelDef
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,23 @@ def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, 
   d = run_stage(gen_config(wd.name), str(tmp_path / 'd'))  # program of `a`: no compile
   assert d['n_inputs'] == 46 and d['decoding']['method'] == 'greedy'
   assert _lines(tmp_path / 'd' / 'generations.jsonl') == ga  # beam: tests/test_decoding.py
+
+
+def test_generate_reranks_the_beam_by_slot_errors(trained, tmp_path):
+  """generate.rerank='slot_errors': per MR never more slot errors than the best-scored
+  hypothesis, the same text where that one has none."""
+  wd, _, _ = trained
+  plain = run_stage(gen_config(wd, method='beam', num_beams=3), str(tmp_path / 'p'))
+  ranked = run_stage(gen_config(wd, method='beam', num_beams=3, rerank='slot_errors'),
+                     str(tmp_path / 'r'))
+  assert (plain['rerank'], ranked['rerank']) == ('', 'slot_errors')
+  texts = {k: [g['text'] for g in _lines(tmp_path / k / 'generations.jsonl')] for k in 'pr'}
+  prompts = [g['input'] for g in _lines(tmp_path / 'p' / 'generations.jsonl')]
+  known = slot_errors.known_values(prompts)
+  for p, a, b in zip(prompts, texts['p'], texts['r']):
+    na, nb = (len(slot_errors.slot_errors(p, t, known)[1]) for t in (a, b))
+    assert nb <= na and (b == a or nb < na), (p, a, b)
+  assert ranked['scores']['slot_error_rate'] <= plain['scores']['slot_error_rate']
 
 
 def test_generate_into_its_source_workdir_keeps_the_training_records(trained):

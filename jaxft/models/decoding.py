@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 METHODS = ('greedy', 'beam', 'sample')
+CANDIDATE_KEYS = ('candidates', 'candidate_length', 'candidate_score')  # beam's n-best list
 _NEG = -1.0e9  # HF's "impossible" score in beam search
 
 
@@ -279,9 +280,13 @@ def _beam_search(prefill, step, b: int, s: DecodeSettings):
                 seqs=seqs, scores=scores, lens=lens, done=done, open=open_, go=go)
 
   c = jax.lax.while_loop(lambda c: c['go'] & (c['i'] < n), body, init)
-  length = c['lens'][:, 0]
-  tokens = jnp.where(jnp.arange(n)[None] < length[:, None], c['seqs'][:, 0], s.pad_token_id)
-  return {'tokens': tokens, 'length': length, 'score': c['scores'][:, 0]}
+  # the k finished hypotheses, best score first (a slot never filled has length 0)
+  filled = c['scores'] > _NEG / 2
+  lens = jnp.where(filled, c['lens'], 0)
+  seqs = jnp.where(jnp.arange(n)[None, None] < lens[:, :, None], c['seqs'], s.pad_token_id)
+  return {'tokens': seqs[:, 0], 'length': lens[:, 0], 'score': c['scores'][:, 0],
+          'candidates': seqs, 'candidate_length': lens,
+          'candidate_score': jnp.where(filled, c['scores'], -jnp.inf)}
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -290,8 +295,11 @@ def decode(model, input_ids, attention_mask, settings: DecodeSettings, rng=None)
   """New tokens for left-padded prompts [B, T] (pure; call inside jit).
 
   Returns {'tokens': [B, max_new_tokens] int32 (EOS included, `pad_token_id` after it),
-  'length': [B] generated tokens including EOS}, plus 'score' (the length-penalised
-  log-probability of the chosen hypothesis) for beam search.
+  'length': [B] generated tokens including EOS}, plus for beam search 'score' (the
+  length-penalised log-probability of the chosen hypothesis) and the n-best list that a
+  reranker chooses from (generate.rerank): 'candidates' [B, num_beams, max_new_tokens],
+  'candidate_length' [B, num_beams], 'candidate_score' [B, num_beams] (best first; -inf
+  and length 0 for a slot no hypothesis filled). Candidate 0 is 'tokens'.
   """
   s = settings
   input_ids = jnp.asarray(input_ids, jnp.int32)

@@ -80,8 +80,10 @@ def completion_objective(*, max_targets: int | None = None,
         raise ValueError('prompt rows in an eval batch but no decode settings')
       out = decoding.decode(model, batch['prompt_ids'], batch['prompt_mask'], decode_settings,
                             jax.random.key(0))
+      # beam search's n-best list rides along for a reranker (generate.rerank)
+      extra = {k: out[k] for k in decoding.CANDIDATE_KEYS if k in out}
       return {'per_example': {'tokens': out['tokens'], 'length': out['length'],
-                              'index': batch['index'], 'valid': batch['valid']}}
+                              'index': batch['index'], 'valid': batch['valid'], **extra}}
     logits, labels, weights = lm_logits(model, batch, None, True, max_targets)
     loss_sum, w, correct = cross_entropy_sums(logits, labels, weights)
     return {'loss_sum': loss_sum, 'weight': w, 'correct': correct}

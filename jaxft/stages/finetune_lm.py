@@ -173,7 +173,7 @@ def finetune_lm(s: Settings, workdir: str) -> loop.Outcome:
   start, report = _init(s, source, mcfg, workdir, tokenizer)
   objective = completion_objective(max_targets=n_targets, decode_settings=decode,
                                    label_smoothing=float(s.finetune.label_smoothing or 0.0))
-  score_kw = dict(prompts=dev.prompts, delexicalize=d.delexicalize,
+  score_kw = dict(prompts=dev.prompts, delexicalize=d.delexicalize, rerank=s.generate.rerank,
                   known_prompts=train_pairs.prompts)  # slot errors (jaxft.train.slot_errors)
   data = loop.Data(
       train_iter=loader_lib.make_loader(train_arrays, global_batch_size=bs, seed=s.loop.seed),

@@ -171,14 +171,15 @@ def run(s: Settings, workdir: str) -> dict:
   prompt_ids = lm_data.encode_prompts(prompts, tokenizer, ts['template'], delex)
   generation.check_room(prompt_ids, decode, mcfg.max_position_embeddings, where)
   t1 = time.time()
-  tokens, lengths = generation.generate_ids(model_def, params, prompt_ids, decode,
-                                            batch_size=g.batch_size,
-                                            pad_id=pad_id_of(tokenizer), seed=s.seed)
+  decoded = generation.generate_ids(model_def, params, prompt_ids, decode,
+                                    batch_size=g.batch_size, pad_id=pad_id_of(tokenizer),
+                                    seed=s.seed)
   dt = time.time() - t1
-  texts = generation.completion_texts(tokenizer, tokens, lengths, tokenizer.eos_token_id)
-  texts = generation.put_back(texts, prompts, delex)
+  lengths = decoded['length']
+  texts = generation.output_texts(tokenizer, decoded, prompts, delex, g.rerank)
   results = {'stage': 'generate', 'init_from': s.init_from, 'input': g.input,
              'n_inputs': len(prompts), 'decoding': dataclasses.asdict(decode),
+             'rerank': g.rerank,
              'new_tokens': int(lengths.sum()), 'decode_sec': dt,
              'tokens_per_sec': float(lengths.sum() / max(dt, 1e-9)),
              'wall_time_sec': time.time() - t0}

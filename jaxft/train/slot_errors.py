@@ -41,8 +41,12 @@ from typing import Iterable, Sequence
 
 from jaxft.data.completion import parse_slots
 
-_RATING = r'(?:customer )?(?:rat(?:ing|ings|ed)|reviews?|scores?|stars?)'
-_RATED = r'\b(?:rat(?:ing|ings|ed)|reviews?|scored?)(?: \w+){0,2} '
+_RATING = (r'(?:customer )?(?:rat(?:e|es|ing|ings|ed)|reviews?|scores?|stars?|starred'
+           r'|standards?|quality)\b')
+_RATED = (r'\b(?:rat(?:e[ds]?|ings?)|reviews?|scored?|satisfaction|standards?|quality)'
+          r'(?: \w+){0,2} (?:as )?')
+# '1 out of 5', 'one out of five', 'one out of a possible five', '1/5'
+_OUT_OF = r'\b(?:{0}) (?:out )?(?:of )?(?:a possible )?(?:5|five)\b|\b(?:{0})/5\b'
 _NOT_PRICE = r'(?![- ]?(?:pric|cost))'
 _PRICE_IS = r'\bprices?(?: range)? (?:is |are |of )?(?:very |quite |rather )?'
 # (slot, value class) -> pattern; VALUE_CLASS maps each E2E value to its class.
@@ -75,19 +79,20 @@ PATTERNS: dict[str, dict[str, str]] = {
                      r'|' + _PRICE_IS + r'(?:average|moderate|medium)\b'
                      r'|\baverage[- ]pric|\breasonabl[ey] pric|\bmedium[- ]pric'
                      r'|£ ?20 ?(?:-|–|to|and) ?£? ?25\b|\b20 ?(?:-|–|to) ?£? ?25\b'),
-        'high': (r'\bexpensive\b|\bhigh[- ](?:end|price[ds]?|cost)\b|\bpricey\b|\bcostly\b'
+        'high': (r'\bexpensive\b|\bhigh(?:ly)?[- ]{1,2}(?:end|pric(?:e[ds]?|ing)|cost(?:s|ing)?)\b'
+                 r'|\bpricey\b|\bcostly\b'
                  r'|' + _PRICE_IS + r'high\b|\bhigh price range\b|\bupscale\b'
                  r'|\b(?:more|higher) than £ ?30\b|\b(?:over|above) £ ?30\b'
                  r'|£ ?30 ?(?:\+|plus|or more|and (?:over|above|up))'),
     },
     'customer rating': {
-        'low': (r'\b1 (?:out )?(?:of )?5\b|\b(?:one|1)[- ]stars?\b|\b1/5\b'
+        'low': (_OUT_OF.format('1|one') + r'|\b(?:one|1)[- ]star(?:s|red)?\b'
                 r'|\b(?:low|poor|bad|lowly|poorly)[- ]' + _RATING
                 + r'|' + _RATED + r'(?:low|poor|poorly|badly|1)\b' + _NOT_PRICE),
-        'average': (r'\b3 (?:out )?(?:of )?5\b|\b(?:three|3)[- ]stars?\b|\b3/5\b'
+        'average': (_OUT_OF.format('3|three') + r'|\b(?:three|3)[- ]star(?:s|red)?\b'
                     r'|\b(?:average|mediocre|moderate|moderately|middling|decent)[- ]' + _RATING
                     + r'|' + _RATED + r'(?:average|mediocre|moderate|decent|3)\b' + _NOT_PRICE),
-        'high': (r'\b5 (?:out )?(?:of )?5\b|\b(?:five|5)[- ]stars?\b|\b5/5\b'
+        'high': (_OUT_OF.format('5|five') + r'|\b(?:five|5)[- ]star(?:s|red)?\b'
                  r'|\b(?:high|highly|great|excellent|top|good|well)[- ]' + _RATING
                  + r'|' + _RATED + r'(?:high|highly|excellent|great|good|5)\b' + _NOT_PRICE),
     },
@@ -103,10 +108,11 @@ VALUE_CLASS = {
 }
 GENERIC = {('eatType', 'restaurant')}  # a class whose word is used generically: never added
 _COMPILED = {s: {c: re.compile(p) for c, p in classes.items()} for s, classes in PATTERNS.items()}
-_FAMILY = re.compile(r'\b(?:family|families|kids?|child|children|childrens)\b')
+_FAMILY = re.compile(r'\b(?:family|families|kids?|child|children|childrens|all ages?)\b')
 _NEG = r"(?:\bnot|n't|\bno|\bnon|\bnever|\bnor|\bwithout)\b"
 _NEGATION = {1: re.compile(_NEG + r'(?:\W+\w+)?\W*$'), 2: re.compile(_NEG + r'(?:\W+\w+){0,2}\W*$')}
-_NEGATED_AFTER = re.compile(r"^\W*(?:\w+\W+)?(?:are|is)\s+not\b|^\W*(?:\w+\W+)?(?:aren't|isn't)")
+_NEGATED_AFTER = re.compile(r"^\W*(?:\w+\W+)?(?:are|is)\s+not\b|^\W*(?:\w+\W+)?(?:aren't|isn't)"
+                            r'|^[- ]+unfriendly\b')
 _ADULTS = re.compile(r'\badults?[- ]only\b')
 
 
@@ -217,6 +223,15 @@ def _categorical_errors(slots, t: str) -> list[SlotError]:
     found = realised(s, t) - {c for g, c in GENERIC if g == s}
     errors += [SlotError('added', s, c) for c in sorted(found)]
   return errors
+
+
+def fewest_errors(prompt: str, texts: Sequence[str],
+                  known: dict[str, set[str]] | None = None) -> int:
+  """The index of the first of `texts` (candidates for one prompt, best first) with the
+  fewest slot errors against `prompt` (0 for a prompt that is not `slot[value]` items): the
+  slot-aware reranking of an n-best list."""
+  counts = [len(slot_errors(prompt, t, known)[1]) for t in texts]
+  return counts.index(min(counts))
 
 
 def known_values(prompts: Iterable[str]) -> dict[str, set[str]]:
