@@ -30,7 +30,7 @@ after the first 3).
 
   python bench/qa.py                                   # the recipe as configured
   python bench/qa.py --steps 120 --lean                # fewer steps, final eval only
-  python bench/qa.py --smoke                           # a minute: bundled slice, 4 steps
+  python bench/qa.py --smoke                           # ~2 min: bundled slice, 4 steps
 """
 from __future__ import annotations
 
