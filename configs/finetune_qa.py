@@ -8,9 +8,10 @@ head, validated by SQuAD exact match and F1 (docs/qa.md).
 Variants:
   squad   ../shared/data/squad/squad-v1.1-dev-38-articles.json (38 SQuAD v1.1 dev articles,
           8,317 questions); 4 articles held out as the dev split (by article, never by
-          question); windows of 256 tokens with a 128-token stride; the encoder (and its
-          tokenizer) from init_from: an HF BERT directory such as all-MiniLM-L6-v2, or a
-          jaxft workdir.
+          question); windows of 256 tokens with a 128-token stride; 1 epoch at batch 32,
+          lr 1e-4, 10% warmup then linear decay (under 30 min on 2 CPU cores, bench/qa.py);
+          the encoder (and its tokenizer) from init_from: an HF BERT directory such as
+          all-MiniLM-L6-v2, or a jaxft workdir.
   tiny    the bundled slice data/squad/squad-v1.1-dev-slice.json (3 articles, 104 questions;
           one article held out) and a tiny random BERT: seconds, for tests and smoke runs.
   custom  your files: data.train_file (+ dev_file, or data.dev_holdout_articles), SQuAD JSON
@@ -42,9 +43,12 @@ def get_config(variant: str = 'squad'):
       max_len=256, doc_stride=128, tokenizer=BERT_VOCAB))
   c.finetune = finetune_config()
   c.optimizer.update(lr=1e-4, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
-  c.train.update(num_steps=0, num_epochs=2, batch_size=32, eval_every=100, log_every=20)
+  # One epoch (8,090 windows of 256 tokens: 252 steps of 32) fits 30 minutes on 2 CPU cores
+  # (bench/qa.py, bench/README.md); a second epoch would double it. Validation (1,287
+  # questions, 1,522 windows) at half the epoch and at the end.
+  c.train.update(num_steps=0, num_epochs=1, batch_size=32, eval_every=126, log_every=20)
   c.train.early_stopping.update(metric='f1', mode='max', patience=0)
-  c.checkpoint.update(every=100, keep=1, keep_best=1)
+  c.checkpoint.update(every=126, keep=1, keep_best=1)
   if variant == 'tiny':
     c.data.update(path=os.path.join(REPO, 'data', 'squad'),
                   train_file='squad-v1.1-dev-slice.json', dev_holdout_articles=1, max_len=128,
