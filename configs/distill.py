@@ -58,9 +58,9 @@ def get_config(variant: str = 'sst2'):
     c.data = _config_module('finetune_qa').get_config('squad').data
     c.data.tokenizer = ''  # the teacher's
     c.optimizer.update(lr=1e-4, warmup_ratio=0.1, schedule='linear', weight_decay=0.01)
-    c.train.update(num_steps=0, num_epochs=2, batch_size=32, eval_every=100, log_every=20)
+    c.train.update(num_steps=0, num_epochs=1, batch_size=32, eval_every=126, log_every=20)
     c.train.early_stopping.update(metric='f1', mode='max', patience=0)
-    c.checkpoint.update(every=100, keep=1, keep_best=1)
+    c.checkpoint.update(every=126, keep=1, keep_best=1)
     return c
   if variant not in GLUE_TASKS:
     raise ValueError(f'configs/distill.py variant {variant!r}; choose mlm, squad or a GLUE '
