@@ -12,9 +12,7 @@ run) load their executables instead of compiling them again.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,22 +23,17 @@ from jaxft.main import run_stage
 from jaxft.models import build_model
 from jaxft.train import slot_errors
 from jaxft.train.state import ModelDef
+from stage_runs import REPO, config, lines, stop_after
 
-REPO = Path(__file__).resolve().parents[1]
 SLICE = str(REPO / 'data' / 'e2e' / 'devset-slice.csv')
 
 
-def _config(name: str, variant: str = ''):
-  spec = importlib.util.spec_from_file_location(f'_cfg_{name}', REPO / 'configs' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 def lm_config(**train):
   """The tiny recipe, shrunk: packed rows, dropout, greedy validation of 8 new tokens;
   checkpoints only when the best changes, on preemption and at the end (saves are slow)."""
-  c = _config('finetune_lm', 'tiny')
+  c = config('finetune_lm', 'tiny')
   c.data.update(max_len=96, packing=True)
   c.model.hidden_dropout = 0.1  # a resumed run must redraw the same dropout masks
   c.generate.max_new_tokens = 8
@@ -50,24 +43,14 @@ def lm_config(**train):
 
 
 def gen_config(init_from, **gen):
-  c = _config('generate')
+  c = config('generate')
   c.init_from = str(init_from)
   c.generate.update(**{'input': SLICE, 'max_new_tokens': 8, 'batch_size': 8, **gen})
   return c
 
 
-def _lines(path):
-  with open(path) as f:
-    return [json.loads(x) for x in f]
 
 
-def _stop_after(n: int):
-  calls = {'n': 0}
-
-  def should_stop(self):
-    calls['n'] += 1
-    return calls['n'] == n
-  return should_stop
 
 
 @pytest.fixture(scope='module')
@@ -77,7 +60,7 @@ def trained(tmp_path_factory):
   at 4). Returns (workdir, its results, the results of the preempted half)."""
   wd = tmp_path_factory.mktemp('lm') / 'run'
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(checkpointing.PreemptionGuard, 'should_stop', _stop_after(4))
+    m.setattr(checkpointing.PreemptionGuard, 'should_stop', stop_after(4))
     first = run_stage(lm_config(), str(wd))
   return wd, run_stage(lm_config(), str(wd)), first
 
@@ -90,7 +73,7 @@ def test_validation_decodes_every_dev_mr_and_scores_it(trained):
             'eval/slot_missing', 'eval/slot_wrong', 'eval/slot_added'} <= set(h)
     assert 0 < h['eval/gen_length'] <= 8
   assert r['best']['metric'] == 'bleu' and r['best']['restored_step'] in (3, 6)
-  gens = _lines(wd / 'generations.jsonl')
+  gens = lines(wd / 'generations.jsonl')
   assert len(gens) == r['data']['n_dev_prompts'] == 11  # one line per distinct dev MR
   assert all(set(g) == {'input', 'text'} and g['input'].startswith('name[') for g in gens)
   # held out by restaurant name (the recipe's data.dev_holdout_field): no name on both sides
@@ -111,7 +94,7 @@ def test_validation_decodes_every_dev_mr_and_scores_it(trained):
 def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, monkeypatch):
   wd, _, _ = trained
   a = run_stage(gen_config(wd), str(tmp_path / 'a'))
-  ga = _lines(tmp_path / 'a' / 'generations.jsonl')
+  ga = lines(tmp_path / 'a' / 'generations.jsonl')
   assert len(ga) == 46 == a['n_inputs']  # the slice's distinct MRs, in file order
   assert [g['input'] for g in ga] == lm.group_by_prompt(
       lm.read_pairs_file(SLICE, prompt_column='mr', completion_column='ref'))[0]
@@ -123,11 +106,11 @@ def test_generate_from_the_workdir_and_from_its_export_agree(trained, tmp_path, 
   c.data.update(template='{prompt} ||', prompt_column='mr', completion_column='ref',
                 delexicalize=('name', 'near'))
   run_stage(c, str(tmp_path / 'b'))
-  assert _lines(tmp_path / 'b' / 'generations.jsonl') == ga
+  assert lines(tmp_path / 'b' / 'generations.jsonl') == ga
   monkeypatch.chdir(wd.parent)  # a relative init_from (Orbax wants absolute paths); the
   d = run_stage(gen_config(wd.name), str(tmp_path / 'd'))  # program of `a`: no compile
   assert d['n_inputs'] == 46 and d['decoding']['method'] == 'greedy'
-  assert _lines(tmp_path / 'd' / 'generations.jsonl') == ga  # beam: tests/test_decoding.py
+  assert lines(tmp_path / 'd' / 'generations.jsonl') == ga  # beam: tests/test_decoding.py
 
 
 def test_generate_reranks_the_beam_by_slot_errors(trained, tmp_path):
@@ -138,8 +121,8 @@ def test_generate_reranks_the_beam_by_slot_errors(trained, tmp_path):
   ranked = run_stage(gen_config(wd, method='beam', num_beams=3, rerank='slot_errors'),
                      str(tmp_path / 'r'))
   assert (plain['rerank'], ranked['rerank']) == ('', 'slot_errors')
-  texts = {k: [g['text'] for g in _lines(tmp_path / k / 'generations.jsonl')] for k in 'pr'}
-  prompts = [g['input'] for g in _lines(tmp_path / 'p' / 'generations.jsonl')]
+  texts = {k: [g['text'] for g in lines(tmp_path / k / 'generations.jsonl')] for k in 'pr'}
+  prompts = [g['input'] for g in lines(tmp_path / 'p' / 'generations.jsonl')]
   known = slot_errors.known_values(prompts)
   for p, a, b in zip(prompts, texts['p'], texts['r']):
     na, nb = (len(slot_errors.slot_errors(p, t, known)[1]) for t in (a, b))
@@ -156,7 +139,7 @@ def test_generate_into_its_source_workdir_keeps_the_training_records(trained):
   assert {n: (wd / n).read_bytes() for n in kept} == kept
   out = wd / 'generate'
   assert r['output'] == str(out / 'generations.jsonl') and r['n_inputs'] == 46
-  assert len(_lines(out / 'generations.jsonl')) == 46
+  assert len(lines(out / 'generations.jsonl')) == 46
   assert json.loads((out / 'results.json').read_text())['scores'] == r['scores']
   assert json.loads((out / 'config.json').read_text())['init_from'] == str(wd)
 
@@ -181,7 +164,7 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_one(trained, tmp_path):
   c = lm_config()
   c.export.hf = False  # the same training; only the end differs
   a = run_stage(c, str(tmp_path / 'a'))
-  losses = lambda d: {m['step']: m['train/loss'] for m in _lines(d / 'metrics.jsonl')
+  losses = lambda d: {m['step']: m['train/loss'] for m in lines(d / 'metrics.jsonl')
                       if 'train/loss' in m}
   la, lb = losses(tmp_path / 'a'), losses(wd)
   assert [la[s] for s in range(1, 7)] == [lb[s] for s in range(1, 7)]
@@ -210,12 +193,12 @@ def test_peft_from_the_hf_export_trains_and_generates(trained, tmp_path):
   r = run_stage(c, str(tmp_path / 'run'))
   assert r['init_report']['missing'] == [] and r['init_report']['loaded'] > 0
   assert r['trainable_params'] < r['params'] / 10
-  losses = [m['train/loss'] for m in _lines(tmp_path / 'run' / 'metrics.jsonl')
+  losses = [m['train/loss'] for m in lines(tmp_path / 'run' / 'metrics.jsonl')
             if 'train/loss' in m]
   assert np.isfinite(losses).all() and losses[0] < np.log(50257) - 0.15
   assert (tmp_path / 'run' / 'export' / 'export.json').exists()
   g = run_stage(gen_config(tmp_path / 'run'), str(tmp_path / 'gen'))
-  assert len(_lines(tmp_path / 'gen' / 'generations.jsonl')) == g['n_inputs'] == 46
+  assert len(lines(tmp_path / 'gen' / 'generations.jsonl')) == g['n_inputs'] == 46
 
 
 def test_config_errors_come_before_anything_loads():

@@ -6,9 +6,7 @@ The window labelling, post-processing and metric are tests/test_qa_data.py; the 
 parity with Hugging Face is tests/test_qa_model.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,23 +19,18 @@ from jaxft.models import build_model
 from jaxft.models.config import ModelConfig
 from jaxft.objectives import distill as distill_objectives
 from jaxft.train.state import ModelDef
+from stage_runs import REPO, config, lines, stop_after
 
-REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / 'data' / 'squad' / 'squad-v1.1-dev-slice.json'
 
 
-def _config(name: str, variant: str = ''):
-  spec = importlib.util.spec_from_file_location(f'_cfg_{name}', REPO / 'configs' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 def qa_config(**train):
   """The tiny recipe with dropout (a resumed run must redraw the same masks), in float32 like
   predict's default (so predict reproduces the validation's numbers on any CPU); checkpoints
   on preemption, when the best changes and at the end."""
-  c = _config('finetune_qa', 'tiny')
+  c = config('finetune_qa', 'tiny')
   c.model.update(hidden_dropout=0.1, dtype='float32')
   c.train.update(**{'num_steps': 8, 'eval_every': 4, 'log_every': 1, **train})
   c.checkpoint.update(every=0, async_save=False)
@@ -45,24 +38,14 @@ def qa_config(**train):
 
 
 def predict_config(init_from, **predict):
-  c = _config('predict')
+  c = config('predict')
   c.init_from = str(init_from)
   c.predict.update(**predict)
   return c
 
 
-def _lines(path):
-  with open(path) as f:
-    return [json.loads(x) for x in f]
 
 
-def _stop_after(n: int):
-  calls = {'n': 0}
-
-  def should_stop(self):
-    calls['n'] += 1
-    return calls['n'] == n
-  return should_stop
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +54,7 @@ def trained(tmp_path_factory):
   (the loop saves and returns), rerun to the end (it resumes at 4)."""
   wd = tmp_path_factory.mktemp('qa') / 'run'
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(checkpointing.PreemptionGuard, 'should_stop', _stop_after(4))
+    m.setattr(checkpointing.PreemptionGuard, 'should_stop', stop_after(4))
     first = run_stage(qa_config(), str(wd))
   return wd, run_stage(qa_config(), str(wd)), first
 
@@ -99,7 +82,7 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_one(trained, tmp_path):
   c = qa_config()
   c.export.hf = False  # the same training; only the end differs
   a = run_stage(c, str(tmp_path / 'a'))
-  losses = lambda d: {m['step']: m['train/loss'] for m in _lines(d / 'metrics.jsonl')
+  losses = lambda d: {m['step']: m['train/loss'] for m in lines(d / 'metrics.jsonl')
                       if 'train/loss' in m}
   la, lb = losses(tmp_path / 'a'), losses(wd)
   assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
@@ -114,7 +97,7 @@ def test_a_resumed_run_is_bit_identical_to_a_straight_one(trained, tmp_path):
 def test_predict_answers_every_question_with_offsets_into_its_context(trained, tmp_path):
   wd, r, _ = trained
   out = run_stage(predict_config(wd, input='dev'), str(tmp_path / 'p'))
-  recs = _lines(tmp_path / 'p' / 'predictions.jsonl')
+  recs = lines(tmp_path / 'p' / 'predictions.jsonl')
   assert len(recs) == 32 and {'id', 'answer', 'score', 'start', 'end', 'gold'} <= set(recs[0])
   ex, _ = qa_data.read_qa_file(SLICE)
   context = dict(zip(ex.ids, ex.contexts))
@@ -135,7 +118,7 @@ def test_predict_on_a_jsonl_file_without_answers_and_explain(trained, tmp_path):
   out = run_stage(predict_config(wd, input=str(path), explain='integrated_gradients',
                                  ig_steps=4), str(tmp_path / 'p'))
   assert 'f1' not in out  # no answers in the file: no metric
-  recs = _lines(tmp_path / 'p' / 'predictions.jsonl')
+  recs = lines(tmp_path / 'p' / 'predictions.jsonl')
   assert [x['id'] for x in recs] == [x['id'] for x in rows]
   for rec, row in zip(recs, rows):
     assert rec['start'] == -1 or row['context'][rec['start']:rec['end']] == rec['answer']

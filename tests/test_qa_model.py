@@ -12,7 +12,6 @@ import functools
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from jaxft.models import ModelConfig, build_model, flat_params, gpt2_defaults, h
 from jaxft.partitioning import DEFAULT_RULES, param_names  # noqa: E402
 from jaxft.peft import PeftConfig  # noqa: E402
 from jaxft.train.state import ModelDef  # noqa: E402
-from jaxft.trees import dotted  # noqa: E402
+from test_peft_export import random_params  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -54,17 +53,6 @@ def perturbed(model, seed: int):
     for p in model.parameters():
       p.add_(torch.randn(p.shape, generator=g) * 0.05)
   return model.eval()
-
-
-def random_params(abstract, seed: int):
-  """Every leaf random: LayerNorm scales around 1, the rest around 0 (LoRA B included)."""
-  rng = np.random.RandomState(seed)
-
-  def init(path, x):
-    mean = 1.0 if dotted(path).endswith('scale') else 0.0
-    return (mean + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(init, abstract)
 
 
 def batch(vocab: int = V) -> dict[str, np.ndarray]:
