@@ -312,8 +312,12 @@ class QuestionAnswering(Kind):
 
   @staticmethod
   def _answers(ex, scores):
-    return qa_objectives.answers(scores[..., 0], scores[..., 1], ex['windows'], ex['examples'],
-                                 ex['settings'])
+    """The questions' answers, post-processed once per prediction: records, metrics and the
+    explained rows all read them."""
+    if 'answers' not in ex:
+      ex['answers'] = qa_objectives.answers(scores[..., 0], scores[..., 1], ex['windows'],
+                                            ex['examples'], ex['settings'])
+    return ex['answers']
 
 
 CLS, NER, QA = SequenceClassification(), TokenClassification(), QuestionAnswering()
